@@ -1,0 +1,336 @@
+"""Scheduling requests onto the instances of one model version, with Triton's dynamic batching.
+
+Everything here runs on the event-loop thread except :func:`execute_batch`, which runs on the
+chosen instance's own worker thread and hands its result back with ``call_soon_threadsafe``.
+
+Dynamic batching (``dynamic_batching { ... }`` and max_batch_size > 0), as Triton's dynamic batcher:
+- requests queue in arrival order; when an instance is free, the batch is the longest prefix of the
+  queue whose rows fit the cap (the largest preferred batch size when preferred sizes are given,
+  else max_batch_size) and whose non-batch shapes match the first request's;
+- the batch is sent at once when it reaches the cap, cannot grow (the next request does not fit),
+  or when a preferred size was formed (the largest one formed is sent);
+- otherwise the batcher waits until the oldest request has been queued for
+  ``max_queue_delay_microseconds``, then sends what it has (0 = send at once);
+- batches run concurrently, one per free instance.
+Without dynamic batching (or with max_batch_size 0), each request runs alone on the next free instance.
+
+The queue is bounded: ``dynamic_batching.default_queue_policy.max_queue_size`` when set, else the
+server default (``--default-max-queue-size``; 0 = ``max(64, 4 x max(1, max_batch_size) x instances)``,
+enough for every instance to have a few full batches waiting while memory stays bounded). A request
+that finds the queue full is rejected at once with UNAVAILABLE (HTTP 503) and never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+from tritonclient.grpc import model_config_pb2
+
+from .protocol import ErrorKind, InferenceServerError, unavailable
+from .runtime import OnnxInstance
+from .stats import RequestTimings, VersionStatistics
+
+log = logging.getLogger(__name__)
+
+MIN_DEFAULT_QUEUE_SIZE = 64
+
+
+def default_max_queue_size(max_batch_size: int, instance_count: int) -> int:
+    return max(MIN_DEFAULT_QUEUE_SIZE, 4 * max(1, max_batch_size) * max(1, instance_count))
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingPolicy:
+    max_batch_size: int  # 0: requests carry no batch dimension
+    dynamic: bool
+    preferred_batch_sizes: frozenset[int]
+    batch_cap: int  # largest batch the batcher forms: max preferred size, else max_batch_size
+    max_queue_delay_s: float
+    max_queue_size: int
+
+    @classmethod
+    def from_config(
+        cls, config: model_config_pb2.ModelConfig, instance_count: int, server_default_queue_size: int = 0
+    ) -> "BatchingPolicy":
+        dynamic = config.HasField("dynamic_batching") and config.max_batch_size > 0
+        settings = config.dynamic_batching
+        preferred = frozenset(size for size in settings.preferred_batch_size if size > 0) if dynamic else frozenset()
+        queue_size = settings.default_queue_policy.max_queue_size if dynamic else 0
+        if queue_size <= 0:
+            queue_size = server_default_queue_size or default_max_queue_size(config.max_batch_size, instance_count)
+        return cls(
+            max_batch_size=config.max_batch_size,
+            dynamic=dynamic,
+            preferred_batch_sizes=preferred,
+            batch_cap=max(preferred) if preferred else max(1, config.max_batch_size),
+            max_queue_delay_s=settings.max_queue_delay_microseconds / 1e6 if dynamic else 0.0,
+            max_queue_size=queue_size,
+        )
+
+
+@dataclass(slots=True, eq=False)
+class QueuedRequest:
+    feeds: dict[str, np.ndarray]
+    rows: int  # batch rows (1 for a model without batch dimension)
+    shape_key: Any  # requests batch together only when their keys are equal
+    future: asyncio.Future
+    enqueued_at: float  # loop.time(), for the queue delay
+    enqueued_ns: int  # perf_counter_ns(), for statistics
+    dispatched_ns: int = 0
+
+
+@dataclass(slots=True)
+class ExecutedRequest:
+    outputs: dict[str, np.ndarray]
+    timings: RequestTimings
+
+
+def _to_bytes_array(array: np.ndarray) -> np.ndarray:
+    """ORT returns string tensors as ``str`` objects; the protocol's BYTES are ``bytes``."""
+    converted = np.empty(array.shape, dtype=np.object_)
+    flat = converted.reshape(-1)
+    for index, item in enumerate(array.reshape(-1)):
+        flat[index] = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+    return converted
+
+
+def execute_batch(
+    instance: OnnxInstance, batch: list[QueuedRequest], batched: bool
+) -> tuple[list[dict[str, np.ndarray]], int, int, int]:
+    """Concatenate the requests' inputs, run the session, split the outputs back (worker thread).
+
+    Returns the outputs per request and the input/infer/output durations in nanoseconds.
+    """
+    started = time.perf_counter_ns()
+    if len(batch) == 1:
+        feeds = batch[0].feeds
+    else:
+        feeds = {name: np.concatenate([request.feeds[name] for request in batch]) for name in batch[0].feeds}
+    inputs_ready = time.perf_counter_ns()
+    results = instance.run(feeds)
+    inferred = time.perf_counter_ns()
+    names = instance.output_names
+    results = [_to_bytes_array(array) if array.dtype == np.object_ else array for array in results]
+    if len(batch) == 1:
+        per_request = [dict(zip(names, results))]
+    else:
+        total_rows = sum(request.rows for request in batch)
+        for name, array in zip(names, results):
+            if not batched or array.ndim == 0 or array.shape[0] != total_rows:
+                raise InferenceServerError(
+                    ErrorKind.INTERNAL,
+                    f"output '{name}' has shape {list(array.shape)}: its first dimension should be the batch "
+                    f"size {total_rows}",
+                )
+        per_request = []
+        offset = 0
+        for request in batch:
+            end = offset + request.rows
+            per_request.append({name: array[offset:end] for name, array in zip(names, results)})
+            offset = end
+    finished = time.perf_counter_ns()
+    instance.executions += 1
+    return per_request, inputs_ready - started, inferred - inputs_ready, finished - inferred
+
+
+def _runtime_error(error: Exception) -> InferenceServerError:
+    if isinstance(error, InferenceServerError):
+        return error
+    if isinstance(error, (ort_errors.InvalidArgument, ort_errors.InvalidGraph)):
+        return InferenceServerError(ErrorKind.INVALID_ARGUMENT, f"onnx runtime error: {error}")
+    return InferenceServerError(ErrorKind.INTERNAL, f"onnx runtime error: {error}")
+
+
+class ModelScheduler:
+    """The queue and the instances of one loaded model version."""
+
+    def __init__(
+        self,
+        model_name: str,
+        instances: list[OnnxInstance],
+        policy: BatchingPolicy,
+        statistics: VersionStatistics,
+    ) -> None:
+        self.model_name = model_name
+        self.policy = policy
+        self.instances = list(instances)
+        self._statistics = statistics
+        self._loop = asyncio.get_running_loop()
+        self._queue: collections.deque[QueuedRequest] = collections.deque()
+        # A stack: the most recently used instance goes first, its memory is warm.
+        self._idle: list[OnnxInstance] = list(reversed(self.instances))
+        self._executing = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline = 0.0
+        self._drain_waiters: list[asyncio.Future] = []
+        self._closed = False
+
+    @property
+    def queued_count(self) -> int:
+        return len(self._queue)
+
+    @property
+    def executing_count(self) -> int:
+        return self._executing
+
+    async def submit(self, feeds: dict[str, np.ndarray], rows: int, shape_key: Any = ()) -> ExecutedRequest:
+        """Queue a validated request and wait for its outputs; UNAVAILABLE at once when the queue is full."""
+        if self._closed:
+            raise unavailable(f"model '{self.model_name}' is unloading")
+        if len(self._queue) >= self.policy.max_queue_size:
+            raise unavailable(
+                f"exceeds maximum queue size: model '{self.model_name}' already has "
+                f"{len(self._queue)} requests waiting (max_queue_size {self.policy.max_queue_size})"
+            )
+        future = self._loop.create_future()
+        request = QueuedRequest(feeds, rows, shape_key, future, self._loop.time(), time.perf_counter_ns())
+        self._queue.append(request)
+        self._dispatch()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller went away: drop the request if it is still waiting (a running batch finishes).
+            try:
+                self._queue.remove(request)
+            except ValueError:
+                pass
+            raise
+
+    def _ready_batch_size(self) -> int:
+        """How many requests from the head of the queue to send now; 0 = wait (timer armed)."""
+        policy = self.policy
+        if not policy.dynamic:
+            return 1
+        head = self._queue[0]
+        rows = 0
+        count = 0
+        preferred_count = 0
+        can_grow = True
+        for request in self._queue:
+            if rows + request.rows > policy.batch_cap or request.shape_key != head.shape_key:
+                can_grow = False
+                break
+            rows += request.rows
+            count += 1
+            if rows in policy.preferred_batch_sizes:
+                preferred_count = count
+            if rows == policy.batch_cap:
+                can_grow = False
+                break
+        if count == 0:
+            # The head alone exceeds the preferred cap (still <= max_batch_size): it runs by itself.
+            return 1
+        if preferred_count:
+            return preferred_count
+        if not can_grow or policy.max_queue_delay_s <= 0:
+            return count
+        deadline = head.enqueued_at + policy.max_queue_delay_s
+        if self._loop.time() >= deadline:
+            return count
+        self._arm_timer(deadline)
+        return 0
+
+    def _arm_timer(self, deadline: float) -> None:
+        if self._timer is not None:
+            if self._timer_deadline <= deadline:
+                return
+            self._timer.cancel()
+        self._timer_deadline = deadline
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._idle and self._queue:
+            count = self._ready_batch_size()
+            if count == 0:
+                return
+            batch = [self._queue.popleft() for _ in range(count)]
+            instance = self._idle.pop()
+            now = time.perf_counter_ns()
+            for request in batch:
+                request.dispatched_ns = now
+            self._executing += len(batch)
+            instance.executor.submit(self._run_on_instance, instance, batch)
+
+    def _run_on_instance(self, instance: OnnxInstance, batch: list[QueuedRequest]) -> None:
+        try:
+            result = execute_batch(instance, batch, self.policy.max_batch_size > 0)
+            error: InferenceServerError | None = None
+        except Exception as exc:  # reported to every request of the batch, never lost
+            result = None
+            error = _runtime_error(exc)
+        try:
+            self._loop.call_soon_threadsafe(self._finish, instance, batch, result, error)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting any more
+
+    def _finish(
+        self,
+        instance: OnnxInstance,
+        batch: list[QueuedRequest],
+        result: tuple[list[dict[str, np.ndarray]], int, int, int] | None,
+        error: InferenceServerError | None,
+    ) -> None:
+        self._idle.append(instance)
+        self._executing -= len(batch)
+        if result is not None:
+            per_request, input_ns, infer_ns, output_ns = result
+            rows = sum(request.rows for request in batch)
+            self._statistics.record_execution(rows, input_ns, infer_ns, output_ns)
+            for request, outputs in zip(batch, per_request):
+                if not request.future.done():
+                    timings = RequestTimings(
+                        queue_ns=request.dispatched_ns - request.enqueued_ns,
+                        compute_input_ns=input_ns,
+                        compute_infer_ns=infer_ns,
+                        compute_output_ns=output_ns,
+                        batch_size=rows,
+                    )
+                    request.future.set_result(ExecutedRequest(outputs, timings))
+        else:
+            log.warning("inference failed", extra={"model": self.model_name, "error": error.message if error else ""})
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(error or InferenceServerError(ErrorKind.INTERNAL, "inference failed"))
+        if not self._closed:
+            self._dispatch()
+        if not self._queue and self._executing == 0:
+            for waiter in self._drain_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._drain_waiters.clear()
+
+    async def drain(self) -> None:
+        """Wait until every queued and running request has finished."""
+        if not self._queue and self._executing == 0:
+            return
+        waiter = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    async def close(self, drain: bool = True) -> None:
+        """Stop taking requests, optionally finish the queued ones, then release the instances."""
+        if drain:
+            await self.drain()
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._queue:
+            request = self._queue.popleft()
+            if not request.future.done():
+                request.future.set_exception(unavailable(f"model '{self.model_name}' was unloaded"))
+        if self._executing:
+            await self.drain()
+        for instance in self.instances:
+            await asyncio.to_thread(instance.close)

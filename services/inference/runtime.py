@@ -1,0 +1,299 @@
+"""ONNX Runtime sessions: one per model instance, each driven by its own single worker thread.
+
+Maps Triton's instance groups and ONNX Runtime backend options onto ORT:
+- ``instance_group {count, kind, gpus}``: KIND_CPU -> CPU EP; KIND_GPU -> CUDA EP (TensorRT EP first
+  when ``optimization.execution_accelerators.gpu_execution_accelerator { name: "tensorrt" }``), one
+  group's ``count`` instances on each listed (or each visible) GPU, as Triton does.
+- ``parameters``: ``intra_op_thread_count``, ``inter_op_thread_count``, ``execution_mode``,
+  ``enable_mem_arena``, ``enable_mem_pattern``, and any key starting ``session.`` passed through as an
+  ORT session config entry (e.g. ``session.intra_op.allow_spinning``).
+- ``optimization { graph { level } }``: -1 basic, 1 basic+extended, 2 none, unset/0 all (Triton's mapping).
+Default intra-op threads: the CPUs this process may use divided by the total instance count, at
+least 1, so instances do not oversubscribe the cores.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tritonclient.grpc import model_config_pb2
+
+from .model_config import ORT_TYPE_TO_TRITON, ModelConfigError, OnnxTensorInfo
+
+log = logging.getLogger(__name__)
+
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+TENSORRT_PROVIDER = "TensorrtExecutionProvider"
+
+KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_CPU
+KIND_GPU = model_config_pb2.ModelInstanceGroup.KIND_GPU
+KIND_AUTO = model_config_pb2.ModelInstanceGroup.KIND_AUTO
+
+_GRAPH_LEVELS = {
+    -1: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    1: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    2: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+_TRUE_STRINGS = {"1", "true", "yes", "on"}
+_TENSORRT_OPTION_NAMES = {
+    "max_workspace_size_bytes": "trt_max_workspace_size",
+    "int8_calibration_table_name": "trt_int8_calibration_table_name",
+    "int8_use_native_calibration_table": "trt_int8_use_native_calibration_table",
+}
+
+
+def available_cpu_count() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota (containers)."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, max(1, int(quota)))
+    return max(1, count)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            return int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        if quota_us > 0 and period_us > 0:
+            return quota_us / period_us
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+@lru_cache(maxsize=1)
+def gpu_device_count() -> int:
+    """Visible CUDA devices, asked of the driver (no CUDA toolkit or torch needed); 0 without a GPU."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    if driver.cuInit(0) != 0:
+        return 0
+    count = ctypes.c_int(0)
+    if driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def cuda_usable() -> bool:
+    """onnxruntime-gpu is installed and at least one GPU is visible."""
+    return CUDA_PROVIDER in ort.get_available_providers() and gpu_device_count() > 0
+
+
+@dataclass(frozen=True, slots=True)
+class InstancePlacement:
+    """Where one instance runs: its name (Triton's ``<group>_<n>``), device kind and id."""
+
+    name: str
+    group: str
+    kind: str  # "CPU" or "GPU"
+    device_id: int = 0
+
+
+def plan_instances(config: model_config_pb2.ModelConfig) -> list[InstancePlacement]:
+    """Expand the (completed) instance groups into instances, checking that GPUs exist when asked for."""
+    placements: list[InstancePlacement] = []
+    for group in config.instance_group:
+        if group.kind in (KIND_GPU, KIND_AUTO):
+            if not cuda_usable():
+                reason = (
+                    "onnxruntime has no CUDA execution provider (install onnxruntime-gpu)"
+                    if CUDA_PROVIDER not in ort.get_available_providers()
+                    else "no GPU is visible"
+                )
+                raise ModelConfigError(f"instance group '{group.name}' is KIND_GPU but {reason}")
+            devices = list(group.gpus) or list(range(gpu_device_count()))
+            index = 0
+            for device in devices:
+                if device < 0 or device >= gpu_device_count():
+                    raise ModelConfigError(
+                        f"instance group '{group.name}' asks for GPU {device}, "
+                        f"but {gpu_device_count()} GPU(s) are visible"
+                    )
+                for _ in range(group.count):
+                    placements.append(InstancePlacement(f"{group.name}_{index}", group.name, "GPU", device))
+                    index += 1
+        elif group.kind == KIND_CPU:
+            for index in range(group.count):
+                placements.append(InstancePlacement(f"{group.name}_{index}", group.name, "CPU"))
+        else:
+            kind_name = model_config_pb2.ModelInstanceGroup.Kind.Name(group.kind)
+            raise ModelConfigError(f"instance group '{group.name}': kind {kind_name} is not supported")
+    if not placements:
+        raise ModelConfigError("the configuration asks for no instance")
+    return placements
+
+
+def _parameter(config: model_config_pb2.ModelConfig, key: str) -> str | None:
+    if key in config.parameters:
+        return config.parameters[key].string_value.strip()
+    return None
+
+
+def _int_parameter(config: model_config_pb2.ModelConfig, key: str) -> int | None:
+    value = _parameter(config, key)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ModelConfigError(f"parameter '{key}' must be an integer, got '{value}'") from None
+
+
+def session_options(config: model_config_pb2.ModelConfig, total_instances: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    intra = _int_parameter(config, "intra_op_thread_count")
+    options.intra_op_num_threads = intra if intra and intra > 0 else max(1, available_cpu_count() // total_instances)
+    inter = _int_parameter(config, "inter_op_thread_count")
+    if inter is not None and inter > 0:
+        options.inter_op_num_threads = inter
+    mode = _int_parameter(config, "execution_mode")
+    if mode is not None:
+        options.execution_mode = ort.ExecutionMode.ORT_PARALLEL if mode == 1 else ort.ExecutionMode.ORT_SEQUENTIAL
+    for key, attribute in (("enable_mem_arena", "enable_cpu_mem_arena"), ("enable_mem_pattern", "enable_mem_pattern")):
+        value = _parameter(config, key)
+        if value is not None:
+            setattr(options, attribute, value.lower() in _TRUE_STRINGS)
+    level = config.optimization.graph.level if config.optimization.HasField("graph") else 0
+    options.graph_optimization_level = _GRAPH_LEVELS.get(level, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    for key, value in config.parameters.items():
+        if key.startswith("session."):
+            options.add_session_config_entry(key, value.string_value)
+    # ORT would otherwise log every fallback node at warning level into the server log.
+    options.log_severity_level = 3
+    return options
+
+
+def execution_providers(
+    config: model_config_pb2.ModelConfig, placement: InstancePlacement
+) -> list[tuple[str, dict[str, str]]]:
+    if placement.kind == "CPU":
+        return [(CPU_PROVIDER, {})]
+    providers: list[tuple[str, dict[str, str]]] = []
+    cuda_options: dict[str, str] = {"device_id": str(placement.device_id)}
+    for accelerator in config.optimization.execution_accelerators.gpu_execution_accelerator:
+        name = accelerator.name.lower()
+        if name == "tensorrt":
+            if TENSORRT_PROVIDER not in ort.get_available_providers():
+                raise ModelConfigError("the configuration asks for TensorRT but onnxruntime has no TensorRT provider")
+            trt_options: dict[str, str] = {"device_id": str(placement.device_id)}
+            for key, value in accelerator.parameters.items():
+                if key == "precision_mode":
+                    if value.upper() == "FP16":
+                        trt_options["trt_fp16_enable"] = "True"
+                    elif value.upper() == "INT8":
+                        trt_options["trt_int8_enable"] = "True"
+                else:
+                    trt_options[_TENSORRT_OPTION_NAMES.get(key, key)] = value
+            providers.append((TENSORRT_PROVIDER, trt_options))
+        elif name == "cuda":
+            cuda_options.update(dict(accelerator.parameters.items()))
+        else:
+            raise ModelConfigError(f"unknown GPU execution accelerator '{accelerator.name}'")
+    providers.append((CUDA_PROVIDER, cuda_options))
+    providers.append((CPU_PROVIDER, {}))
+    return providers
+
+
+def describe_tensors(args: list) -> list[OnnxTensorInfo]:
+    described: list[OnnxTensorInfo] = []
+    for arg in args:
+        shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in (arg.shape or []))
+        described.append(OnnxTensorInfo(arg.name, ORT_TYPE_TO_TRITON.get(arg.type, ""), shape, arg.type))
+    return described
+
+
+def create_session(
+    path: Path, options: ort.SessionOptions, providers: list[tuple[str, dict[str, str]]]
+) -> ort.InferenceSession:
+    try:
+        session = ort.InferenceSession(
+            str(path),
+            sess_options=options,
+            providers=[name for name, _ in providers],
+            provider_options=[opts for _, opts in providers],
+        )
+    except Exception as error:  # ORT raises several exception types (Fail, InvalidGraph, ...)
+        raise ModelConfigError(f"ONNX Runtime cannot load {path}: {error}") from None
+    wanted = providers[0][0]
+    if wanted != CPU_PROVIDER and wanted not in session.get_providers():
+        raise ModelConfigError(
+            f"ONNX Runtime could not enable {wanted} for {path} (session runs on {session.get_providers()})"
+        )
+    return session
+
+
+@dataclass(eq=False)
+class OnnxInstance:
+    """One ORT session and the single thread that runs it (ORT releases the GIL while it computes)."""
+
+    placement: InstancePlacement
+    session: ort.InferenceSession
+    output_names: list[str]
+    executor: ThreadPoolExecutor = field(init=False)
+    warmup_runs: int = 0
+    executions: int = 0
+
+    def __post_init__(self) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"instance-{self.placement.name}")
+        self._run_options = ort.RunOptions()
+
+    @property
+    def name(self) -> str:
+        return self.placement.name
+
+    def describe(self) -> tuple[list[OnnxTensorInfo], list[OnnxTensorInfo]]:
+        return describe_tensors(self.session.get_inputs()), describe_tensors(self.session.get_outputs())
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the session on the calling thread (meant to be this instance's worker thread)."""
+        return self.session.run(self.output_names, feeds, self._run_options)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        # Drop the session now rather than at the next GC: GPU memory is released with it.
+        self.session = None  # type: ignore[assignment]
+
+
+def load_instances(
+    config: model_config_pb2.ModelConfig, model_path: Path, output_names: list[str] | None = None
+) -> list[OnnxInstance]:
+    """Create one session per planned instance (blocking: call from a worker thread).
+
+    ``output_names`` may be set later (after the config is completed from the graph)."""
+    placements = plan_instances(config)
+    options = session_options(config, len(placements))
+    instances: list[OnnxInstance] = []
+    try:
+        for placement in placements:
+            session = create_session(model_path, options, execution_providers(config, placement))
+            instances.append(OnnxInstance(placement, session, list(output_names or [])))
+    except BaseException:
+        for instance in instances:
+            instance.close()
+        raise
+    return instances

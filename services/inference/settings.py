@@ -1,0 +1,77 @@
+"""Settings of the inference server: ``EOML_INFERENCE_*`` environment variables, overridden by CLI options.
+
+Lists come from the environment as JSON (``EOML_INFERENCE_MODEL_REPOSITORY='["/models"]'``) or as a
+comma-separated string (``EOML_INFERENCE_LOAD_MODEL=a,b``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from services.core.settings import ENV_PREFIX, ServiceSettings
+
+MIB = 1024 * 1024
+# gRPC's own default (4 MiB) is too small for a batch of Sentinel-2 tiles (576 KB each).
+MIN_GRPC_MESSAGE_BYTES = 64 * MIB
+
+
+def _split_list(value: object) -> object:
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.startswith("["):
+            import json
+
+            return json.loads(stripped)
+        return [item.strip() for item in stripped.split(",") if item.strip()]
+    return value
+
+
+class InferenceServerSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}INFERENCE_", extra="ignore")
+
+    model_repository: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    model_control_mode: Literal["none", "poll", "explicit"] = "none"
+    load_model: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    repository_poll_secs: float = Field(15.0, gt=0)
+
+    allow_http: bool = True
+    allow_grpc: bool = True
+    allow_metrics: bool = True
+    http_address: str = "0.0.0.0"
+    grpc_address: str = "0.0.0.0"
+    metrics_address: str = ""  # "" = the HTTP address, as Triton does
+    http_port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(8001, ge=0, le=65535)
+    metrics_port: int = Field(8002, ge=0, le=65535)
+    http_max_body_size: int = Field(64 * MIB, gt=0)
+    grpc_max_message_size: int = Field(64 * MIB, ge=MIN_GRPC_MESSAGE_BYTES)
+
+    log_verbose: int = Field(0, ge=0)
+    exit_timeout_secs: float = Field(30.0, ge=0)
+    exit_on_error: bool = True
+    strict_readiness: bool = True
+    # 0: per model max(64, 4 x max(1, max_batch_size) x instances); a config's
+    # dynamic_batching.default_queue_policy.max_queue_size wins over both.
+    default_max_queue_size: int = Field(0, ge=0)
+
+    @field_validator("model_repository", "load_model", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_list(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "InferenceServerSettings":
+        if not self.model_repository:
+            raise ValueError("at least one model repository is required (--model-repository)")
+        if self.load_model and self.model_control_mode != "explicit":
+            raise ValueError("--load-model needs --model-control-mode explicit")
+        if self.log_verbose > 0:
+            self.log_level = "DEBUG"
+        return self
+
+    @property
+    def effective_metrics_address(self) -> str:
+        return self.metrics_address or self.http_address

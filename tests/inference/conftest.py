@@ -1,0 +1,150 @@
+"""Fixtures for the inference-server tests: a tiny model repository and real server processes.
+
+``running_server`` starts ``python -m services.inference.cli`` as a subprocess on free loopback
+ports and waits until it answers ``/v2/health/ready`` (or ``/live``) with 200::
+
+    def test_something(tiny_repository, running_server):
+        server = running_server(tiny_repository, "--model-control-mode", "explicit", "--load-model", "simple")
+        client = tritonclient.http.InferenceServerClient(server.http_url)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from tiny_models import build_tiny_repository
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SERVER_START_TIMEOUT_S = 60.0
+SERVER_STOP_TIMEOUT_S = 15.0
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (the server binds it right after; races are unlikely on loopback)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    """One server subprocess: its addresses (``host:port``, as tritonclient wants them) and its log."""
+
+    process: subprocess.Popen
+    http_url: str
+    grpc_url: str
+    metrics_url: str
+    repository: Path
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def http_get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=timeout) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = SERVER_STOP_TIMEOUT_S) -> int:
+        """Send ``sig`` and wait for the exit status; kills the process if it does not exit in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def _wait_until(server: RunningServer, health_path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(
+                f"inference server exited with status {server.process.returncode} before {health_path} answered 200"
+                f"\n--- server log ---\n{server.log()}"
+            )
+        try:
+            status, _ = server.http_get(health_path, timeout=1.0)
+            if status == 200:
+                return
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"inference server did not answer 200 on {health_path} within {timeout} s"
+                       f"\n--- server log ---\n{server.log()}")
+
+
+@pytest.fixture
+def tiny_repository(tmp_path: Path) -> Path:
+    """A Triton model repository with every tiny model of ``tiny_models`` (fresh per test)."""
+    return build_tiny_repository(tmp_path / "model_repository")
+
+
+@pytest.fixture
+def running_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
+    """Factory: ``running_server(repository, *extra_args, wait_for="ready", env=None)`` -> RunningServer.
+
+    ``wait_for`` is ``"ready"`` (``/v2/health/ready``), ``"live"`` or ``None`` (do not wait).
+    Every server started is terminated (SIGTERM, then SIGKILL) when the test ends.
+    """
+    started: list[RunningServer] = []
+
+    def start(
+        repository: Path,
+        *extra_args: str,
+        wait_for: str | None = "ready",
+        env: dict[str, str] | None = None,
+        timeout: float = SERVER_START_TIMEOUT_S,
+    ) -> RunningServer:
+        http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+        args = [
+            sys.executable, "-m", "services.inference.cli",
+            "--model-repository", str(repository),
+            "--http-port", str(http_port),
+            "--grpc-port", str(grpc_port),
+            "--metrics-port", str(metrics_port),
+            "--http-address", "127.0.0.1",
+            "--grpc-address", "127.0.0.1",
+            *extra_args,
+        ]
+        log_path = tmp_path / f"server-{len(started)}.log"
+        process_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(
+                args, cwd=PROJECT_ROOT, env=process_env, stdout=log_file, stderr=subprocess.STDOUT
+            )
+        server = RunningServer(
+            process=process,
+            http_url=f"127.0.0.1:{http_port}",
+            grpc_url=f"127.0.0.1:{grpc_port}",
+            metrics_url=f"127.0.0.1:{metrics_port}",
+            repository=repository,
+            log_path=log_path,
+            args=args,
+        )
+        started.append(server)
+        if wait_for is not None:
+            _wait_until(server, f"/v2/health/{wait_for}", timeout)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
