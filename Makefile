@@ -6,6 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PERF_VENV ?= .venv-perf
+PERF_TRITONCLIENT_VERSION ?= 2.51.0
+KSERVE_VENV ?= .venv-kserve
+KSERVE_VERSION ?= 0.21.0
+BENCH_VENV ?= .venv-bench
+BENCH_ARGS ?=
 REPOSITORY ?= model_repository
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
@@ -32,7 +37,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[serve,models,dev]'
+	$(PY) -m pip install --quiet -e '.[serve,models,wrapper,controller,local,dev]'
 	touch $@
 
 models: $(REPOSITORY)/.build-stamp
@@ -41,7 +46,7 @@ $(REPOSITORY)/.build-stamp: $(VENV)/.installed $(MODEL_SOURCES)
 	$(PY) -m models.export --repository $(REPOSITORY)
 	touch $@
 
-test: install models
+test: install models perf-analyzer
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 serve: install models
@@ -51,8 +56,24 @@ serve: install models
 demo:
 	@echo "make demo: not implemented yet (issue: ML Controller and local platform)"; exit 2
 
-bench:
-	@echo "make bench: not implemented yet (issue: inference server benchmark)"; exit 2
+# Our server vs the in-process ONNX Runtime ceiling vs the KServe ModelServer, plus perf_analyzer;
+# see bench/README.md. BENCH_ARGS passes options through, e.g. BENCH_ARGS="--duration 4".
+bench: install models perf-analyzer $(KSERVE_VENV)/.installed $(BENCH_VENV)/.installed
+	PERF_VENV=$(PERF_VENV) $(PY) bench/inference_bench.py --repository $(REPOSITORY) \
+	  --kserve-python $(KSERVE_VENV)/bin/python --plot-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
+
+# KServe pins its own dependencies, so it gets its own venv, with the ONNX Runtime version ours runs.
+$(KSERVE_VENV)/.installed: $(VENV)/.installed
+	test -x $(KSERVE_VENV)/bin/python || $(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install --quiet 'kserve==$(KSERVE_VERSION)' \
+	  "onnxruntime==$$($(PY) -c 'import onnxruntime; print(onnxruntime.__version__)')"
+	touch $@
+
+# The bench venv: plotting only (matplotlib is no dependency of the project).
+$(BENCH_VENV)/.installed:
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet 'matplotlib>=3.8'
+	touch $@
 
 deploy:
 	@echo "make deploy: not implemented yet (issue: Kubernetes deployment)"; exit 2
@@ -60,8 +81,19 @@ deploy:
 deploy-dry-run:
 	@echo "make deploy-dry-run: not implemented yet (issue: Kubernetes deployment)"; exit 2
 
-perf-analyzer:
-	@echo "make perf-analyzer: not implemented yet (issue: inference server)"; exit 2
+perf-analyzer: $(PERF_VENV)/.installed
+
+# perf_analyzer ships in the tritonclient wheel; it links libb64 (apt) and libcudart (pip) even on CPU.
+$(PERF_VENV)/.installed:
+	@if ! PATH="$$PATH:/sbin:/usr/sbin" ldconfig -p 2>/dev/null | grep -q 'libb64\.so\.0d'; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y libb64-0d; \
+	  else echo "perf_analyzer needs libb64-0d: run 'sudo apt-get install -y libb64-0d', then make again" >&2; exit 1; fi; \
+	fi
+	test -x $(PERF_VENV)/bin/python || $(PYTHON) -m venv $(PERF_VENV)
+	$(PERF_VENV)/bin/pip install --quiet --only-binary=:all: \
+	  'tritonclient[all]==$(PERF_TRITONCLIENT_VERSION)' nvidia-cuda-runtime-cu12
+	PERF_VENV=$(PERF_VENV) bench/perf_analyzer.sh --version
+	touch $@
 
 clean:
 	rm -rf build $(REPOSITORY)/.build-stamp $(REPOSITORY)/*/[0-9]*/model.onnx
