@@ -1,0 +1,415 @@
+"""One spec per served model: the single source of truth for its tensor contract, Triton config, card and README.
+
+``python -m models.export --write-configs`` renders ``model_repository/<name>/config.pbtxt`` (and the
+label files and READMEs) from these specs; ``python -m models.export`` also builds the torch modules
+and exports ONNX. Tensor names, dtypes and dims (without the batch axis) are the production contract
+(contracts doc section 5): do not change them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from services.core import sentinel2
+from services.core.bigearthnet import BIGEARTHNET_19_LABELS, BIGEARTHNET_43_LABELS
+from services.core.model_card import ModelCard
+
+from . import compression, linear_probe, sample_data, simclr, uc5_cfactor, uc6_locust
+
+DataType = Literal["FP32", "INT64"]
+_NUMPY_DTYPES: dict[str, type[np.generic]] = {"FP32": np.float32, "INT64": np.int64}
+
+LABELS_FILENAME = "labels.txt"
+
+# Compression codebooks are initialised from this many bundled sample patches (seeded choice);
+# the other patches stay held out for the reconstruction tests.
+COMPRESSION_INIT_PATCHES = 30
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: DataType  # KServe v2 protocol name; the config uses TYPE_<datatype>
+    dims: tuple[int, ...]  # without the batch axis
+    label_filename: str = ""
+
+    @property
+    def numpy_dtype(self) -> type[np.generic]:
+        return _NUMPY_DTYPES[self.datatype]
+
+
+@dataclass(frozen=True)
+class Family:
+    """The trained object behind one or more served models (the compression pair shares one)."""
+
+    name: str
+    seed: int
+    create_untrained: Callable[[], nn.Module]  # architecture only: a checkpoint is loaded into it
+    create_seeded: Callable[[int], nn.Module]  # the documented seeded initialisation
+    description: str  # where seeded weights come from, for the README
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: Family
+    serve: Callable[[nn.Module], nn.Module]  # training module -> the graph that is exported
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int
+    preferred_batch_sizes: tuple[int, ...]
+    max_queue_delay_us: int
+    card_fields: dict[str, object]  # every ModelCard field but ``weights``
+    summary: str
+    # Seeded random inputs of a batch, one array per input: export parity checks and tests use them.
+    random_inputs: Callable[[np.random.Generator, int], list[np.ndarray]]
+    notes: str = ""  # extra README markdown (conventions a client must know)
+    labels: tuple[str, ...] = ()
+    # Outputs with a declared range (sigmoid: 0..1) are compared on that scale; others on max |reference|.
+    output_range: tuple[float, float] | None = None
+
+    @property
+    def seed(self) -> int:
+        return self.family.seed
+
+    @property
+    def seeded_weights(self) -> str:
+        return f"seeded-init:seed={self.family.seed}"
+
+    def card(self, weights: str) -> ModelCard:
+        return ModelCard(weights=weights, **self.card_fields)
+
+
+def checkpoint_weights(filename: str, sha256: str) -> str:
+    return f"checkpoint:{filename}:sha256={sha256}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared Sentinel-2 conventions
+
+SENTINEL2_CARD: dict[str, object] = {
+    "input_kind": "sentinel2-l2a",
+    "bands": list(sentinel2.SIMCLR_BAND_ORDER),
+    "band_mean": [sentinel2.BIGEARTHNET_BAND_MEAN[b] for b in sentinel2.SIMCLR_BAND_ORDER],
+    "band_std": [sentinel2.BIGEARTHNET_BAND_STD[b] for b in sentinel2.SIMCLR_BAND_ORDER],
+    "normalisation": "standardise",
+    "resampling_20m": "bilinear",
+    "input_units": "L2A digital numbers (surface reflectance x 10000), standardised per band: (DN - band_mean) / band_std",
+}
+
+SENTINEL2_INPUT_120 = TensorSpec("input_sentinel2_10_bands_120", "FP32", (10, 120, 120))
+REPRESENTATION = TensorSpec("representation_2048", "FP32", (simclr.REPRESENTATION_DIM,))
+CODES = TensorSpec(
+    "int64_latent32_15", "INT64", (60, 60, compression.CODEBOOK_LEVELS)
+)  # name kept from production
+
+# UC6 per-variable standardisation (our choice; no ERA5 sample ships with the project). Typical
+# desert-locust breeding areas (Sahel, Arabian Peninsula): mostly dry days with rare heavy rain,
+# warm temperatures. Units: ERA5-Land daily total precipitation in mm/day, 2 m temperature in K.
+UC6_VARIABLES = ("precipitation", "temperature")
+UC6_MEAN = (0.5, 298.15)  # mm/day, K (25 degC)
+UC6_STD = (2.5, 7.0)
+
+
+def _standard_normal(shape: tuple[int, ...]) -> Callable[[np.random.Generator, int], list[np.ndarray]]:
+    return lambda rng, batch: [rng.standard_normal((batch, *shape), dtype=np.float32)]
+
+
+def _random_representations(rng: np.random.Generator, batch: int) -> list[np.ndarray]:
+    # Representations come out of ReLU + average pooling: non-negative.
+    return [np.abs(rng.standard_normal((batch, simclr.REPRESENTATION_DIM), dtype=np.float32))]
+
+
+def _random_codes(rng: np.random.Generator, batch: int) -> list[np.ndarray]:
+    codes = rng.integers(0, compression.CODEBOOK_SIZE, size=(batch, *CODES.dims), dtype=np.int64)
+    # Exercise the "unused level" convention: each position keeps a random number (1..8) of levels.
+    kept = rng.integers(1, compression.CODEBOOK_LEVELS + 1, size=(batch, 60, 60, 1))
+    codes[np.arange(compression.CODEBOOK_LEVELS)[None, None, None, :] >= kept] = compression.UNUSED_LEVEL
+    return [codes]
+
+
+# ---------------------------------------------------------------------------------------------
+# Families (seeded initialisation of each trained object)
+
+
+def _seeded(factory: Callable[[], nn.Module]) -> Callable[[int], nn.Module]:
+    def create(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return factory().eval()
+
+    return create
+
+
+def _seeded_compression(seed: int) -> nn.Module:
+    card = ModelCard(weights=f"seeded-init:seed={seed}", task="compress", **SENTINEL2_CARD)
+    init_names, _ = compression_split(seed)
+    patches = torch.from_numpy(sample_data.load_patches(init_names, card))
+    return compression.build_seeded_autoencoder(patches, seed).eval()
+
+
+def compression_split(seed: int) -> tuple[list[str], list[str]]:
+    """(codebook-initialisation patches, held-out patches) of the bundled sample for ``seed``."""
+    return sample_data.seeded_split(sample_data.sample_patch_names(), COMPRESSION_INIT_PATCHES, seed)
+
+
+_NO_TRAINED_MEANING = "Outputs have the contract's shapes, types and ranges but no trained meaning."
+
+SIMCLR_FAMILY = Family(
+    "simclr-resnet101", 1, simclr.SimCLRModel, _seeded(simclr.SimCLRModel),
+    "He-normal convolutions, unit batch-norm, zero-init residual (last batch-norm scale of every "
+    "bottleneck = 0, Goyal et al. 2017) so the untrained network gives bounded features; "
+    "projection head with PyTorch's default initialisation. " + _NO_TRAINED_MEANING,
+)
+LINEAR_43_FAMILY = Family(
+    "linear-probe-43", 2, lambda: linear_probe.LinearProbe(43), _seeded(lambda: linear_probe.LinearProbe(43)),
+    "PyTorch's default Linear initialisation (uniform in +-1/sqrt(2048)). " + _NO_TRAINED_MEANING,
+)
+LINEAR_19_FAMILY = Family(
+    "linear-probe-19", 3, lambda: linear_probe.LinearProbe(19), _seeded(lambda: linear_probe.LinearProbe(19)),
+    "PyTorch's default Linear initialisation (uniform in +-1/sqrt(2048)). " + _NO_TRAINED_MEANING,
+)
+COMPRESSION_FAMILY = Family(
+    "compression-autoencoder", 4, compression.CompressionAutoencoder, _seeded_compression,
+    "an identity-initialised autoencoder (seeded orthonormal 40 -> 128 block transform in the stride-2 "
+    "convolution, its transpose in the decoder, Dirac closing convolutions, zero-init residual "
+    "branches: decode(encode(x)) == x before training) and codebooks initialised from data: level l "
+    f"holds 10000 seeded samples of the distinct level-l residuals of the latents of "
+    f"{COMPRESSION_INIT_PATCHES} of the 42 bundled BigEarthNet sample patches (seeded choice; the other "
+    f"{42 - COMPRESSION_INIT_PATCHES} are held out), and code 0 of levels 2..8 is the zero vector so an "
+    "added level never increases the error. Both compression models are views of this one autoencoder. "
+    "Untrained, but already a working codec: the reconstruction error on held-out patches falls with every "
+    "level used (tests/models).",
+)
+UC5_FAMILY = Family(
+    "uc5-cfactor", 5, uc5_cfactor.CFactorRegressor, _seeded(uc5_cfactor.CFactorRegressor),
+    "PyTorch's default Conv2d/Linear initialisation. " + _NO_TRAINED_MEANING,
+)
+UC6_FAMILY = Family(
+    "uc6-locust", 6, uc6_locust.LocustConvLSTM, _seeded(uc6_locust.LocustConvLSTM),
+    "PyTorch's default Conv2d/Linear initialisation. " + _NO_TRAINED_MEANING,
+)
+
+# ---------------------------------------------------------------------------------------------
+# The six served models (seven entries: the linear probe exists for 43 and 19 classes)
+
+_CLASSIFY_CARD: dict[str, object] = {
+    "task": "classify",
+    "input_kind": "features",
+    "input_units": "representation_2048 of Bigearth-net-ssl-label",
+    "output_units": "independent probability per class (multi-label, sigmoid)",
+    "output_range": "[0, 1]",
+}
+
+_CLASSIFY_NOTES = (
+    "Ask for labels through Triton's classification extension: request the output with "
+    "`class_count=k` and get BYTES entries `\"score:index:label\"`, labels from `labels.txt` (one name "
+    "per line, index order).\n\n"
+    "The 43 -> 19 class mapping and multi-hot helpers live in `services/core/bigearthnet.py`."
+)
+
+SPECS: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        name="Bigearth-net-ssl-label",
+        family=SIMCLR_FAMILY,
+        serve=lambda model: simclr.SimCLRRepresentation(model),
+        inputs=(SENTINEL2_INPUT_120,),
+        outputs=(REPRESENTATION,),
+        max_batch_size=32,
+        preferred_batch_sizes=(8, 16, 32),
+        max_queue_delay_us=1000,
+        card_fields={
+            **SENTINEL2_CARD,
+            "task": "ssl-features",
+            "patch_size": 120,
+            "output_units": "SimCLR representation (dimensionless)",
+            "output_range": "[0, inf) (ReLU then global average pooling)",
+            "intended_use": "task-agnostic features of a 1.2 km Sentinel-2 L2A patch for downstream "
+            "models (linear probes, regressors, retrieval)",
+        },
+        summary="SimCLR self-supervised feature extractor (D3.4 2.2): ResNet-101 on 10 Sentinel-2 bands, "
+        "bottleneck blocks [3, 4, 23, 3], global average pooling to a 2048-d representation. The "
+        "training projection head (Linear 2048->128 without bias, BatchNorm1d, ReLU, Linear 128->64) "
+        "belongs to the torch module and its checkpoints but is not served.",
+        random_inputs=_standard_normal(SENTINEL2_INPUT_120.dims),
+    ),
+    ModelSpec(
+        name="Bigearth-net-linear-label",
+        family=LINEAR_43_FAMILY,
+        serve=lambda model: model,
+        inputs=(REPRESENTATION,),
+        outputs=(TensorSpec("classes_probability", "FP32", (43,), LABELS_FILENAME),),
+        max_batch_size=256,
+        preferred_batch_sizes=(64, 256),
+        max_queue_delay_us=500,
+        card_fields={
+            **_CLASSIFY_CARD,
+            "intended_use": "multi-label land cover of a BigEarthNet-style patch in the 43 CORINE classes",
+        },
+        summary="Linear probe over the SimCLR representation: Linear(2048, 43) + sigmoid, one independent "
+        "probability per BigEarthNet CORINE level-3 class (43-class nomenclature, label_indices.json order).",
+        notes=_CLASSIFY_NOTES,
+        labels=BIGEARTHNET_43_LABELS,
+        output_range=(0.0, 1.0),
+        random_inputs=_random_representations,
+    ),
+    ModelSpec(
+        name="Bigearth-net-linear-label-19",
+        family=LINEAR_19_FAMILY,
+        serve=lambda model: model,
+        inputs=(REPRESENTATION,),
+        outputs=(TensorSpec("classes_probability", "FP32", (19,), LABELS_FILENAME),),
+        max_batch_size=256,
+        preferred_batch_sizes=(64, 256),
+        max_queue_delay_us=500,
+        card_fields={
+            **_CLASSIFY_CARD,
+            "intended_use": "multi-label land cover in the BigEarthNet-19 nomenclature (Sumbul et al., "
+            "arXiv:2105.07921), the nomenclature of BigEarthNet v2",
+        },
+        summary="Linear probe over the SimCLR representation: Linear(2048, 19) + sigmoid over the "
+        "BigEarthNet-19 classes (D3.4 evaluates the SSL features on this 19-class task).",
+        notes=_CLASSIFY_NOTES,
+        labels=BIGEARTHNET_19_LABELS,
+        output_range=(0.0, 1.0),
+        random_inputs=_random_representations,
+    ),
+    ModelSpec(
+        name="Bigearth-net-compression-compress-pytorch",
+        family=COMPRESSION_FAMILY,
+        serve=lambda model: compression.Compressor(model),
+        inputs=(SENTINEL2_INPUT_120,),
+        outputs=(CODES,),
+        max_batch_size=8,
+        preferred_batch_sizes=(4, 8),
+        max_queue_delay_us=1000,
+        card_fields={
+            **SENTINEL2_CARD,
+            "task": "compress",
+            "patch_size": 120,
+            "output_units": "residual-VQ code index per latent position (60 x 60) and level (8)",
+            "output_range": "[0, 9999]",
+            "intended_use": "lossy compression of Sentinel-2 L2A patches for storage and transfer; "
+            "decode with Bigearth-net-compression-decompress-pytorch",
+        },
+        summary="Learned compression encoder (D3.4 2.3): stride-2 convolution to 128 latent channels at "
+        "60 x 60, a convolutional core of 2 blocks x 3 sub-blocks x 2 convolutions with ReLU, layer "
+        "normalisation over channels and residual skips, then residual vector quantisation with 8 "
+        "codebooks x 10000 codes x 128 dims (greedy nearest code per level on the residual). "
+        "Worst-case rate (D3.4 2.3.3, bpp = N log2(#C) / dsf^2): 8 x log2(10000) / 4 = 26.6 bits per "
+        "pixel with all 8 levels, 3.3 bpp per level, before entropy coding (D3.4 counts raw data as 120 bpp).",
+        notes="Output codes are always 8 levels. To store fewer levels, keep the first k levels and write "
+        "-1 for the others before decoding (see the decompressor's README). Max batch 8: each patch "
+        "costs about 37 GMAC of code search (3600 positions x 10000 codes x 128 dims x 8 levels).",
+        random_inputs=_standard_normal(SENTINEL2_INPUT_120.dims),
+    ),
+    ModelSpec(
+        name="Bigearth-net-compression-decompress-pytorch",
+        family=COMPRESSION_FAMILY,
+        serve=lambda model: compression.Decompressor(model),
+        inputs=(CODES,),
+        outputs=(TensorSpec("output_sentinel2_10_bands_120", "FP32", (10, 120, 120)),),
+        max_batch_size=16,
+        preferred_batch_sizes=(8, 16),
+        max_queue_delay_us=1000,
+        card_fields={
+            **SENTINEL2_CARD,
+            "input_kind": "codes",
+            "resampling_20m": "",
+            "task": "decompress",
+            "patch_size": 120,
+            "input_units": "residual-VQ code index in [0, 9999] per position and level; -1 = level not used",
+            "output_units": "normalised reflectance; L2A digital number = value * band_std + band_mean",
+            "output_range": "unbounded (normalised space of the compressor's input)",
+            "intended_use": "reconstruct Sentinel-2 L2A patches from Bigearth-net-compression-compress-pytorch "
+            "codes, with 1 to 8 levels",
+        },
+        summary="Learned compression decoder (D3.4 2.3): sums the codebook vectors of the used levels, then "
+        "the mirrored decoder (closing convolution, core of 2 blocks x 3 sub-blocks, transposed "
+        "stride-2 convolution 128 -> 10 bands).",
+        notes="**Fewer than 8 levels: code -1 marks an unused level.** Every negative code contributes "
+        "nothing (the model clamps the index to 0 and multiplies the looked-up vector by 0), so codes "
+        "with levels k+1..8 set to -1 decode exactly like the sum of the first k levels. Fewer levels: "
+        "fewer bits, larger error (D3.4's dynamic number of codebooks). Codes >= 10000 are rejected by "
+        "the lookup (an inference error), never clamped.\n\n"
+        "The output is in the compressor's input space (standardised per band); the card's `bands`, "
+        "`band_mean` and `band_std` turn it back into L2A digital numbers "
+        "(`services.core.sentinel2.denormalise`).",
+        random_inputs=_random_codes,
+    ),
+    ModelSpec(
+        name="uc5-cfactor",
+        family=UC5_FAMILY,
+        serve=lambda model: model,
+        inputs=(TensorSpec("input_sentinel2_10_bands_24", "FP32", (10, uc5_cfactor.CROP_SIZE, uc5_cfactor.CROP_SIZE)),),
+        outputs=(TensorSpec("c_factor", "FP32", (1,)),),
+        max_batch_size=128,
+        preferred_batch_sizes=(32, 128),
+        max_queue_delay_us=500,
+        card_fields={
+            **SENTINEL2_CARD,
+            "task": "uc5-cfactor",
+            "patch_size": uc5_cfactor.CROP_SIZE,
+            "output_units": "RUSLE cover-management factor C (dimensionless)",
+            "output_range": "[0, 1]",
+            "intended_use": "UC5 soil erosion: C-factor of the location at the centre of a 24 x 24 pixel "
+            "(240 m x 240 m) crop of the 10 m grid, same 10 bands and normalisation as Bigearth-net-ssl-label",
+        },
+        summary="UC5 soil-erosion C-factor regressor (D3.4 section 4): 3 convolution layers (10->32->64->128, "
+        "3 x 3, ReLU, 2 x 2 max-pooling after the first two), global average pooling, a 1-layer MLP "
+        "(Linear 128 -> 1) and a sigmoid, so the C-factor is in [0, 1].",
+        notes="Crop: 24 x 24 pixels of the 10 m grid (240 m), centred on the location of interest, cut from "
+        "the same stacked and normalised 10-band tile the SimCLR model reads (20 m bands upsampled x2 "
+        "bilinear before cropping).",
+        output_range=(0.0, 1.0),
+        random_inputs=_standard_normal((10, uc5_cfactor.CROP_SIZE, uc5_cfactor.CROP_SIZE)),
+    ),
+    ModelSpec(
+        name="uc6-locust",
+        family=UC6_FAMILY,
+        serve=lambda model: model,
+        inputs=(TensorSpec("input", "FP32", (uc6_locust.TIME_STEPS, uc6_locust.VARIABLES, 12, 12)),),
+        outputs=(TensorSpec("probability", "FP32", (1,)),),
+        max_batch_size=256,
+        preferred_batch_sizes=(64, 256),
+        max_queue_delay_us=100,
+        card_fields={
+            "task": "uc6-locust",
+            "input_kind": "era5-sequence",
+            "bands": list(UC6_VARIABLES),
+            "band_mean": list(UC6_MEAN),
+            "band_std": list(UC6_STD),
+            "normalisation": "standardise",
+            "patch_size": 12,
+            "input_units": "precipitation in mm/day, temperature (2 m) in K; standardised per variable: "
+            "(value - band_mean) / band_std; 4 consecutive daily steps, oldest first",
+            "output_units": "probability of locust breeding suitability",
+            "output_range": "[0, 1]",
+            "intended_use": "UC6 one-class (positive-unlabelled) desert-locust breeding suitability of a "
+            "12 x 12 cell window from 4 daily steps of precipitation and temperature",
+        },
+        summary="UC6 locust-breeding classifier (D3.4 section 4): a ConvLSTM cell (3 x 3 gate convolutions, 16 "
+        "hidden channels) unrolled over the 4 time steps, then a linear head over the last hidden state "
+        "(16 x 12 x 12 -> 1) and a sigmoid.",
+        notes="Input layout [time, variable, row, col] = [4, 2, 12, 12]; variable 0 = precipitation "
+        "(mm/day), variable 1 = temperature (K). The per-variable mean/std of the card (precipitation "
+        f"{UC6_MEAN[0]} / {UC6_STD[0]} mm/day, temperature {UC6_MEAN[1]} / {UC6_STD[1]} K, i.e. "
+        f"{UC6_MEAN[1] - 273.15:.0f} degC) were chosen for typical breeding areas, not fitted: a trained "
+        "checkpoint must have been trained with these values or come with its own spec.",
+        output_range=(0.0, 1.0),
+        random_inputs=_standard_normal((uc6_locust.TIME_STEPS, uc6_locust.VARIABLES, 12, 12)),
+    ),
+)
+
+SPECS_BY_NAME: dict[str, ModelSpec] = {spec.name: spec for spec in SPECS}
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return SPECS_BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(SPECS_BY_NAME)}") from None
