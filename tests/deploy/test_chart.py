@@ -1,0 +1,203 @@
+"""The Helm chart, rendered by the real helm: what it deploys, how narrowly it is allowed to act, and what it refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deploy_test_support import REPO_ROOT, documents, env_of, find
+from deploy.render import CI_VALUES, PROD_VALUES, ToolError, Tools, helm_lint, helm_template, render_all
+from deploy.validate import validate_documents
+
+KNATIVE = "serving.knative.dev/"
+KSERVE = "serving.kserve.io/"
+TASKS = {"ssl-features", "classify", "compress", "decompress", "uc5-cfactor", "uc6-locust"}
+DEV_VALUES = REPO_ROOT / "deploy" / "overlays" / "dev" / "values.yaml"
+
+
+def render(tools: Tools, *set_values: str, values: tuple[Path, ...] = (CI_VALUES,), namespace: str = "eoml"):
+    return documents(helm_template(tools, list(values), list(set_values), namespace=namespace))
+
+
+def render_error(tools: Tools, *set_values: str, values: tuple[Path, ...] = (CI_VALUES,)) -> str:
+    with pytest.raises(ToolError) as error:
+        helm_template(tools, list(values), list(set_values))
+    return str(error.value)
+
+
+@pytest.mark.parametrize("values", [CI_VALUES, PROD_VALUES, DEV_VALUES], ids=["default", "prod", "dev"])
+def test_helm_lint_strict_passes(tools: Tools, values: Path) -> None:
+    output = helm_lint(tools, [values])
+    assert "0 chart(s) failed" in output
+
+
+def test_every_variant_renders_and_validates(tools: Tools, tmp_path: Path) -> None:
+    results = render_all(tools, tmp_path)
+    assert [r.name for r in results] == ["default", "prod", "overlay-dev", "overlay-prod"]
+    for result in results:
+        assert result.ok, (result.name, result.errors, [str(p) for p in result.problems])
+        assert result.manifest is not None and result.manifest.stat().st_size > 0
+        assert result.documents > 10
+
+
+def test_inference_service_runs_triton_from_s3_on_gpus(default_manifest: str) -> None:
+    docs = documents(default_manifest)
+    [isvc] = find(docs, "InferenceService", api_prefix=KSERVE)
+    predictor = isvc["spec"]["predictor"]
+    model = predictor["model"]
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    assert model["runtime"] == "kserve-tritonserver"
+    assert model["storageUri"].startswith("s3://")
+    assert model["resources"]["limits"]["nvidia.com/gpu"] == model["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert (predictor["minReplicas"], predictor["maxReplicas"]) == (1, 2)
+    assert predictor["annotations"]["prometheus.io/port"] == "8002"
+    # The storage initializer finds the S3 Secret through the predictor's service account.
+    [account] = [a for a in find(docs, "ServiceAccount") if a["metadata"]["name"] == predictor["serviceAccountName"]]
+    [secret] = find(docs, "Secret")
+    assert {"name": secret["metadata"]["name"]} in account["secrets"]
+    annotations = secret["metadata"]["annotations"]
+    assert {"serving.kserve.io/s3-endpoint", "serving.kserve.io/s3-usehttps", "serving.kserve.io/s3-region"} \
+        <= set(annotations)
+    assert set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+def test_one_wrapper_per_task_in_each_workflow_namespace(tools: Tools) -> None:
+    docs = render(tools, "controller.workflowNamespaces={uc5,uc6}")
+    [isvc] = find(docs, "InferenceService", api_prefix=KSERVE)
+    for namespace in ("uc5", "uc6"):
+        services = find(docs, "Service", api_prefix=KNATIVE, namespace=namespace)
+        assert {s["metadata"]["name"] for s in services} == TASKS
+        for service in services:
+            [container] = service["spec"]["template"]["spec"]["containers"]
+            env = env_of(container)
+            assert env["EOML_WRAPPER_TASK"] == service["metadata"]["name"]
+            assert env["EOML_WRAPPER_NAMESPACE"] == namespace
+            assert env["EOML_WRAPPER_STORE"] == "kubernetes"
+            assert env["EOML_WRAPPER_INFERENCE_URL"] == f"{isvc['metadata']['name']}-predictor.eoml.svc.cluster.local:80"
+            assert env["EOML_WRAPPER_INFERENCE_PROTOCOL"] == "grpc"
+            assert "torch" not in container["image"]
+
+
+def test_tasks_can_be_limited_to_namespaces(prod_manifest: str) -> None:
+    docs = documents(prod_manifest)
+    assert "uc5-cfactor" in {s["metadata"]["name"] for s in find(docs, "Service", api_prefix=KNATIVE, namespace="uc5")}
+    assert "uc5-cfactor" not in {s["metadata"]["name"]
+                                 for s in find(docs, "Service", api_prefix=KNATIVE, namespace="uc6")}
+
+
+def test_controller_listens_on_system_ml_and_knows_its_dead_letter_address(default_manifest: str) -> None:
+    docs = documents(default_manifest)
+    [source] = find(docs, "KafkaSource")
+    [controller] = [s for s in find(docs, "Service", api_prefix=KNATIVE, namespace="eoml")]
+    name = controller["metadata"]["name"]
+    assert source["spec"]["topics"] == ["system.ML"]
+    assert source["spec"]["consumerGroup"]
+    assert 0 < source["spec"]["delivery"]["retry"] <= 100
+    assert source["spec"]["sink"]["ref"] == {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "name": name}
+    env = env_of(controller["spec"]["template"]["spec"]["containers"][0])
+    assert env["EOML_CONTROLLER_SOURCE_DRIVER"] == env["EOML_CONTROLLER_STORE"] == "kubernetes"
+    assert (env["EOML_CONTROLLER_CONTROLLER_SERVICE_NAME"], env["EOML_CONTROLLER_CONTROLLER_NAMESPACE"]) == (name, "eoml")
+    assert env["EOML_CONTROLLER_WORKFLOW_NAMESPACES"] == "eoml-workflows"
+
+
+def _rules(role: dict) -> set[tuple[str, str, frozenset[str]]]:
+    return {(group, resource, frozenset(rule["verbs"]))
+            for rule in role["rules"] for group in rule["apiGroups"] for resource in rule["resources"]}
+
+
+def test_rbac_is_namespaced_and_minimal(tools: Tools) -> None:
+    docs = render(tools, "controller.workflowNamespaces={uc5,uc6}")
+    assert not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding")
+    manage = frozenset({"get", "list", "watch", "create", "update", "patch", "delete"})
+    roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in find(docs, "Role")}
+    accounts = {(a["metadata"]["namespace"], a["metadata"]["name"]) for a in find(docs, "ServiceAccount")}
+    for namespace in ("uc5", "uc6"):
+        controller = roles[(namespace, "eoml-eo-inference-platform-controller")]
+        assert _rules(controller) == {("sources.knative.dev", "kafkasources", manage), ("", "configmaps", manage),
+                                      ("", "secrets", manage)}
+        wrapper = roles[(namespace, "eoml-eo-inference-platform-wrapper")]
+        assert _rules(wrapper) == {("", "configmaps", frozenset({"get"})), ("", "secrets", frozenset({"get"}))}
+    reader = roles[("eoml", "eoml-eo-inference-platform-controller-inference-reader")]
+    assert _rules(reader) == {("serving.kserve.io", "inferenceservices", frozenset({"get", "list", "watch"}))}
+    assert len(roles) == 5  # nothing else, in no other namespace
+    for binding in find(docs, "RoleBinding"):
+        assert (binding["metadata"]["namespace"], binding["roleRef"]["name"]) in roles
+        for subject in binding["subjects"]:
+            assert (subject["namespace"], subject["name"]) in accounts
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    return all(labels.get(key) == value for key, value in selector["matchLabels"].items())
+
+
+def test_network_policies_select_every_workload(prod_manifest: str) -> None:
+    docs = documents(prod_manifest)
+    policies = find(docs, "NetworkPolicy")
+    pods = [(s["metadata"]["namespace"], s["spec"]["template"]["metadata"]["labels"])
+            for s in find(docs, "Service", api_prefix=KNATIVE)]
+    [isvc] = find(docs, "InferenceService", api_prefix=KSERVE)
+    pods.append((isvc["metadata"]["namespace"], isvc["spec"]["predictor"]["labels"]))
+    for namespace, labels in pods:
+        selecting = [p for p in policies
+                     if p["metadata"]["namespace"] == namespace and _matches(p["spec"]["podSelector"], labels)]
+        assert len(selecting) == 1, (namespace, labels)
+        assert set(selecting[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    [inference_policy] = [p for p in policies if p["metadata"]["name"].endswith("-inference-server")]
+    admitted = {peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                for rule in inference_policy["spec"]["ingress"] for peer in rule["from"]
+                if "podSelector" in peer and "namespaceSelector" in peer}
+    assert admitted == {"uc5", "uc6", "eoml-workflows"}
+
+
+def test_workloads_carry_prometheus_annotations(default_manifest: str) -> None:
+    docs = documents(default_manifest)
+    for service in find(docs, "Service", api_prefix=KNATIVE):
+        annotations = service["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_cpu_runtime_option(tools: Tools) -> None:
+    docs = render(tools, "cpuRuntime.enabled=true", "inference.runtime=eo-inference-cpu", "inference.gpus=0")
+    [runtime] = find(docs, "ServingRuntime", api_prefix=KSERVE)
+    assert {f["name"] for f in runtime["spec"]["supportedModelFormats"]} >= {"onnx"}
+    assert runtime["spec"]["protocolVersions"] == ["v2", "grpc-v2"]
+    assert "--model-repository=/mnt/models" in runtime["spec"]["containers"][0]["args"]
+    [isvc] = find(docs, "InferenceService", api_prefix=KSERVE)
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["runtime"] == "eo-inference-cpu"
+    assert "nvidia.com/gpu" not in model["resources"]["limits"]
+    assert validate_documents(docs) == []
+
+
+def test_existing_secret_replaces_the_rendered_one(tools: Tools) -> None:
+    docs = render(tools, "s3.existingSecret=models-s3", values=())
+    assert find(docs, "Secret") == []
+    [account] = [a for a in find(docs, "ServiceAccount") if a["metadata"]["name"].endswith("-inference")]
+    assert account["secrets"] == [{"name": "models-s3"}]
+
+
+@pytest.mark.parametrize(("assignment", "expected"), [
+    ("bogus=1", "Additional property bogus is not allowed"),
+    ("inference.gpus=two", "Invalid type"),
+    ("inference.storageUri=gs://bucket/models", "Does not match pattern"),
+    ("inference.deploymentMode=Serverful", "must be one of"),
+    ("podSecurity.runAsUser=0", "greater than or equal to 1"),
+    ("wrappers.tasks[0].task=segmentation", "must be one of"),
+    ("wrappers.resources.limits=null", "limits"),
+])
+def test_values_schema_rejects_bad_values(tools: Tools, assignment: str, expected: str) -> None:
+    assert expected in render_error(tools, assignment)
+
+
+@pytest.mark.parametrize(("values", "assignments", "expected"), [
+    ((), (), "S3 credentials for the model repository are missing"),
+    ((CI_VALUES,), ("inference.runtime=eo-inference-cpu",), "cpuRuntime.enabled is false"),
+    ((CI_VALUES,), ("cpuRuntime.enabled=true", "inference.runtime=eo-inference-cpu"), "inference.gpus must be 0"),
+    ((PROD_VALUES,), ("controller.workflowNamespaces={uc5}",), "not in controller.workflowNamespaces"),
+    ((CI_VALUES,), ("networkPolicy.egress.enabled=true",), "apiServerCidrs"),
+], ids=["no-credentials", "cpu-runtime-disabled", "gpus-on-cpu-runtime", "task-namespace-unknown", "egress-no-apiserver"])
+def test_inconsistent_values_fail_with_a_reason(tools: Tools, values: tuple[Path, ...], assignments: tuple[str, ...],
+                                                expected: str) -> None:
+    assert expected in render_error(tools, *assignments, values=values)
