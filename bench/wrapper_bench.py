@@ -1,0 +1,374 @@
+"""Wrapper benchmark: patches per second through one Wrapper, next to what the inference server alone sustains.
+
+For ``ssl-features`` and ``compress`` (batch 16 by default; a model whose ``max_batch_size`` is smaller gets its
+maximum, as the Wrapper does), in one run on one machine:
+
+- ``server alone``: the same preprocessed patches sent by tritonclient gRPC in batches of the same size, with the
+  same number of requests in flight (2) and the same request pattern as the Wrapper's, back to back: the server's
+  own throughput for this model;
+- ``wrapper``: one step through ``run_step`` (the code ``eo-wrapper`` runs): list + stream a tar.gz from moto S3,
+  decode, preprocess by the model card, batched gRPC inference, write results and manifest, publish to tansu
+  Kafka. Patches/s = patches / step wall time;
+- ``server busy``: the server's compute time (sum of ``batch_stats`` ``compute_infer`` over the run, from its
+  statistics endpoint) divided by the wall time, for both runs. Target: the Wrapper keeps the server >= 90 %
+  busy (also shown as wrapper patches/s / server-alone patches/s).
+
+And, separately, preprocessing alone, single-threaded: ``sentinel2_input`` (stack by the card's band order,
+bilinear 20 m upsampling, standardisation, checks) over decoded sample patches. Target: >= 300 patches/s per core.
+Decoding the band files (rasterio, 12 TIFFs per patch) is measured beside it, for information.
+
+    .venv/bin/python bench/wrapper_bench.py [--patches N] [--batch-size 16] [--task ssl-features --task compress]
+
+Prints a table and writes ``bench/results/wrapper-<UTC stamp>.json`` (and ``wrapper-latest.json``). Client,
+Wrapper and server share the machine's cores: run it on a quiet machine (the load average is recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from services.core.contracts import StepMessage  # noqa: E402
+from services.core.logging import configure_logging  # noqa: E402
+from services.core.step_config import StepConfig, StepCredentials, step_config_name  # noqa: E402
+from services.local_platform.infra import MotoS3Server, TansuBroker, free_port  # noqa: E402
+from services.wrapper.batching import Work, batched_inference  # noqa: E402
+from services.wrapper.inference_client import GRPC_CHANNEL_ARGS, ModelClient  # noqa: E402
+from services.wrapper.inputs import S3Access, make_s3_client  # noqa: E402
+from services.wrapper.inputs.band_files import assemble_patch  # noqa: E402
+from services.wrapper.inputs.types import InputPatch  # noqa: E402
+from services.wrapper.pipeline import StepRequest, StepRuntime, run_step  # noqa: E402
+from services.wrapper.preprocess import sentinel2_input  # noqa: E402
+from services.wrapper.settings import WrapperSettings  # noqa: E402
+from services.wrapper.tasks import task_spec  # noqa: E402
+
+RESULTS_SCHEMA = "eo-wrapper-bench/1"
+SAMPLE_PATCHES = PROJECT_ROOT / "data" / "bigearthnet-sample" / "patches"
+DEFAULT_TASKS = ("ssl-features", "compress")
+# Enough patches that a step's fixed costs (listing, first batch read, result writes) are small against the
+# inference time on a 2-core CPU (ResNet-101 ~0.05 s/patch, the compressor ~1 s/patch); more on faster servers.
+DEFAULT_PATCHES = {"ssl-features": 128, "compress": 32}
+TARGET_SERVER_BUSY = 0.90
+TARGET_PREPROCESS_PER_CORE = 300.0
+ACCESS_KEY, SECRET_KEY = "AKIABENCHWRAPPER0001", "bench-secret-key-not-real"
+
+
+def sample_names() -> list[str]:
+    return sorted(path.name for path in SAMPLE_PATCHES.iterdir() if path.is_dir())
+
+
+def patch_name(index: int, names: Sequence[str]) -> tuple[str, str]:
+    """(source sample patch, distinct name of copy ``index``)."""
+    source = names[index % len(names)]
+    return source, f"{source}_c{index:05d}"
+
+
+def bench_archive(count: int) -> bytes:
+    """A tar.gz of ``count`` BigEarthNet patch folders (copies of the sample patches under distinct names)."""
+    names = sample_names()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as archive:
+        for index in range(count):
+            source, name = patch_name(index, names)
+            for path in sorted((SAMPLE_PATCHES / source).glob(f"{source}_B*.tif")):
+                band = path.name[len(source) + 1:]
+                data = path.read_bytes()
+                member = tarfile.TarInfo(f"{name}/{name}_{band}")
+                member.size = len(data)
+                archive.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def band_files(source: str) -> dict[str, bytes]:
+    return {
+        path.name[len(source) + 1:-4]: path.read_bytes()
+        for path in sorted((SAMPLE_PATCHES / source).glob(f"{source}_B*.tif"))
+    }
+
+
+# ---- preprocessing alone -----------------------------------------------------------------------------------------
+
+
+def measure_preprocessing(card: Any, iterations: int) -> dict[str, Any]:
+    """Single-threaded patches/s of decoding (rasterio) and of ``sentinel2_input``, over the sample patches."""
+    names = sample_names()
+    files = [band_files(name) for name in names]
+    decoded: list[InputPatch] = []
+    for index in range(len(names)):
+        item = assemble_patch(names[index], "bench", files[index])
+        assert isinstance(item, InputPatch), item
+        decoded.append(item)
+    decode_rounds = max(1, iterations // (len(names) * 4))
+    started = time.perf_counter()
+    for _ in range(decode_rounds):
+        for index in range(len(names)):
+            assemble_patch(names[index], "bench", files[index])
+    decode_s = time.perf_counter() - started
+    for patch in decoded[:8]:  # warm-up
+        sentinel2_input(patch.bands, card)
+    started = time.perf_counter()
+    for index in range(iterations):
+        sentinel2_input(decoded[index % len(decoded)].bands, card)
+    preprocess_s = time.perf_counter() - started
+    return {
+        "threads": 1,
+        "patches": iterations,
+        "preprocess_patches_per_s": iterations / preprocess_s,
+        "preprocess_ms_per_patch": preprocess_s / iterations * 1000,
+        "decode_patches_per_s": decode_rounds * len(names) / decode_s,
+        "decode_ms_per_patch": decode_s / (decode_rounds * len(names)) * 1000,
+        "target_patches_per_s_per_core": TARGET_PREPROCESS_PER_CORE,
+        "meets_target": iterations / preprocess_s >= TARGET_PREPROCESS_PER_CORE,
+    }
+
+
+# ---- inference server ------------------------------------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, repository: Path, models: Sequence[str], log_path: Path) -> None:
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        args = [
+            sys.executable, "-m", "services.inference.cli", "--model-repository", str(repository),
+            "--model-control-mode", "explicit", "--http-port", str(self.http_port), "--grpc-port",
+            str(self.grpc_port), "--metrics-port", str(self.metrics_port), "--http-address", "127.0.0.1",
+            "--grpc-address", "127.0.0.1", "--log-format", "text",
+        ]
+        for model in models:
+            args += ["--load-model", model]
+        self.log_path = log_path
+        with open(log_path, "wb") as log_file:
+            self.process = subprocess.Popen(args, cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"inference server exited ({self.process.returncode}); log: {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v2/health/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"inference server not ready in {timeout_s} s; log: {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def compute_ns(client: grpcclient.InferenceServerClient, model: str) -> int:
+    """Total ``session.run`` time of the model so far: the sum over batch sizes of the batches' compute time."""
+    stats = client.get_inference_statistics(model)
+    return sum(batch.compute_infer.ns for entry in stats.model_stats for batch in entry.batch_stats)
+
+
+def server_alone(client: ModelClient, served: Any, inputs: np.ndarray, batch_size: int, in_flight: int,
+                 stats: grpcclient.InferenceServerClient) -> tuple[float, int]:
+    """(seconds, compute ns) to infer ``inputs`` in batches of ``batch_size``, ``in_flight`` requests outstanding.
+
+    The same request pattern as the Wrapper's (``batched_inference``, same client code): a new batch goes out when
+    the oldest comes back, so the server always has the next one queued. Two clients firing together instead would
+    have the server merge their requests into batches of twice the size, a different workload.
+    """
+    works = [Work(inputs[start:start + batch_size], start) for start in range(0, len(inputs), batch_size)]
+    before = compute_ns(stats, served.name)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=in_flight) as pool:
+        done = list(batched_inference(works, lambda rows: client.infer(served, rows), batch_size, in_flight, pool))
+    seconds = time.perf_counter() - started
+    assert len(done) == len(works)
+    return seconds, compute_ns(stats, served.name) - before
+
+
+# ---- one task --------------------------------------------------------------------------------------------------
+
+
+def bench_task(task: str, server: Server, s3: Any, moto: MotoS3Server, broker: TansuBroker, bucket: str,
+               patches: int, batch_size: int, in_flight: int) -> dict[str, Any]:
+    settings = WrapperSettings(
+        task=task, inference_url=server.grpc_url, batch_size=batch_size, requests_in_flight=in_flight,
+        notify_topic=f"bench-notify-{uuid.uuid4().hex[:6]}", progress_interval_s=5, log_level="WARNING",
+    )
+    runtime = StepRuntime.from_settings(settings)
+    served = runtime.model_client.resolve()
+    effective_batch = runtime.batch_size(served)
+    names = sample_names()
+    decoded = {}
+    for name in names:
+        item = assemble_patch(name, "bench", band_files(name))
+        assert isinstance(item, InputPatch)
+        decoded[name] = sentinel2_input(item.bands, served.card)
+    inputs = np.stack([decoded[patch_name(i, names)[0]] for i in range(patches)])
+    stats_client = grpcclient.InferenceServerClient(server.grpc_url, channel_args=GRPC_CHANNEL_ARGS)
+
+    # Warm-up: the first requests of a model pay for allocations.
+    server_alone(runtime.model_client, served, inputs[:effective_batch], effective_batch, 1, stats_client)
+    alone_s, alone_busy_ns = server_alone(runtime.model_client, served, inputs, effective_batch, in_flight, stats_client)
+
+    topic = f"bench.{task}.{uuid.uuid4().hex[:6]}"
+    config = StepConfig(
+        config_name=step_config_name(topic), workflow_name="wrapper-bench", topic_in=topic, topic_out=topic + ".out",
+        namespace="bench", service_name=task, component_name=f"bench {task}", bucket=bucket,
+        endpoint_url=moto.endpoint_url, bootstrap_servers=broker.bootstrap_servers,
+    )
+    credentials = StepCredentials(aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
+    def request(folder: str) -> StepRequest:
+        message = StepMessage.model_validate(
+            {"previous_component_end": "True", "S3_bucket_desc": {"folder": folder, "filename": ""}, "meta_information": {}}
+        )
+        return StepRequest(config.config_name, message, message.model_dump(mode="json"),
+                           event_time=datetime(2026, 1, 1, tzinfo=timezone.utc))
+
+    # A running Wrapper has its Kafka producer connected and the model card cached after its first step: warm up
+    # with a small step so that the measured one shows the steady state.
+    warm_up = run_step(runtime, request(f"warm-up-{task}"), config, credentials)
+    if warm_up.status != "SUCCESS":
+        raise RuntimeError(f"{task}: warm-up step failed: {warm_up.reason}")
+    before = compute_ns(stats_client, served.name)
+    started = time.perf_counter()
+    outcome = run_step(runtime, request("bench"), config, credentials)
+    wrapper_s = time.perf_counter() - started
+    wrapper_busy_ns = compute_ns(stats_client, served.name) - before
+    stats_client.close()
+    runtime.close()
+    if outcome.status != "SUCCESS" or outcome.patches != patches:
+        raise RuntimeError(f"{task}: the step did not process every patch: {outcome.status} {outcome.reason}")
+    alone_pps = patches / alone_s
+    wrapper_pps = patches / wrapper_s
+    return {
+        "task": task,
+        "model": served.name,
+        "model_version": served.version,
+        "patches": patches,
+        "batch_size_requested": batch_size,
+        "batch_size": effective_batch,
+        "requests_in_flight": in_flight,
+        "server_alone_s": alone_s,
+        "server_alone_patches_per_s": alone_pps,
+        "server_alone_busy": alone_busy_ns / 1e9 / alone_s,
+        "wrapper_s": wrapper_s,
+        "wrapper_patches_per_s": wrapper_pps,
+        "wrapper_server_busy": wrapper_busy_ns / 1e9 / wrapper_s,
+        "wrapper_vs_server_alone": wrapper_pps / alone_pps,
+        "target_server_busy": TARGET_SERVER_BUSY,
+        "meets_target": wrapper_busy_ns / 1e9 / wrapper_s >= TARGET_SERVER_BUSY,
+        "bits_per_pixel": outcome.stats.get("bits_per_pixel"),
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print("\nWrapper throughput (one Wrapper, one step; server alone = tritonclient gRPC, same batches)")
+    header = f"{'task':<14} {'model':<44} {'batch':>5} {'patches':>7} {'server alone p/s':>17} {'wrapper p/s':>12} " \
+             f"{'wrapper/alone':>13} {'server busy':>11} {'target':>7}"
+    print(header)
+    print("-" * len(header))
+    for row in report["tasks"]:
+        print(f"{row['task']:<14} {row['model']:<44} {row['batch_size']:>5} {row['patches']:>7} "
+              f"{row['server_alone_patches_per_s']:>17.2f} {row['wrapper_patches_per_s']:>12.2f} "
+              f"{row['wrapper_vs_server_alone']:>13.1%} {row['wrapper_server_busy']:>11.1%} "
+              f"{'ok' if row['meets_target'] else 'MISSED':>7}")
+    pre = report["preprocessing"]
+    print(f"\nPreprocessing alone, 1 thread: {pre['preprocess_patches_per_s']:.0f} patches/s "
+          f"({pre['preprocess_ms_per_patch']:.2f} ms/patch; target >= {TARGET_PREPROCESS_PER_CORE:.0f}/s per core: "
+          f"{'ok' if pre['meets_target'] else 'MISSED'}); band decoding (rasterio, 12 files): "
+          f"{pre['decode_patches_per_s']:.0f} patches/s ({pre['decode_ms_per_patch']:.2f} ms/patch)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repository", type=Path, default=PROJECT_ROOT / "model_repository")
+    parser.add_argument("--task", dest="tasks", action="append", choices=DEFAULT_TASKS)
+    parser.add_argument("--patches", type=int, default=0,
+                        help=f"patches per task, copies of the 42 samples (default per task: {DEFAULT_PATCHES})")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--requests-in-flight", type=int, default=2)
+    parser.add_argument("--preprocess-patches", type=int, default=3000)
+    parser.add_argument("--results-dir", type=Path, default=PROJECT_ROOT / "bench" / "results")
+    parser.add_argument("--log-dir", type=Path, default=PROJECT_ROOT / "build" / "bench")
+    parser.add_argument("--server-start-timeout", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    tasks = args.tasks or list(DEFAULT_TASKS)
+    configure_logging("WARNING", "text")
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
+
+    models = [task_spec(task).default_model for task in tasks]
+    server = Server(args.repository, models, args.log_dir / "wrapper-bench-server.log")
+    moto = MotoS3Server().start()
+    broker = TansuBroker(log_path=args.log_dir / "wrapper-bench-kafka.log").start()
+    try:
+        server.wait_ready(args.server_start_timeout)
+        card = ModelClient(server.grpc_url, "grpc", models[0]).resolve().card
+        preprocessing = measure_preprocessing(card, args.preprocess_patches)
+        bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        s3 = make_s3_client(S3Access(bucket_name=bucket, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                                     endpoint_url=moto.endpoint_url))
+        s3.create_bucket(Bucket=bucket)
+        rows = []
+        archive_bytes = {}
+        for task in tasks:
+            patches = args.patches or DEFAULT_PATCHES[task]
+            archive = bench_archive(patches)
+            archive_bytes[task] = len(archive)
+            s3.put_object(Bucket=bucket, Key="bench/patches.tar.gz", Body=archive)
+            s3.put_object(Bucket=bucket, Key=f"warm-up-{task}/patches.tar.gz", Body=bench_archive(args.batch_size))
+            rows.append(bench_task(task, server, s3, moto, broker, bucket, patches, args.batch_size,
+                                   args.requests_in_flight))
+    finally:
+        broker.stop()
+        moto.stop()
+        server.stop()
+    report = {
+        "schema": RESULTS_SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "load_average_start": load_start, "load_average_end": os.getloadavg()},
+        "archive_bytes": archive_bytes,
+        "preprocessing": preprocessing,
+        "tasks": rows,
+    }
+    print_table(report)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = args.results_dir / f"wrapper-{stamp}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    shutil.copyfile(path, args.results_dir / "wrapper-latest.json")
+    print(f"\nresults: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

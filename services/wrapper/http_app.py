@@ -1,0 +1,112 @@
+"""The Wrapper's HTTP shell: KafkaSource deliveries in, health out. All work happens in ``WrapperService``.
+
+- ``POST /{config_name}`` (the production sink URI, ``/json-config-<topic>...``) and ``POST /``: a CloudEvent whose
+  data is a step message. Answers at once: 202 accepted (processing goes on in the worker pool), 202 duplicate
+  (that event is already queued or running), 400 with a reason (not a step message; a CRITICAL notification and a
+  dead-letter record follow when the step is known), 404 (no such step configuration: the controller may not have
+  written it yet, and Knative retries 404), 503 (pool full or shutting down: retried by the source).
+- ``GET /healthz``: the process is alive. ``GET /readyz``: the inference server answers and the model is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from services.core.step_config import StepConfigNotFound
+from services.wrapper.pipeline import StepRequest
+from services.wrapper.service import BadDelivery, Delivery, WrapperService, config_name_of, parse_delivery, parse_step_message
+
+log = logging.getLogger(__name__)
+
+SERVICE_KEY: web.AppKey[WrapperService] = web.AppKey("wrapper_service", WrapperService)
+MAX_BODY_BYTES = 1024 * 1024  # a step message is a few hundred bytes
+RETRY_AFTER_S = "5"
+
+
+def _json(status: int, **body: Any) -> web.Response:
+    return web.json_response(body, status=status)
+
+
+async def _in_thread(function: Any, *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+
+async def receive(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    path_name = request.match_info.get("config_name", "")
+    body = await request.read()
+    try:
+        delivery = parse_delivery(request.headers, body)
+        config_name = config_name_of(delivery, path_name)
+    except BadDelivery as error:
+        log.warning("delivery refused", extra={"reason": str(error), "path": request.path})
+        return _json(400, error=str(error))
+    try:
+        message, raw = parse_step_message(delivery.body)
+    except BadDelivery as error:
+        log.warning("bad step message", extra={"reason": str(error), "config_name": config_name,
+                                                "event_id": delivery.event_id})
+        # Reported on Kafka in the background: the answer does not wait for the broker.
+        asyncio.get_running_loop().run_in_executor(None, _report_bad, service, config_name, delivery, str(error))
+        return _json(400, error=str(error), config_name=config_name)
+
+    reservation = service.reserve(f"{config_name}|{delivery.event_id}" if delivery.event_id else "")
+    if reservation == "duplicate":
+        return _json(202, accepted=True, duplicate=True, config_name=config_name, event_id=delivery.event_id)
+    if isinstance(reservation, str):
+        log.warning("delivery refused: worker pool full" if reservation == "busy" else "delivery refused: stopping",
+                    extra={"config_name": config_name, "event_id": delivery.event_id, **service.state()})
+        return web.json_response({"error": f"wrapper {reservation}: retry later"}, status=503,
+                                 headers={"Retry-After": RETRY_AFTER_S})
+    try:
+        try:
+            config, credentials = await _in_thread(service.load_step, config_name)
+        except StepConfigNotFound as error:
+            service.release(reservation)
+            return _json(404, error=str(error.args[0] if error.args else error), config_name=config_name)
+        except ValueError as error:  # a name the store refuses ("../x")
+            service.release(reservation)
+            return _json(400, error=f"invalid step configuration name: {error}", config_name=config_name)
+        step = StepRequest(
+            config_name=config_name, message=message, raw_message=raw,
+            event_id=delivery.event_id, event_time=delivery.event_time,
+        )
+        service.submit(reservation, step, config, credentials)
+    except Exception:
+        service.release(reservation)
+        log.exception("delivery could not be queued", extra={"config_name": config_name})
+        return web.json_response({"error": "step configuration store unavailable: retry later"}, status=503,
+                                 headers={"Retry-After": RETRY_AFTER_S})
+    log.info("step accepted", extra={"config_name": config_name, "event_id": delivery.event_id})
+    return _json(202, accepted=True, config_name=config_name, event_id=delivery.event_id)
+
+
+def _report_bad(service: WrapperService, config_name: str, delivery: Delivery, reason: str) -> None:
+    try:
+        service.report_bad_delivery(config_name, delivery, reason)
+    except Exception:  # noqa: BLE001 - the 400 answer already went out; the log keeps the rest
+        log.exception("bad delivery could not be reported", extra={"config_name": config_name})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json(200, live=True, **request.app[SERVICE_KEY].state())
+
+
+async def readyz(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    ready, reason = await _in_thread(service.runtime.model_client.model_ready)
+    return _json(200 if ready else 503, ready=ready, reason=reason, model=service.runtime.model_client.model_name)
+
+
+def create_http_app(service: WrapperService) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app[SERVICE_KEY] = service
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_post("/", receive)
+    app.router.add_post("/{config_name}", receive)
+    return app

@@ -1,0 +1,93 @@
+"""Settings of one Wrapper deployment: ``EOML_WRAPPER_*`` environment variables (CLI flags mirror them).
+
+One deployment runs one task. Everything a workflow step brings (bucket, endpoint, credentials, topics, component
+name) comes from the step's stored configuration, not from here; ``bootstrap_servers`` may override the step's
+Kafka address (e.g. when the Wrapper reaches Kafka through another listener than the controller).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.core.settings import ENV_PREFIX, ServiceSettings
+
+TaskName = Literal["ssl-features", "classify", "classify-19", "compress", "decompress", "uc5-cfactor", "uc6-locust"]
+TASK_NAMES: tuple[str, ...] = TaskName.__args__  # type: ignore[attr-defined]
+
+_SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+GIB = 1024**3
+
+
+def _default_namespace() -> str:
+    """The pod's namespace when running in Kubernetes (service-account mount), else ``default``."""
+    try:
+        with open(_SERVICE_ACCOUNT_NAMESPACE, encoding="utf-8") as handle:
+            return handle.read().strip() or "default"
+    except OSError:
+        return "default"
+
+
+class WrapperSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}WRAPPER_", extra="ignore")
+
+    task: TaskName
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(8080, ge=0, le=65535)
+
+    # The inference server (Triton-compatible): gRPC "host:port" by default, HTTP "host:port" with protocol http.
+    inference_url: str = "127.0.0.1:8001"
+    inference_protocol: Literal["grpc", "http"] = "grpc"
+    model_name: str = ""  # "" = the task's model (see services.wrapper.tasks)
+    model_version: str = ""  # "" = the newest ready version, resolved per step
+    batch_size: int = Field(0, ge=0)  # 0 = the model's max_batch_size; larger values are clamped to it
+    requests_in_flight: int = Field(2, ge=1, le=64)
+    infer_timeout_s: float = Field(300.0, gt=0)  # one request, client side
+    # Retries on UNAVAILABLE, bounded in count and in time (production retried forever: contracts defect 3).
+    infer_max_attempts: int = Field(6, ge=1, le=100)
+    infer_retry_max_s: float = Field(60.0, ge=0)
+    infer_backoff_initial_s: float = Field(0.5, gt=0)
+    infer_backoff_max_s: float = Field(8.0, gt=0)
+
+    # Step configuration store: a directory (local) or ConfigMap + Secret per step (kubernetes).
+    store: Literal["local", "kubernetes"] = "local"
+    store_root: str = "step-configs"
+    namespace: str = Field(default_factory=lambda: os.environ.get("POD_NAMESPACE") or _default_namespace())
+    pod_name: str = Field(default_factory=lambda: os.environ.get("POD_NAME") or socket.gethostname())
+
+    # Kafka
+    bootstrap_servers: str = ""  # "" = the step configuration's
+    notify_topic: str = "monitoring.notify"
+    dlq_topic: str = ""  # "" = "<Topics.in>.dlq"
+    kafka_timeout_s: float = Field(30.0, gt=0)
+
+    # Bounded worker pool: ``workers`` steps run at once, ``queue_size`` more wait; beyond that HTTP answers 503.
+    workers: int = Field(2, ge=1, le=64)
+    queue_size: int = Field(8, ge=0, le=10_000)
+    shutdown_timeout_s: float = Field(120.0, ge=0)
+
+    # Results
+    result_prefix: str = ""  # "" = the task's production prefix (result-image2feature, ...)
+    classify_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    compress_levels: int = Field(8, ge=1, le=8)
+    progress_interval_s: float = Field(5.0, ge=0)
+    max_rejections_listed: int = Field(1000, ge=0)  # in the manifest; the count is always complete
+
+    # S3 (bounded retries and timeouts; the endpoint and credentials come from the step configuration)
+    s3_max_attempts: int = Field(3, ge=1, le=10)
+    s3_connect_timeout_s: float = Field(5.0, gt=0)
+    s3_read_timeout_s: float = Field(60.0, gt=0)
+    # Non-image inputs read whole (feature files, codes files, UC6 stacks).
+    max_file_bytes: int = Field(1 * GIB, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "WrapperSettings":
+        if self.infer_backoff_max_s < self.infer_backoff_initial_s:
+            raise ValueError("infer_backoff_max_s must be >= infer_backoff_initial_s")
+        if not self.inference_url.strip():
+            raise ValueError("inference_url must be host:port")
+        return self

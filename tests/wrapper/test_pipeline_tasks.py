@@ -1,0 +1,425 @@
+"""Every task end to end through ``run_step``: real sample data in moto S3, our inference server on the real model
+repository, tansu Kafka. Results are read back from S3, messages and notifications from Kafka.
+
+Expected model outputs are computed independently of the Wrapper: the patch files read with tifffile (not
+rasterio), stacked and normalised with the BigEarthNet statistics from ``services.core.sentinel2`` (not the card the
+Wrapper reads from the server), and sent in one request over tritonclient HTTP (the Wrapper uses gRPC).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import rasterio
+import tritonclient.http as httpclient
+from affine import Affine
+from rasterio.transform import from_origin
+
+from services.core import sentinel2
+from services.core.bigearthnet import BIGEARTHNET_19_LABELS, BIGEARTHNET_43_LABELS
+from services.wrapper.inputs import InputPatch, S3Access, read_tar_stream
+from services.wrapper.inputs.settings import InputLimits
+from services.wrapper.outputs import (
+    read_classes_csv,
+    read_classes_json,
+    read_compressed,
+    read_decompressed_archive,
+    read_features,
+    read_geotiff,
+)
+from services.wrapper.outputs.compressed import PIXELS_PER_PATCH
+from services.wrapper.results import MANIFEST_SUFFIX
+from test_input_safe_products import KEPT_TILES, ORIGIN_X, ORIGIN_Y, PRODUCT, _scene, _upload_tree, _write_safe
+from outputs_test_data import GEOREFERENCED_PATCH, PLAIN_PATCH, SECOND_GEOREFERENCED_PATCH
+from wrapper_input_data import SAMPLE_PATCHES, sample_tar_gz, upload_patch_folder
+from wrapper_stack import (  # noqa: F401 - close_step_runtimes is an autouse fixture
+    close_step_runtimes,
+    EVENT_TIME,
+    InferenceServer,
+    StepFixture,
+    assert_no_secrets,
+    list_keys,
+    object_bytes,
+)
+
+SSL_MODEL = "Bigearth-net-ssl-label"
+BANDS = sentinel2.SIMCLR_BAND_ORDER
+MEAN = np.array([sentinel2.BIGEARTHNET_BAND_MEAN[b] for b in BANDS], dtype=np.float32).reshape(-1, 1, 1)
+STD = np.array([sentinel2.BIGEARTHNET_BAND_STD[b] for b in BANDS], dtype=np.float32).reshape(-1, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceServer]:
+    started = InferenceServer(tmp_path_factory.mktemp("inference") / "server.log").start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture(scope="module")
+def http_client(server: InferenceServer) -> Iterator[httpclient.InferenceServerClient]:
+    client = httpclient.InferenceServerClient(server.http_url, network_timeout=300.0)
+    yield client
+    client.close()
+
+
+def reference_infer(client: httpclient.InferenceServerClient, model: str, input_name: str, output_name: str,
+                    rows: np.ndarray, datatype: str = "FP32") -> np.ndarray:
+    infer_input = httpclient.InferInput(input_name, list(rows.shape), datatype)
+    infer_input.set_data_from_numpy(rows, binary_data=True)
+    result = client.infer(model, [infer_input], outputs=[httpclient.InferRequestedOutput(output_name)])
+    return result.as_numpy(output_name)
+
+
+def reference_input(bands: dict[str, np.ndarray]) -> np.ndarray:
+    stack = sentinel2.stack_bands(bands, BANDS, "bilinear")
+    return ((stack - MEAN) / STD).astype(np.float32)
+
+
+def sample_input(patch: str) -> np.ndarray:
+    return reference_input(sentinel2.read_bigearthnet_patch(SAMPLE_PATCHES / patch, BANDS))
+
+
+def tile_bands(scene: dict[str, np.ndarray], i: int, j: int) -> dict[str, np.ndarray]:
+    """Tile (i, j) of the synthetic SAFE scene: 120 x 120 at 10 m, 60 x 60 at 20 m."""
+    out = {}
+    for band, array in scene.items():
+        side = 120 // (sentinel2.SENTINEL2_RESOLUTION_M[band] // 10)
+        out[band] = array[i * side:(i + 1) * side, j * side:(j + 1) * side]
+    return out
+
+
+def make_step(task: str, s3_access: S3Access, kafka_broker: Any, tmp_path: Path) -> StepFixture:
+    return StepFixture(s3_access, kafka_broker.bootstrap_servers, tmp_path / "store", task)
+
+
+def check_announced(step: StepFixture, outcome: Any, meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The next-step message on Topics.out and the notification sequence; returns the notifications."""
+    records = step.records([step.topic_out], until=lambda r: len(r) >= 1)
+    assert len(records) == 1
+    assert records[0]["key"] == "key"
+    assert records[0]["value"] == {
+        "previous_component_end": "True",
+        "S3_bucket_desc": {"folder": outcome.output_folder, "filename": ""},
+        "meta_information": meta if meta is not None else {"request": "test", "nested": {"k": [1, 2]}},
+    }
+    notifications = step.notifications()
+    statuses = [n["status"] for n in notifications]
+    assert statuses[0] == "START" and statuses[-1] == "SUCCESS"
+    assert "CRITICAL" not in statuses
+    for notification in notifications:
+        assert notification["component_name"] == step.config.component_name
+        assert notification["workflow_name"] == step.workflow_name
+        assert notification["optional"] == {"namespace": step.namespace, "pod": "wrapper-test-pod"}
+        assert len(notification["description"]) <= 300
+    progress = [n for n in notifications if n["status"] == "INFO"]
+    assert progress and all(n["overwrite"] is True for n in progress)
+    assert progress[-1]["description"].startswith(f"Progress file {outcome.stats['units']}/{outcome.stats['units']} : ")
+    assert "(100 %)" in progress[-1]["description"]
+    assert not step.records([step.dlq_topic], timeout_s=2)
+    assert_no_secrets(records, notifications)
+    return notifications
+
+
+def check_manifest(step: StepFixture, outcome: Any) -> dict[str, Any]:
+    s3 = step.s3
+    manifest = json.loads(object_bytes(s3, step.access.bucket_name, outcome.output_folder + MANIFEST_SUFFIX))
+    keys = sorted(list_keys(s3, step.access.bucket_name, outcome.output_folder + "/"))
+    assert sorted(o["key"] for o in manifest["objects"]) == keys
+    for entry in manifest["objects"]:
+        data = object_bytes(s3, step.access.bucket_name, entry["key"])
+        assert entry["size"] == len(data)
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert manifest["patches"] == outcome.patches
+    assert manifest["folder"] == outcome.output_folder
+    assert manifest["created"] == EVENT_TIME.isoformat()
+    assert_no_secrets(manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_ssl_features_then_classify_43_and_19(
+    server: InferenceServer, http_client: Any, s3_access: S3Access, kafka_broker: Any, tmp_path: Path
+) -> None:
+    patches = [PLAIN_PATCH, GEOREFERENCED_PATCH, SECOND_GEOREFERENCED_PATCH]
+    ssl = make_step("ssl-features", s3_access, kafka_broker, tmp_path)
+    ssl.s3.put_object(Bucket=s3_access.bucket_name, Key="uploads/run 1/component.tar.gz", Body=sample_tar_gz(patches))
+
+    outcome = ssl.run(ssl.runtime(server.grpc_url), "uploads/run 1")
+
+    assert outcome.status == "SUCCESS", outcome.reason
+    assert outcome.output_folder.startswith("result-image2feature/run_1-")
+    assert [o.key for o in outcome.objects] == [
+        f"{outcome.output_folder}/component.features.json", f"{outcome.output_folder}/component.features.npz"
+    ]
+    check_announced(ssl, outcome)
+    check_manifest(ssl, outcome)
+    as_json = read_features(object_bytes(ssl.s3, s3_access.bucket_name, outcome.objects[0].key))
+    as_npz = read_features(object_bytes(ssl.s3, s3_access.bucket_name, outcome.objects[1].key))
+    assert as_json.patch_ids == as_npz.patch_ids == tuple(patches)
+    np.testing.assert_array_equal(as_json.features, as_npz.features)
+    assert (as_npz.model_name, as_npz.model_version) == (SSL_MODEL, "1")
+    # Production's JSON: i = position in the input, j = 0 for patches without a grid position.
+    raw = json.loads(object_bytes(ssl.s3, s3_access.bucket_name, outcome.objects[0].key))
+    assert [(entry["i"], entry["j"]) for entry in raw] == [(0, 0), (1, 0), (2, 0)]
+    expected = reference_infer(
+        http_client, SSL_MODEL, "input_sentinel2_10_bands_120", "representation_2048",
+        np.stack([sample_input(p) for p in patches]),
+    )
+    np.testing.assert_allclose(as_npz.features, expected, rtol=1e-4, atol=1e-5)
+
+    # The classifier reads where the announcement says the features are.
+    announced = ssl.records([ssl.topic_out], until=lambda r: len(r) >= 1)[0]["value"]["S3_bucket_desc"]["folder"]
+    for task, model, labels in (
+        ("classify", "Bigearth-net-linear-label", BIGEARTHNET_43_LABELS),
+        ("classify-19", "Bigearth-net-linear-label-19", BIGEARTHNET_19_LABELS),
+    ):
+        step = make_step(task, s3_access, kafka_broker, tmp_path)
+        result = step.run(step.runtime(server.grpc_url, classify_threshold=0.5), announced)
+        assert result.status == "SUCCESS", result.reason
+        check_announced(step, result)
+        check_manifest(step, result)
+        json_key, csv_key = (o.key for o in result.objects)
+        assert json_key.endswith("/component.classes.json") and csv_key.endswith("/component.classes.csv")
+        classes = read_classes_json(object_bytes(step.s3, s3_access.bucket_name, json_key))
+        table = read_classes_csv(object_bytes(step.s3, s3_access.bucket_name, csv_key))
+        assert classes.label_names == table.label_names == labels  # from the server's label file
+        assert classes.patch_ids == table.patch_ids == tuple(patches)
+        probabilities = reference_infer(http_client, model, "representation_2048", "classes_probability", as_npz.features)
+        np.testing.assert_allclose(classes.probabilities, probabilities, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(classes.probabilities, table.probabilities)
+        for row, predicted in enumerate(classes.predicted):
+            assert set(predicted) == {labels[i] for i in np.flatnonzero(probabilities[row] >= 0.5)}
+        np.testing.assert_array_equal(classes.features, as_npz.features)
+
+
+def test_compress_then_decompress_round_trip(
+    server: InferenceServer, http_client: Any, s3_access: S3Access, kafka_broker: Any, tmp_path: Path
+) -> None:
+    patches = [GEOREFERENCED_PATCH, PLAIN_PATCH]
+    compress = make_step("compress", s3_access, kafka_broker, tmp_path)
+    compress.s3.put_object(Bucket=s3_access.bucket_name, Key="in/pair.tar.gz", Body=sample_tar_gz(patches))
+
+    outcome = compress.run(compress.runtime(server.grpc_url), "in")
+
+    assert outcome.status == "SUCCESS", outcome.reason
+    notifications = check_announced(compress, outcome)
+    manifest = check_manifest(compress, outcome)
+    (codes_object,) = outcome.objects
+    assert codes_object.key == f"{outcome.output_folder}/pair.codes"
+    data = object_bytes(compress.s3, s3_access.bucket_name, codes_object.key)
+    decoded = read_compressed(data)
+    reference_codes = reference_infer(
+        http_client, "Bigearth-net-compression-compress-pytorch", "input_sentinel2_10_bands_120", "int64_latent32_15",
+        np.stack([sample_input(p) for p in patches]),
+    )
+    np.testing.assert_array_equal(decoded.codes, reference_codes)
+    assert decoded.levels == 8
+    assert [p.patch_id for p in decoded.patches] == patches
+    assert decoded.band_scale.bands == BANDS
+    bpp = len(data) * 8 / (len(patches) * PIXELS_PER_PATCH)
+    assert manifest["stats"]["bits_per_pixel"] == pytest.approx(bpp)
+    assert f"{bpp:.3f} bits per pixel" in notifications[-1]["description"]
+
+    announced = compress.records([compress.topic_out], until=lambda r: len(r) >= 1)[0]["value"]["S3_bucket_desc"]["folder"]
+    decompress = make_step("decompress", s3_access, kafka_broker, tmp_path)
+    result = decompress.run(decompress.runtime(server.grpc_url), announced)
+
+    assert result.status == "SUCCESS", result.reason
+    check_announced(decompress, result)
+    check_manifest(decompress, result)
+    (archive_object,) = result.objects
+    assert archive_object.key == f"{result.output_folder}/pair.tar.gz"
+    archive = object_bytes(decompress.s3, s3_access.bucket_name, archive_object.key)
+    folders = read_decompressed_archive(archive)
+    assert sorted(folders) == sorted(patches)
+    reconstruction = reference_infer(
+        http_client, "Bigearth-net-compression-decompress-pytorch", "int64_latent32_15",
+        "output_sentinel2_10_bands_120", reference_codes, datatype="INT64",
+    )
+    digital_numbers = np.clip(np.rint(reconstruction.astype(np.float64) * STD + MEAN), 0, 65535)
+    for index, patch in enumerate(patches):
+        bands = folders[patch]
+        assert sorted(bands) == sorted(BANDS)
+        for channel, band in enumerate(BANDS):
+            raster = bands[band]
+            assert raster.array.dtype == np.uint16
+            if sentinel2.SENTINEL2_RESOLUTION_M[band] == 10:
+                np.testing.assert_array_equal(raster.array[0], digital_numbers[index, channel])
+            else:
+                assert raster.array.shape == (1, 60, 60)
+    # Georeferencing of the input patch survives: CRS and 10 m transform of its band files.
+    with rasterio.open(SAMPLE_PATCHES / GEOREFERENCED_PATCH / f"{GEOREFERENCED_PATCH}_B04.tif") as source:
+        assert folders[GEOREFERENCED_PATCH]["B04"].transform == source.transform
+        assert rasterio.crs.CRS.from_wkt(folders[GEOREFERENCED_PATCH]["B04"].crs_wkt) == source.crs
+    # The decompressed archive is again an input the Wrapper reads.
+    items = list(read_tar_stream(io.BytesIO(archive), "round-trip", InputLimits()))
+    assert [item.patch_id for item in items] == patches and all(isinstance(i, InputPatch) for i in items)
+
+
+def test_safe_product_gives_tile_features_and_a_cfactor_mosaic(
+    server: InferenceServer, http_client: Any, s3_access: S3Access, kafka_broker: Any, tmp_path: Path
+) -> None:
+    scene = _scene()
+    _write_safe(tmp_path / "safe", scene)
+    ssl = make_step("ssl-features", s3_access, kafka_broker, tmp_path)
+    _upload_tree(ssl.s3, s3_access.bucket_name, tmp_path / "safe", "scenes/")
+    tiles = {(i, j): reference_input(tile_bands(scene, i, j)) for i, j in KEPT_TILES}
+
+    features = ssl.run(ssl.runtime(server.grpc_url), "scenes")
+
+    assert features.status == "SUCCESS", features.reason
+    check_announced(ssl, features)
+    raw = json.loads(object_bytes(ssl.s3, s3_access.bucket_name, f"{features.output_folder}/{PRODUCT}.features.json"))
+    assert [(entry["i"], entry["j"]) for entry in raw] == KEPT_TILES  # production's tile row/column
+    assert [entry["patch_id"] for entry in raw] == [f"{PRODUCT}_{i}_{j}" for i, j in KEPT_TILES]
+    expected = reference_infer(http_client, SSL_MODEL, "input_sentinel2_10_bands_120", "representation_2048",
+                               np.stack([tiles[t] for t in KEPT_TILES]))
+    np.testing.assert_allclose(np.array([entry["result"] for entry in raw], dtype=np.float32), expected,
+                               rtol=1e-4, atol=1e-5)
+
+    uc5 = make_step("uc5-cfactor", s3_access, kafka_broker, tmp_path)
+    result = uc5.run(uc5.runtime(server.grpc_url), "scenes")
+
+    assert result.status == "SUCCESS", result.reason
+    check_announced(uc5, result)
+    check_manifest(uc5, result)
+    (mosaic_object,) = result.objects
+    assert mosaic_object.key == f"{result.output_folder}/{PRODUCT}.tif"
+    raster = read_geotiff(object_bytes(uc5.s3, s3_access.bucket_name, mosaic_object.key))
+    # 2 x 3 tiles of 5 x 5 cells at 240 m; the two no-data tiles (0, 0) and (1, 2) stay nodata.
+    assert raster.array.shape == (1, 10, 15) and raster.array.dtype == np.float32
+    assert raster.nodata == -1.0 and raster.compression.upper() == "ZSTD"
+    assert raster.transform == from_origin(ORIGIN_X, ORIGIN_Y, 240, 240)
+    assert raster.band_descriptions == ("C-Factor",)
+    assert raster.tags["product"] == "C-Factor" and raster.tags["created"] == EVENT_TIME.isoformat()
+    assert (raster.tags["model"], raster.tags["model_version"]) == ("uc5-cfactor", "1")
+    values = raster.array[0]
+    for i in range(2):
+        for j in range(3):
+            cells = values[i * 5:(i + 1) * 5, j * 5:(j + 1) * 5]
+            if (i, j) not in KEPT_TILES:
+                assert (cells == -1.0).all()
+                continue
+            crops = tiles[(i, j)].reshape(10, 5, 24, 5, 24).transpose(1, 3, 0, 2, 4).reshape(25, 10, 24, 24)
+            expected_cells = reference_infer(http_client, "uc5-cfactor", "input_sentinel2_10_bands_24", "c_factor",
+                                             np.ascontiguousarray(crops)).reshape(5, 5)
+            np.testing.assert_allclose(cells, expected_cells, rtol=1e-5, atol=1e-6)
+
+
+def _era5_geotiff(path: Path, values: np.ndarray, nodata: float) -> bytes:
+    with rasterio.open(
+        path, "w", driver="GTiff", width=values.shape[-1], height=values.shape[-2], count=8, dtype="float32",
+        crs="EPSG:4326", transform=from_origin(30.0, 20.0, 0.1, 0.1), nodata=nodata,
+    ) as dataset:
+        dataset.write(values.reshape(8, *values.shape[-2:]))
+    return path.read_bytes()
+
+
+def test_uc6_locust_reads_geotiff_and_npy_stacks(
+    server: InferenceServer, http_client: Any, s3_access: S3Access, kafka_broker: Any, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(11)
+    height, width = 40, 50  # 3 x 4 whole windows of 12 x 12; the last rows and columns are not covered
+    values = np.empty((4, 2, height, width), dtype=np.float32)
+    values[:, 0] = rng.gamma(0.4, 3.0, (4, height, width))  # precipitation, mm/day
+    values[:, 1] = rng.normal(300.0, 6.0, (4, height, width))  # temperature, K
+    nodata = -9999.0
+    with_gap = values.copy()
+    with_gap[2, 1, 13, 30] = nodata  # window (1, 2) misses one cell
+    uc6 = make_step("uc6-locust", s3_access, kafka_broker, tmp_path)
+    uc6.s3.put_object(Bucket=s3_access.bucket_name, Key="era5/a-stack.tif",
+                      Body=_era5_geotiff(tmp_path / "stack.tif", with_gap, nodata))
+    buffer = io.BytesIO()
+    np.save(buffer, values)
+    uc6.s3.put_object(Bucket=s3_access.bucket_name, Key="era5/b-stack.npy", Body=buffer.getvalue())
+
+    outcome = uc6.run(uc6.runtime(server.grpc_url), "era5")
+
+    assert outcome.status == "SUCCESS", outcome.reason
+    check_announced(uc6, outcome)
+    check_manifest(uc6, outcome)
+    assert [o.key for o in outcome.objects] == [f"{outcome.output_folder}/a-stack.tif", f"{outcome.output_folder}/b-stack.tif"]
+    card = http_client.get_model_config("uc6-locust")["parameters"]
+    mean = np.array([float(v) for v in card["card.band_mean"]["string_value"].split(",")], dtype=np.float32)
+    std = np.array([float(v) for v in card["card.band_std"]["string_value"].split(",")], dtype=np.float32)
+    normalised = (values - mean.reshape(1, 2, 1, 1)) / std.reshape(1, 2, 1, 1)
+    windows = normalised[:, :, :36, :48].reshape(4, 2, 3, 12, 4, 12).transpose(2, 4, 0, 1, 3, 5).reshape(12, 4, 2, 12, 12)
+    expected = reference_infer(http_client, "uc6-locust", "input", "probability", np.ascontiguousarray(windows)).reshape(3, 4)
+    tif = read_geotiff(object_bytes(uc6.s3, s3_access.bucket_name, outcome.objects[0].key))
+    npy = read_geotiff(object_bytes(uc6.s3, s3_access.bucket_name, outcome.objects[1].key))
+    assert tif.array.shape == npy.array.shape == (1, 3, 4)
+    assert tif.array[0, 1, 2] == -1.0  # the window with a missing cell is nodata
+    mask = np.ones((3, 4), dtype=bool)
+    mask[1, 2] = False
+    np.testing.assert_allclose(tif.array[0][mask], expected[mask], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(npy.array[0], expected, rtol=1e-5, atol=1e-6)
+    assert tif.transform.almost_equals(from_origin(30.0, 20.0, 1.2, 1.2))  # 12 cells of 0.1 degree
+    assert tif.tags["product"] == "Locust Suitability Index" and tif.nodata == -1.0
+    assert npy.crs_wkt is None  # a bare array carries no georeferencing
+
+
+def test_patch_folders_under_the_folder_form_one_input_over_http(
+    server: InferenceServer, http_client: Any, s3_access: S3Access, kafka_broker: Any, tmp_path: Path
+) -> None:
+    ssl = make_step("ssl-features", s3_access, kafka_broker, tmp_path)
+    for patch in (PLAIN_PATCH, GEOREFERENCED_PATCH):
+        upload_patch_folder(ssl.s3, s3_access.bucket_name, "loose/batch-7/", patch)
+
+    # Over tritonclient HTTP this time, one patch per request.
+    runtime = ssl.runtime(server.http_url, inference_protocol="http", batch_size=1)
+    outcome = ssl.run(runtime, "loose/batch-7")
+
+    assert outcome.status == "SUCCESS", outcome.reason
+    notifications = check_announced(ssl, outcome)
+    # Patch folders are counted before they are read: progress shows their number.
+    assert any(n["description"].startswith("Progress file 1/1 : 2/2 patches (100 %)") for n in notifications)
+    features = read_features(object_bytes(ssl.s3, s3_access.bucket_name, f"{outcome.output_folder}/batch-7.features.npz"))
+    assert features.patch_ids == tuple(sorted((PLAIN_PATCH, GEOREFERENCED_PATCH)))
+    expected = reference_infer(http_client, SSL_MODEL, "input_sentinel2_10_bands_120", "representation_2048",
+                               np.stack([sample_input(p) for p in features.patch_ids]))
+    np.testing.assert_allclose(features.features, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_redelivery_rewrites_identical_objects_and_removes_stale_ones(
+    server: InferenceServer, s3_access: S3Access, kafka_broker: Any, tmp_path: Path
+) -> None:
+    uc5 = make_step("uc5-cfactor", s3_access, kafka_broker, tmp_path)
+    uc5.s3.put_object(Bucket=s3_access.bucket_name, Key="in/x.tar.gz",
+                      Body=sample_tar_gz([GEOREFERENCED_PATCH, PLAIN_PATCH]))
+    runtime = uc5.runtime(server.grpc_url)
+
+    first = uc5.run(runtime, "in")
+    assert first.status == "SUCCESS", first.reason
+    keys = sorted(list_keys(uc5.s3, s3_access.bucket_name, "result-uc5-cfactor/"))
+    snapshot = {key: object_bytes(uc5.s3, s3_access.bucket_name, key) for key in keys}
+    # Independent patches get one raster each, in a folder named after the archive.
+    assert keys == sorted([
+        first.output_folder + MANIFEST_SUFFIX,
+        f"{first.output_folder}/x/{GEOREFERENCED_PATCH}.tif",
+        f"{first.output_folder}/x/{PLAIN_PATCH}.tif",
+    ])
+    georeferenced = read_geotiff(snapshot[f"{first.output_folder}/x/{GEOREFERENCED_PATCH}.tif"])
+    with rasterio.open(SAMPLE_PATCHES / GEOREFERENCED_PATCH / f"{GEOREFERENCED_PATCH}_B02.tif") as source:
+        assert georeferenced.transform == source.transform @ Affine.scale(24)
+    assert georeferenced.array.shape == (1, 5, 5)
+    uc5.s3.put_object(Bucket=s3_access.bucket_name, Key=f"{first.output_folder}/left-over.tif", Body=b"old run")
+
+    second = uc5.run(runtime, "in")
+
+    assert second.status == "SUCCESS", second.reason
+    assert second.output_folder == first.output_folder
+    assert sorted(list_keys(uc5.s3, s3_access.bucket_name, "result-uc5-cfactor/")) == keys
+    for key in keys:
+        assert object_bytes(uc5.s3, s3_access.bucket_name, key) == snapshot[key], key
+    announcements = uc5.records([uc5.topic_out], until=lambda r: len(r) >= 2)
+    assert len(announcements) == 2 and announcements[0]["value"] == announcements[1]["value"]
