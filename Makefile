@@ -16,6 +16,9 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
+# make demo / platform-up: extra options for eo-platform, e.g. DEMO_ARGS="--patches 20 --workflows uc5"
+DEMO_ARGS ?=
+PLATFORM_ARGS ?=
 # Deployment (make tools / deploy / deploy-dry-run / upload-models)
 TOOLS_BIN ?= tools/bin
 HELM ?= $(TOOLS_BIN)/helm
@@ -37,10 +40,12 @@ UPLOAD_ARGS ?=
 
 MODEL_SOURCES := $(wildcard models/*.py) $(wildcard $(REPOSITORY)/*/config.pbtxt) services/core/sentinel2.py services/core/bigearthnet.py services/core/model_card.py data/bigearthnet-sample/index.json
 
-.PHONY: help install models test serve demo bench deploy deploy-dry-run upload-models tools perf-analyzer clean
+.PHONY: help install models test serve demo platform-up platform-down bench deploy deploy-dry-run upload-models tools perf-analyzer clean
 
 help:
 	@echo "make demo            start the local platform and run the sample workflows"
+	@echo "make platform-up     start the local platform and leave it running (eo-platform status / send / watch)"
+	@echo "make platform-down   stop what platform-up started"
 	@echo "make test            run the test suite (installs what it needs)"
 	@echo "make install         create $(VENV) with the project and its extras"
 	@echo "make models          build and export every model into $(REPOSITORY)/"
@@ -73,8 +78,16 @@ serve: install models
 	$(VENV)/bin/eo-inference-server --model-repository $(REPOSITORY) \
 	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-demo:
-	@echo "make demo: not implemented yet (issue: ML Controller and local platform)"; exit 2
+# Kafka (tansu), S3 (moto), the inference server, the controller and one Wrapper per task on loopback; runs the
+# D3.4 3.2.3 workflows plus UC5/UC6, prints a summary, stops everything; non-zero exit if a workflow failed.
+demo: install models
+	$(PY) -m services.local_platform.cli demo --repository $(REPOSITORY) $(DEMO_ARGS)
+
+platform-up: install models
+	$(PY) -m services.local_platform.cli up --repository $(REPOSITORY) $(PLATFORM_ARGS)
+
+platform-down:
+	@if [ -x $(PY) ]; then $(PY) -m services.local_platform.cli down; else echo "nothing to stop"; fi
 
 # Our server vs the in-process ONNX Runtime ceiling vs the KServe ModelServer, plus perf_analyzer;
 # see bench/README.md. BENCH_ARGS passes options through, e.g. BENCH_ARGS="--duration 4".

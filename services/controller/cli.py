@@ -1,0 +1,161 @@
+"""``eo-controller``: the ML Controller.
+
+    eo-controller serve     # KafkaSource deliveries of system.ML over HTTP (Knative)
+    eo-controller consume   # reads system.ML itself (no Knative); same HTTP status API
+
+Settings come from ``EOML_CONTROLLER_*`` (see ``settings.ControllerSettings``); the options below override them.
+SIGTERM/SIGINT: stop consuming, stop the local dispatchers (their offsets stay committed), exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from typing import Any, Sequence
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from services.core.logging import configure_logging
+from services.core.step_config import LocalStepConfigStore, StepConfigStore
+
+from .http_app import READY_KEY, build_app, kafka_dead_letter_writer
+from .reconciler import SourceDriver, WorkflowController
+from .settings import ControllerSettings
+from .system_consumer import SystemTopicConsumer
+from .wiring import DeliveryPolicy
+
+log = logging.getLogger("services.controller")
+
+EXIT_OK = 0
+EXIT_STARTUP_FAILED = 1
+EXIT_BAD_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eo-controller", description=__doc__.split("\n\n")[0],
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("mode", choices=["serve", "consume"],
+                        help="serve: receive system.ML over HTTP; consume: read system.ML from Kafka")
+    parser.add_argument("--http-host")
+    parser.add_argument("--http-port", type=int)
+    parser.add_argument("--bootstrap-servers")
+    parser.add_argument("--system-topic")
+    parser.add_argument("--source-driver", choices=["kubernetes", "local"])
+    parser.add_argument("--store", choices=["kubernetes", "local"])
+    parser.add_argument("--store-root")
+    parser.add_argument("--wrapper-urls", type=json.loads, help='JSON: {"ServiceName": "http://host:port"}')
+    parser.add_argument("--log-level")
+    parser.add_argument("--log-format", choices=["json", "text"])
+    return parser
+
+
+def build_store(settings: ControllerSettings) -> StepConfigStore:
+    if settings.store == "local":
+        return LocalStepConfigStore(settings.store_root)
+    from services.core.step_config_k8s import KubernetesStepConfigStore, kubernetes_core_api
+
+    return KubernetesStepConfigStore(kubernetes_core_api(settings.kubernetes_host or None))
+
+
+def build_driver(settings: ControllerSettings) -> SourceDriver:
+    if settings.source_driver == "local":
+        from .local_event_plane import LocalSourceDriver
+
+        return LocalSourceDriver(settings)
+    from .kubernetes_driver import KubernetesSourceDriver, kubernetes_custom_api
+
+    return KubernetesSourceDriver(kubernetes_custom_api(settings.kubernetes_host or None), settings)
+
+
+def build_controller(settings: ControllerSettings) -> WorkflowController:
+    return WorkflowController(build_store(settings), build_driver(settings), settings.bootstrap_servers,
+                              namespaces=settings.workflow_namespaces)
+
+
+async def run(settings: ControllerSettings, mode: str) -> int:
+    controller = build_controller(settings)
+    producer: Any = None
+    dead_letter_writer = None
+    if settings.source_driver == "kubernetes":
+        # KafkaSources dead-letter to this controller (``/dead-letter``), which needs a producer.
+        from confluent_kafka import Producer
+
+        from services.core.kafka import producer_config
+
+        producer = Producer(producer_config(settings.bootstrap_servers))
+        dead_letter_writer = kafka_dead_letter_writer(producer)
+    app = build_app(controller, dead_letter_writer, settings.dead_letter_suffix)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.http_host, settings.http_port)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else settings.http_port
+    log.info("controller listening", extra={"mode": mode, "http_port": port, "driver": settings.source_driver,
+                                            "store": settings.store})
+
+    consumer: SystemTopicConsumer | None = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        resumed = await resume_until_done(controller, stop)
+        if resumed is None:
+            return EXIT_OK
+        log.info("controller ready", extra={"resumed_steps": resumed})
+        if mode == "consume":
+            consumer = SystemTopicConsumer(controller, settings.bootstrap_servers, settings.system_topic,
+                                           settings.consumer_group, DeliveryPolicy.from_settings(settings)).start()
+        app[READY_KEY].set()
+        await stop.wait()
+    finally:
+        log.info("controller stopping")
+        if consumer is not None:
+            await asyncio.to_thread(consumer.stop)
+        await asyncio.to_thread(controller.driver.close)
+        await runner.cleanup()
+        if producer is not None:
+            producer.flush(10)
+    return EXIT_OK
+
+
+async def resume_until_done(controller: WorkflowController, stop: asyncio.Event,
+                            retry_s: float = 5.0) -> int | None:
+    """Load the stored steps; while the store is unreachable, keep trying (not ready, but alive and answering).
+    None when asked to stop first."""
+    while not stop.is_set():
+        try:
+            return await asyncio.to_thread(controller.resume)
+        except Exception as error:  # noqa: BLE001 - e.g. the API server is not reachable yet
+            log.error("stored steps not loaded yet, retrying", extra={"error": f"{type(error).__name__}: {error}"[:300],
+                                                                      "retry_s": retry_s})
+            try:
+                await asyncio.wait_for(stop.wait(), retry_s)
+            except asyncio.TimeoutError:
+                pass
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = vars(build_parser().parse_args(argv))
+    mode = arguments.pop("mode")
+    try:
+        settings = ControllerSettings(**arguments)
+    except ValidationError as error:
+        print(f"eo-controller: invalid settings: {error}", file=sys.stderr)
+        return EXIT_BAD_USAGE
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        return asyncio.run(run(settings, mode))
+    except OSError as error:
+        log.error("controller failed to start", extra={"error": str(error)})
+        return EXIT_STARTUP_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

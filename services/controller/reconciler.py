@@ -1,0 +1,206 @@
+"""The controller's logic as plain methods: one ``system.ML`` record in, the step stored and wired (or unwired).
+
+``WorkflowController.handle`` never raises: every outcome, a malformed record included, is a ``HandlingResult``
+that says what was done, the production answer to send (contracts section 1), and whether the sender should
+retry (infrastructure failures only; a bad message is never worth retrying).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol
+
+from services.core.contracts import IGNORED_STATUSES, PUBLISHED, STOPPING, WorkflowMessage
+from services.core.step_config import StepConfig, StepConfigStore, step_config_from_message, step_config_name
+
+from .messages import ANSWER_INVALID, ANSWER_VALID, MessageRejected, parse_workflow_message
+from .registry import WorkflowRegistry
+from .wiring import StepRejected
+
+log = logging.getLogger(__name__)
+
+WIRED = "wired"
+UNWIRED = "unwired"
+IGNORED = "ignored"
+REJECTED = "rejected"
+FAILED = "failed"
+
+
+class SourceDriver(Protocol):
+    """Connects a step's input topic to its Wrapper: KafkaSources on Kubernetes, dispatcher threads locally."""
+
+    def check(self, config: StepConfig) -> None:
+        """Raise ``StepRejected`` when the step cannot be wired whatever is retried."""
+
+    def wire(self, config: StepConfig) -> dict[str, Any]:
+        """Create or replace (idempotent); returns what was wired, for the status API."""
+
+    def unwire(self, config: StepConfig | None, namespace: str, topic_in: str) -> bool:
+        """Remove; False when nothing was wired (not an error)."""
+
+    def source_info(self, config: StepConfig) -> dict[str, Any]: ...
+
+    def describe(self, config: StepConfig) -> dict[str, Any]: ...
+
+    def resume(self, configs: list[StepConfig]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class HandlingResult:
+    action: str
+    valid: bool
+    reason: str = ""
+    retryable: bool = False
+    workflow_name: str = ""
+    config_name: str = ""
+
+    @property
+    def answer(self) -> dict[str, str]:
+        return ANSWER_VALID if self.valid else ANSWER_INVALID
+
+
+def is_transient(error: BaseException) -> bool:
+    """Infrastructure trouble worth a retry: the API server or network, not the message."""
+    status = getattr(error, "status", None)
+    if status is not None:
+        return status == 0 or status == 429 or status >= 500
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        import urllib3
+
+        return isinstance(error, urllib3.exceptions.HTTPError)
+    except ImportError:  # pragma: no cover - urllib3 comes with the kubernetes client
+        return False
+
+
+def _error_text(error: BaseException) -> str:
+    status = getattr(error, "status", None)
+    reason = getattr(error, "reason", None)
+    if status is not None:
+        # ApiException's str() includes response headers and body; status and reason say enough.
+        return f"{type(error).__name__}: HTTP {status} {reason or ''}".strip()
+    return f"{type(error).__name__}: {error}"[:300]
+
+
+class WorkflowController:
+    def __init__(self, store: StepConfigStore, driver: SourceDriver, bootstrap_servers: str,
+                 registry: WorkflowRegistry | None = None, namespaces: list[str] | None = None) -> None:
+        self.store = store
+        self.driver = driver
+        self.bootstrap_servers = bootstrap_servers
+        self.registry = registry or WorkflowRegistry()
+        # None or empty: any namespace (stored steps listed cluster-wide); else only these.
+        self.namespaces = sorted(set(namespaces or []))
+        # Messages are rare and each touches a few API objects: handling them one at a time keeps a publish and a
+        # stop of the same step from interleaving.
+        self._lock = threading.Lock()
+
+    def resume(self) -> int:
+        """Load the stored steps into the registry and let the driver restart what it must; returns the count."""
+        configs = self.stored_steps()
+        self.driver.resume(configs)
+        for config in configs:
+            self.registry.wired(config, self.driver.source_info(config))
+        if configs:
+            log.info("stored steps resumed", extra={"steps": len(configs)})
+        return len(configs)
+
+    def stored_steps(self) -> list[StepConfig]:
+        if not self.namespaces:
+            return self.store.list()
+        return [config for namespace in self.namespaces for config in self.store.list(namespace)]
+
+    def handle(self, body: bytes | str | Mapping[str, Any], content_type: str = "") -> HandlingResult:
+        try:
+            message = parse_workflow_message(body, content_type)
+        except MessageRejected as rejected:
+            log.warning("workflow message rejected", extra={"reason": rejected.reason})
+            return HandlingResult(REJECTED, valid=False, reason=rejected.reason)
+        if self.namespaces and message.ML.Namespace not in self.namespaces \
+                and message.workflow_status in (PUBLISHED, STOPPING):
+            reason = (f"ML.Namespace {message.ML.Namespace!r} is not a workflow namespace of this controller "
+                      f"({', '.join(self.namespaces)})")
+            log.warning("workflow message rejected", extra={"workflow": message.workflow_name, "reason": reason})
+            return HandlingResult(REJECTED, valid=False, reason=reason, workflow_name=message.workflow_name)
+        with self._lock:
+            try:
+                return self._dispatch(message)
+            except Exception as error:  # the controller keeps serving whatever went wrong
+                config_name = step_config_name(message.Topics.in_)
+                transient = is_transient(error)
+                text = _error_text(error)
+                log.error("workflow message not applied",
+                          extra={"workflow": message.workflow_name, "status": message.workflow_status,
+                                 "config_name": config_name, "error": text, "retryable": transient},
+                          exc_info=not transient)
+                self.registry.failed(message.workflow_name, message.ML.Namespace, config_name, message.Topics.in_,
+                                     text)
+                return HandlingResult(FAILED, valid=True, reason=text, retryable=transient,
+                                      workflow_name=message.workflow_name, config_name=config_name)
+
+    def _dispatch(self, message: WorkflowMessage) -> HandlingResult:
+        status = message.workflow_status
+        if status == PUBLISHED:
+            return self.publish(message)
+        if status == STOPPING:
+            return self.stop(message)
+        known = status in IGNORED_STATUSES
+        log.info("workflow status needs no action" if known else "unknown workflow status ignored",
+                 extra={"workflow": message.workflow_name, "status": status})
+        return HandlingResult(IGNORED, valid=True, reason=f"status {status!r}: nothing to do",
+                              workflow_name=message.workflow_name)
+
+    def publish(self, message: WorkflowMessage) -> HandlingResult:
+        config, credentials = step_config_from_message(message, self.bootstrap_servers)
+        try:
+            self.driver.check(config)
+        except StepRejected as rejected:
+            log.warning("workflow step rejected", extra={"workflow": config.workflow_name,
+                                                         "config_name": config.config_name, "reason": str(rejected)})
+            self.registry.failed(config.workflow_name, config.namespace, config.config_name, config.topic_in,
+                                 str(rejected), config)
+            return HandlingResult(REJECTED, valid=False, reason=str(rejected), workflow_name=config.workflow_name,
+                                  config_name=config.config_name)
+        # Configuration first: once the source exists, deliveries may arrive, and the Wrapper must find it.
+        self.store.put(config.namespace, config, credentials)
+        source = self.driver.wire(config)
+        self.registry.wired(config, source)
+        log.info("workflow step wired", extra={"workflow": config.workflow_name, "namespace": config.namespace,
+                                               "config_name": config.config_name, "topic_in": config.topic_in,
+                                               "service": config.service_name, **{f"source_{k}": v for k, v in
+                                                                                  source.items()}})
+        return HandlingResult(WIRED, valid=True, workflow_name=config.workflow_name, config_name=config.config_name)
+
+    def stop(self, message: WorkflowMessage) -> HandlingResult:
+        namespace, topic_in = message.ML.Namespace, message.Topics.in_
+        config_name = step_config_name(topic_in)
+        # Source first, then configuration: a delivery in flight can still read its configuration.
+        unwired = self.driver.unwire(None, namespace, topic_in)
+        deleted = self.store.delete(namespace, config_name)
+        self.registry.stopped(message.workflow_name, namespace, config_name, topic_in)
+        log.info("workflow step stopped", extra={"workflow": message.workflow_name, "namespace": namespace,
+                                                 "config_name": config_name, "source_deleted": unwired,
+                                                 "config_deleted": deleted})
+        return HandlingResult(UNWIRED, valid=True, workflow_name=message.workflow_name, config_name=config_name)
+
+    # -- status API ------------------------------------------------------------------------------------------
+
+    def workflow_status(self, name: str, live: bool = True) -> dict[str, Any] | None:
+        steps = self.registry.steps(name)
+        details: dict[tuple[str, str], dict[str, Any]] = {}
+        if live:
+            for config in self.stored_steps():
+                if config.workflow_name == name:
+                    try:
+                        details[(config.namespace, config.config_name)] = self.driver.describe(config)
+                    except Exception as error:  # status is best effort; the API must still answer
+                        details[(config.namespace, config.config_name)] = {"describe_error": _error_text(error)}
+        return self.registry.summary(name, details) if steps else None
+
+    def workflows(self) -> list[dict[str, Any]]:
+        return [s for s in (self.registry.summary(n) for n in self.registry.workflow_names()) if s]

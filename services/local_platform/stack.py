@@ -1,0 +1,365 @@
+"""The local platform's processes: start them on loopback, wait until each is ready, remember them, stop them.
+
+One stack = tansu (Kafka) + moto (S3) + the inference server on the exported repository + the controller in local
+mode (it consumes ``system.ML`` and runs the local event plane) + one Wrapper per task. Every process is a child
+in its own session, logging to ``<root>/logs/<name>.log``; ``<root>/state.json`` records PIDs, ports and endpoints,
+so that another invocation (``eo-platform down``/``status``) can find and stop exactly what was started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from pydantic import BaseModel, Field
+
+from .infra import free_port, tansu_binary, wait_for_port
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROOT = Path("build/local-platform")
+STATE_FILE = "state.json"
+NAMESPACE = "eoml"
+SYSTEM_TOPIC = "system.ML"
+NOTIFY_TOPIC = "monitoring.notify"
+# ``ML.ServiceName`` of each Wrapper = its task (DNS-1123 labels, as Knative Service names must be).
+DEMO_TASKS: tuple[str, ...] = ("ssl-features", "classify", "compress", "decompress", "uc5-cfactor", "uc6-locust")
+
+
+class StackError(RuntimeError):
+    """A component did not start or is not ready; the message names it and points at its log."""
+
+
+class ProcessRecord(BaseModel):
+    name: str
+    pid: int
+    argv: list[str]
+    log: str
+    health_url: str = ""
+
+
+class PlatformState(BaseModel):
+    """What a running stack looks like from outside: endpoints, and the processes to stop."""
+
+    root: str
+    started_at: float
+    namespace: str = NAMESPACE
+    bootstrap_servers: str
+    s3_endpoint: str
+    s3_region: str = "us-east-1"
+    inference_http: str
+    inference_grpc: str
+    controller_url: str
+    wrapper_urls: dict[str, str]
+    store_root: str
+    system_topic: str = SYSTEM_TOPIC
+    notify_topic: str = NOTIFY_TOPIC
+    processes: list[ProcessRecord] = Field(default_factory=list)
+
+    def save(self) -> Path:
+        path = Path(self.root) / STATE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.model_dump_json(indent=2))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, root: Path = DEFAULT_ROOT) -> "PlatformState | None":
+        path = root / STATE_FILE
+        if not path.is_file():
+            return None
+        return cls.model_validate_json(path.read_text())
+
+
+@dataclass
+class StackOptions:
+    """Knobs of a local stack (defaults suit ``make demo`` on a small machine)."""
+
+    root: Path = DEFAULT_ROOT
+    repository: Path = Path("model_repository")
+    tasks: tuple[str, ...] = DEMO_TASKS
+    # Delivery to the Wrappers: exponential backoff from this delay; enough retries to ride out a Wrapper restart.
+    delivery_retry: int = 8
+    delivery_backoff_delay_s: float = 0.25
+    wrapper_workers: int = 2
+    # Generous: deliveries beyond workers + queue are answered 503 and retried, which only adds latency.
+    wrapper_queue_size: int = 64
+    progress_interval_s: float = 1.0
+    start_timeout_s: float = 240.0
+    log_level: str = "INFO"
+    python: str = sys.executable
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def http_status(url: str, timeout_s: float = 2.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except (OSError, ValueError):
+        return None
+
+
+def _log_tail(path: str, lines: int = 15) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); it is gone for every purpose here.
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+def _same_process(record: ProcessRecord) -> bool:
+    """True if ``record.pid`` still runs the command we started (PIDs are reused after a process ends)."""
+    if not pid_alive(record.pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc (not Linux): trust the PID
+    return [part.decode(errors="replace") for part in cmdline if part][: len(record.argv)] == record.argv
+
+
+def stop_process(record: ProcessRecord, timeout_s: float = 30.0) -> bool:
+    """SIGTERM the process (its own session: children included), SIGKILL after ``timeout_s``; False if gone already."""
+    if not _same_process(record):
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(record.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not pid_alive(record.pid):
+            break
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(record.pid, os.WNOHANG)
+        time.sleep(0.1)
+    else:
+        log.warning("process did not stop in time, killing it", extra={"process": record.name, "pid": record.pid})
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(record.pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(record.pid, 0)
+    return True
+
+
+class LocalStack:
+    """Starts and stops one local platform; ``state`` says where everything is."""
+
+    def __init__(self, options: StackOptions | None = None) -> None:
+        self.options = options or StackOptions()
+        self.root = Path(self.options.root).resolve()
+        self.state: PlatformState | None = None
+        self._popen: dict[str, subprocess.Popen] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    def start(self) -> PlatformState:
+        existing = PlatformState.load(self.root)
+        if existing is not None and any(_same_process(p) for p in existing.processes):
+            raise StackError(f"a local platform is already running (state in {self.root / STATE_FILE}); "
+                             "stop it first: eo-platform down")
+        repository = Path(self.options.repository).resolve()
+        if not any(repository.glob("*/[0-9]*/model.onnx")):
+            raise StackError(f"no exported models under {repository}: run 'make models' first")
+        # Fresh logs per stack (a restarted Wrapper appends to its own).
+        shutil.rmtree(self.root / "logs", ignore_errors=True)
+        (self.root / "logs").mkdir(parents=True, exist_ok=True)
+        # Kafka keeps its topics in memory: step configurations of an earlier stack would point at nothing.
+        store_root = self.root / "step-configs"
+        shutil.rmtree(store_root, ignore_errors=True)
+        store_root.mkdir(parents=True, exist_ok=True)
+
+        ports = {name: free_port() for name in ("kafka", "s3", "http", "grpc", "metrics", "controller")}
+        wrapper_ports = {task: free_port() for task in self.options.tasks}
+        self.state = PlatformState(
+            root=str(self.root), started_at=time.time(), bootstrap_servers=f"127.0.0.1:{ports['kafka']}",
+            s3_endpoint=f"http://127.0.0.1:{ports['s3']}", inference_http=f"127.0.0.1:{ports['http']}",
+            inference_grpc=f"127.0.0.1:{ports['grpc']}", controller_url=f"http://127.0.0.1:{ports['controller']}",
+            wrapper_urls={task: f"http://127.0.0.1:{port}" for task, port in wrapper_ports.items()},
+            store_root=str(store_root),
+        )
+        try:
+            self._start_infrastructure(ports, repository)
+            self._start_controller(ports["controller"])
+            for task, port in wrapper_ports.items():
+                self.start_wrapper(task, port)
+            self._wait_ready()
+            create_topics(self.state.bootstrap_servers, [SYSTEM_TOPIC, NOTIFY_TOPIC])
+        except BaseException:
+            self.stop()
+            raise
+        self.state.save()
+        return self.state
+
+    def stop(self) -> None:
+        state = self.state or PlatformState.load(self.root)
+        if state is None:
+            return
+        # Wrappers first (they finish accepted steps), then the controller, the inference server, S3, Kafka.
+        for record in reversed(state.processes):
+            if stop_process(record):
+                log.info("stopped", extra={"process": record.name, "pid": record.pid})
+            popen = self._popen.pop(record.name, None)
+            if popen is not None:
+                with contextlib.suppress(Exception):
+                    popen.wait(1)
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / STATE_FILE).unlink()
+        self.state = None
+
+    def __enter__(self) -> PlatformState:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- processes ---------------------------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None,
+               health_url: str = "") -> ProcessRecord:
+        assert self.state is not None
+        log_path = self.root / "logs" / f"{name}.log"
+        child_env = {**os.environ, "PYTHONUNBUFFERED": "1", "EOML_LOG_LEVEL": self.options.log_level,
+                     "EOML_LOG_FORMAT": "json", **self.options.extra_env, **(env or {})}
+        with open(log_path, "ab") as log_file:
+            popen = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=child_env,
+                                     cwd=os.getcwd(), start_new_session=True)
+        record = ProcessRecord(name=name, pid=popen.pid, argv=argv, log=str(log_path), health_url=health_url)
+        self._popen[name] = popen
+        self.state.processes = [p for p in self.state.processes if p.name != name] + [record]
+        log.info("started", extra={"process": name, "pid": popen.pid, "log": str(log_path)})
+        return record
+
+    def _start_infrastructure(self, ports: dict[str, int], repository: Path) -> None:
+        python = self.options.python
+        kafka_url = f"tcp://127.0.0.1:{ports['kafka']}"
+        self._spawn("kafka", [str(tansu_binary()), "broker", "--listener-url", kafka_url,
+                              "--advertised-listener-url", kafka_url, "--storage-engine", "memory://tansu/"])
+        self._spawn("s3", [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])])
+        self._spawn("inference", [
+            python, "-m", "services.inference.cli", "--model-repository", str(repository),
+            "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1", "--http-port", str(ports["http"]),
+            "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"])],
+            health_url=f"http://127.0.0.1:{ports['http']}/v2/health/ready")
+        self._wait_port("kafka", ports["kafka"])
+        self._wait_port("s3", ports["s3"])
+
+    def _start_controller(self, port: int) -> None:
+        assert self.state is not None
+        options = self.options
+        env = {
+            "EOML_CONTROLLER_HTTP_HOST": "127.0.0.1", "EOML_CONTROLLER_HTTP_PORT": str(port),
+            "EOML_CONTROLLER_BOOTSTRAP_SERVERS": self.state.bootstrap_servers,
+            "EOML_CONTROLLER_SOURCE_DRIVER": "local", "EOML_CONTROLLER_STORE": "local",
+            "EOML_CONTROLLER_STORE_ROOT": self.state.store_root,
+            "EOML_CONTROLLER_WRAPPER_URLS": json.dumps(self.state.wrapper_urls),
+            "EOML_CONTROLLER_SYSTEM_TOPIC": SYSTEM_TOPIC,
+            "EOML_CONTROLLER_DELIVERY_RETRY": str(options.delivery_retry),
+            "EOML_CONTROLLER_DELIVERY_BACKOFF_DELAY_S": str(options.delivery_backoff_delay_s),
+        }
+        self._spawn("controller", [options.python, "-m", "services.controller.cli", "consume"], env,
+                    health_url=f"http://127.0.0.1:{port}/readyz")
+
+    def wrapper_env(self, task: str, port: int) -> dict[str, str]:
+        assert self.state is not None
+        options = self.options
+        return {
+            "EOML_WRAPPER_TASK": task, "EOML_WRAPPER_HTTP_HOST": "127.0.0.1", "EOML_WRAPPER_HTTP_PORT": str(port),
+            "EOML_WRAPPER_INFERENCE_URL": self.state.inference_grpc, "EOML_WRAPPER_INFERENCE_PROTOCOL": "grpc",
+            "EOML_WRAPPER_STORE": "local", "EOML_WRAPPER_STORE_ROOT": self.state.store_root,
+            "EOML_WRAPPER_NAMESPACE": self.state.namespace, "EOML_WRAPPER_NOTIFY_TOPIC": NOTIFY_TOPIC,
+            "EOML_WRAPPER_WORKERS": str(options.wrapper_workers),
+            "EOML_WRAPPER_QUEUE_SIZE": str(options.wrapper_queue_size),
+            "EOML_WRAPPER_PROGRESS_INTERVAL_S": str(options.progress_interval_s),
+            "POD_NAME": f"wrapper-{task}",
+        }
+
+    def start_wrapper(self, task: str, port: int | None = None) -> ProcessRecord:
+        """Start (or restart) the Wrapper of ``task`` on its port."""
+        assert self.state is not None
+        if port is None:
+            port = int(self.state.wrapper_urls[task].rsplit(":", 1)[1])
+        return self._spawn(f"wrapper-{task}", [self.options.python, "-m", "services.wrapper.cli"],
+                           self.wrapper_env(task, port), health_url=f"http://127.0.0.1:{port}/readyz")
+
+    def process(self, name: str) -> ProcessRecord:
+        assert self.state is not None
+        for record in self.state.processes:
+            if record.name == name:
+                return record
+        raise KeyError(name)
+
+    def _wait_port(self, name: str, port: int) -> None:
+        try:
+            wait_for_port("127.0.0.1", port, 60, self._popen.get(name))
+        except (TimeoutError, RuntimeError) as error:
+            raise StackError(f"{name} did not start: {error}\n{_log_tail(self.process(name).log)}") from None
+
+    def wait_healthy(self, names: Iterable[str] | None = None, timeout_s: float | None = None) -> None:
+        assert self.state is not None
+        deadline = time.monotonic() + (timeout_s or self.options.start_timeout_s)
+        pending = [p for p in self.state.processes if p.health_url and (names is None or p.name in set(names))]
+        while pending:
+            for record in list(pending):
+                popen = self._popen.get(record.name)
+                if popen is not None and popen.poll() is not None:
+                    raise StackError(f"{record.name} exited with {popen.returncode}; log {record.log}:\n"
+                                     f"{_log_tail(record.log)}")
+                if http_status(record.health_url) == 200:
+                    pending.remove(record)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                names_left = ", ".join(p.name for p in pending)
+                raise StackError(f"not ready in time: {names_left}; see {self.root / 'logs'}\n"
+                                 f"{_log_tail(pending[0].log)}")
+            time.sleep(0.25)
+
+    def _wait_ready(self) -> None:
+        self.wait_healthy()
+
+
+def create_topics(bootstrap_servers: str, topics: Iterable[str], timeout_s: float = 15.0) -> None:
+    """Create topics that do not exist yet (1 partition; already existing ones are fine)."""
+    from confluent_kafka import KafkaError
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    wanted = sorted(set(topics))
+    if not wanted:
+        return
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    futures = admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1) for t in wanted],
+                                  request_timeout=timeout_s)
+    for topic, future in futures.items():
+        try:
+            future.result(timeout_s)
+        except Exception as error:  # noqa: BLE001
+            code = error.args[0].code() if error.args and hasattr(error.args[0], "code") else None
+            if code != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise StackError(f"topic {topic!r} could not be created: {error}") from None

@@ -1,0 +1,100 @@
+"""The integration workflows of D3.4 3.2.3 (SSL -> classifier, compression -> decompression) plus UC5 and UC6,
+end to end on the local platform with real BigEarthNet patches; then stopping a workflow."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from confluent_kafka import Producer
+
+from platform_support import collector_for, keys_under, plans, records_on, wait_for
+from services.core.bigearthnet import BIGEARTHNET_43_LABELS
+from services.core.kafka import producer_config, publish_json
+from services.local_platform.demo import controller_workflow, run_workflows, stop_workflows
+from services.local_platform.workflows import step_message
+
+PATCHES = 3
+
+
+def test_sample_workflows_run_end_to_end(platform) -> None:
+    state = platform.state
+    workflows = plans(["ssl-classify", "compress-decompress", "uc5", "uc6"], patches=PATCHES)
+    reports = run_workflows(state, workflows, timeout_s=600, write=lambda _line: None)
+    by_kind = {r.plan.kind: r for r in reports}
+    assert {k: r.status for k, r in by_kind.items()} == dict.fromkeys(by_kind, "succeeded"), \
+        {k: r.reason for k, r in by_kind.items()}
+
+    for report in reports:
+        # Every step announced the folder it really wrote: its manifest is beside it, its files under it.
+        for step in report.steps:
+            assert step.status == "SUCCESS" and step.output_folder
+            manifest = json.loads(_object(state, report.plan.bucket, f"{step.output_folder}.manifest.json"))
+            assert manifest["folder"] == step.output_folder
+            assert keys_under(state, report.plan.bucket, step.output_folder + "/")
+
+    ssl = by_kind["ssl-classify"].results
+    assert ssl["features"] == {"patches": PATCHES, "dimension": 2048}
+    assert ssl["patches_classified"] == PATCHES
+    for row in ssl["top_labels"]:
+        assert row["patch"] in by_kind["ssl-classify"].plan.patches
+        assert all(label in BIGEARTHNET_43_LABELS and 0.0 <= score <= 1.0 for label, score in row["top"])
+        assert row["truth"], "ground-truth labels of a sample patch"
+
+    compression = by_kind["compress-decompress"].results
+    assert compression["patches"] == PATCHES
+    assert 0 < compression["bits_per_pixel"] < 16 * 10  # fewer bits than the raw uint16 x 10 bands
+    reconstruction = compression["reconstruction"]
+    assert reconstruction["bands_compared"] == PATCHES * 10
+    assert math.isfinite(reconstruction["rmse_dn"]) and reconstruction["rmse_dn"] > 0
+
+    uc5 = by_kind["uc5"].results
+    assert uc5["rasters"] == PATCHES and uc5["valid_cells"] == PATCHES * 25  # 5 x 5 cells of 24 pixels per patch
+    assert 0.0 <= uc5["min"] <= uc5["max"] <= 1.0
+
+    uc6 = by_kind["uc6"].results
+    assert uc6["rasters"] == 1 and uc6["valid_cells"] > 0
+    assert uc6["nodata_cells"] > 0  # the sea strip of the sample is nodata, not a made-up value
+    assert 0.0 <= uc6["min"] <= uc6["max"] <= 1.0
+
+    assert stop_workflows(state, workflows) == []
+
+
+def test_stopping_a_workflow_removes_its_resources_and_loses_nothing(platform) -> None:
+    state = platform.state
+    (workflow,) = plans(["uc5"], patches=1, offset=5)
+    reports = run_workflows(state, [workflow], timeout_s=300, write=lambda _line: None, read_results=False)
+    assert reports[0].status == "succeeded", reports[0].reason
+    store = Path(state.store_root) / state.namespace
+    config_files = lambda: sorted(p.name for p in store.glob("json-config-*"))  # noqa: E731
+    assert len(config_files()) == 2  # settings + credentials of the one step
+
+    assert stop_workflows(state, [workflow]) == []
+    status = controller_workflow(state, workflow.name)
+    assert status is not None and status["state"] == "stopped"
+    assert config_files() == []
+
+    # A step message sent while the workflow is stopped is not lost: once it is published again, its consumer
+    # group resumes where it stopped, delivering that message (and not the one already processed).
+    collector = collector_for(state, [workflow])
+    try:
+        producer = Producer(producer_config(state.bootstrap_servers))
+        publish_json(producer, workflow.first_topic, step_message(workflow.input_folder, {"sent": "while stopped"}))
+        from services.local_platform.demo import publish_workflows, wait_wired
+
+        publish_workflows(state, [workflow], "published")
+        assert wait_wired(state, [workflow]) == []
+        wait_for(collector, lambda: len(records_on(collector, workflow.final_topic)) >= 2, 120,
+                 "the message sent while stopped")
+        finals = records_on(collector, workflow.final_topic)
+    finally:
+        collector.stop()
+        stop_workflows(state, [workflow])
+    assert [m["meta_information"] for m in finals] == [{"demo": "uc5"}, {"sent": "while stopped"}]
+
+
+def _object(state, bucket: str, key: str) -> bytes:
+    from services.local_platform.demo import s3_client
+
+    return s3_client(state).get_object(Bucket=bucket, Key=key)["Body"].read()
