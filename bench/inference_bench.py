@@ -64,6 +64,7 @@ from services.inference.runtime import (
     describe_tensors,
     execution_providers,
     plan_instances,
+    session_config_entries,
     session_options,
 )
 
@@ -182,9 +183,8 @@ def load_model_under_test(repository: Path, name: str) -> ModelUnderTest:
         graph_optimization_level=_GRAPH_LEVEL_NAMES[options.graph_optimization_level],
         enable_cpu_mem_arena=options.enable_cpu_mem_arena,
         enable_mem_pattern=options.enable_mem_pattern,
-        config_entries={
-            key: value.string_value for key, value in config.parameters.items() if key.startswith("session.")
-        },
+        # The same entries our server's sessions get (incl. its defaults, e.g. no spinning): a fair peer.
+        config_entries=session_config_entries(config),
         providers=execution_providers(config, placements[0]),
         instance_count=len(placements),
         max_batch_size=config.max_batch_size,

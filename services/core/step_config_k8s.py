@@ -226,7 +226,7 @@ class KubernetesStepConfigStore:
                 configs.append(step_config_from_config_map(dict(item.data or {}))[0])
             except ValueError as error:
                 log.warning("unreadable step ConfigMap skipped",
-                            extra={"namespace": item.metadata.namespace, "name": item.metadata.name,
+                            extra={"namespace": item.metadata.namespace, "configmap": item.metadata.name,
                                    "reason": str(error)[:300]})
         return sorted(configs, key=lambda c: (c.namespace, c.config_name))
 

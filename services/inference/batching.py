@@ -14,6 +14,9 @@ Dynamic batching (``dynamic_batching { ... }`` and max_batch_size > 0), as Trito
 - batches run concurrently, one per free instance.
 Without dynamic batching (or with max_batch_size 0), each request runs alone on the next free instance.
 
+The queue delay is kept to the microsecond (:class:`DeadlineTimer`): the event loop's own timers
+round up to whole milliseconds, ten times the 100 us a tiny model's config asks for.
+
 The queue is bounded: ``dynamic_batching.default_queue_policy.max_queue_size`` when set, else the
 server default (``--default-max-queue-size``; 0 = ``max(64, 4 x max(1, max_batch_size) x instances)``,
 enough for every instance to have a few full batches waiting while memory stays bounded). A request
@@ -24,8 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import logging
+import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +88,7 @@ class QueuedRequest:
     rows: int  # batch rows (1 for a model without batch dimension)
     shape_key: Any  # requests batch together only when their keys are equal
     future: asyncio.Future
-    enqueued_at: float  # loop.time(), for the queue delay
+    deadline_ns: int  # time.monotonic_ns() at which its queue delay is over
     enqueued_ns: int  # perf_counter_ns(), for statistics
     dispatched_ns: int = 0
 
@@ -148,6 +155,99 @@ def _runtime_error(error: Exception) -> InferenceServerError:
     return InferenceServerError(ErrorKind.INTERNAL, f"onnx runtime error: {error}")
 
 
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+_CLOCK_MONOTONIC = 1  # what time.monotonic_ns() reads on Linux
+_TFD_TIMER_ABSTIME = 1
+
+
+def _load_timerfd() -> tuple[Callable[..., int], Callable[..., int]] | None:
+    """libc's timerfd_create / timerfd_settime (Linux), or None where there is no such call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        create, settime = libc.timerfd_create, libc.timerfd_settime
+    except (OSError, AttributeError):
+        return None
+    create.argtypes, create.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(_Itimerspec), ctypes.c_void_p]
+    settime.restype = ctypes.c_int
+    return create, settime
+
+
+_TIMERFD = _load_timerfd()
+
+
+class DeadlineTimer:
+    """Runs ``callback`` on the event loop once ``time.monotonic_ns()`` reaches the armed deadline.
+
+    Both asyncio (epoll's timeout) and uvloop (libuv) round a timer up to whole milliseconds, so a
+    100 us queue delay would hold a lone request for about 1 ms. On Linux the deadline is a timerfd
+    the loop watches like a socket: the kernel wakes the loop at the deadline to the microsecond.
+    Elsewhere it falls back to ``loop.call_at``. Arming again replaces the deadline; loop thread only.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self._loop = loop
+        self._callback = callback
+        self._handle: asyncio.TimerHandle | None = None
+        self._fd = -1
+        if _TIMERFD is not None:
+            fd = _TIMERFD[0](_CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)
+            if fd >= 0:
+                self._fd = fd
+                self._spec = _Itimerspec()
+                loop.add_reader(fd, self._on_fired)
+        self.deadline_ns = 0  # 0: not armed
+
+    @property
+    def precise(self) -> bool:
+        return self._fd >= 0
+
+    def arm(self, deadline_ns: int) -> None:
+        self.deadline_ns = deadline_ns
+        if self._fd >= 0:
+            # A zero it_value would disarm the timer: a deadline at 0 ns is long past anyway.
+            value = self._spec.it_value
+            value.tv_sec, value.tv_nsec = divmod(max(deadline_ns, 1), 1_000_000_000)
+            if _TIMERFD[1](self._fd, _TFD_TIMER_ABSTIME, self._spec, None) != 0:  # type: ignore[index]
+                error = ctypes.get_errno()
+                raise OSError(error, f"timerfd_settime: {os.strerror(error)}")
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        delay_s = max(0, deadline_ns - time.monotonic_ns()) / 1e9
+        self._handle = self._loop.call_at(self._loop.time() + delay_s, self._on_fired)
+
+    def close(self) -> None:
+        """Disarm and release the timer (the callback is not called any more)."""
+        self.deadline_ns = 0
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+    def _on_fired(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.read(self._fd, 8)  # the expiration count: reading it quiets the descriptor
+            except BlockingIOError:
+                return  # re-armed to a later deadline after it fired: that one is still to come
+        self._handle = None
+        self.deadline_ns = 0
+        self._callback()
+
+
 class ModelScheduler:
     """The queue and the instances of one loaded model version."""
 
@@ -167,8 +267,8 @@ class ModelScheduler:
         # A stack: the most recently used instance goes first, its memory is warm.
         self._idle: list[OnnxInstance] = list(reversed(self.instances))
         self._executing = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_deadline = 0.0
+        self._delay_ns = round(policy.max_queue_delay_s * 1e9)
+        self._timer = DeadlineTimer(self._loop, self._dispatch) if policy.dynamic and self._delay_ns > 0 else None
         self._drain_waiters: list[asyncio.Future] = []
         self._closed = False
 
@@ -190,7 +290,9 @@ class ModelScheduler:
                 f"{len(self._queue)} requests waiting (max_queue_size {self.policy.max_queue_size})"
             )
         future = self._loop.create_future()
-        request = QueuedRequest(feeds, rows, shape_key, future, self._loop.time(), time.perf_counter_ns())
+        request = QueuedRequest(
+            feeds, rows, shape_key, future, time.monotonic_ns() + self._delay_ns, time.perf_counter_ns()
+        )
         self._queue.append(request)
         self._dispatch()
         try:
@@ -229,25 +331,16 @@ class ModelScheduler:
             return 1
         if preferred_count:
             return preferred_count
-        if not can_grow or policy.max_queue_delay_s <= 0:
+        timer = self._timer
+        if not can_grow or timer is None:
             return count
-        deadline = head.enqueued_at + policy.max_queue_delay_s
-        if self._loop.time() >= deadline:
+        deadline_ns = head.deadline_ns
+        if time.monotonic_ns() >= deadline_ns:
             return count
-        self._arm_timer(deadline)
+        # An armed earlier deadline stays: it belongs to a request still ahead in the queue.
+        if not timer.deadline_ns or deadline_ns < timer.deadline_ns:
+            timer.arm(deadline_ns)
         return 0
-
-    def _arm_timer(self, deadline: float) -> None:
-        if self._timer is not None:
-            if self._timer_deadline <= deadline:
-                return
-            self._timer.cancel()
-        self._timer_deadline = deadline
-        self._timer = self._loop.call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._dispatch()
 
     def _dispatch(self) -> None:
         while self._idle and self._queue:
@@ -260,7 +353,7 @@ class ModelScheduler:
             for request in batch:
                 request.dispatched_ns = now
             self._executing += len(batch)
-            instance.executor.submit(self._run_on_instance, instance, batch)
+            instance.worker.post(self._run_on_instance, instance, batch)
 
     def _run_on_instance(self, instance: OnnxInstance, batch: list[QueuedRequest]) -> None:
         try:
@@ -310,6 +403,13 @@ class ModelScheduler:
                     waiter.set_result(None)
             self._drain_waiters.clear()
 
+    def release_timer(self) -> None:
+        """Give the queue-delay timer back to the system (a scheduler that is never closed, e.g. when its
+        model fails warm-up, would otherwise keep a descriptor on the event loop)."""
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+
     async def drain(self) -> None:
         """Wait until every queued and running request has finished."""
         if not self._queue and self._executing == 0:
@@ -323,9 +423,7 @@ class ModelScheduler:
         if drain:
             await self.drain()
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.release_timer()
         while self._queue:
             request = self._queue.popleft()
             if not request.future.done():

@@ -107,7 +107,7 @@ def _frontend_factory(module_name: str, factory_name: str) -> Callable[..., Any]
         module = importlib.import_module(qualified)
     except ModuleNotFoundError as error:
         if error.name == qualified:
-            log.warning("frontend module missing: not serving it", extra={"module": qualified})
+            log.warning("frontend module missing: not serving it", extra={"frontend_module": qualified})
             return None
         raise
     return getattr(module, factory_name)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
@@ -42,7 +43,6 @@ from .protocol import (
     InferResponse,
     RequestedOutput,
     array_from_raw,
-    element_count,
     invalid,
     not_found,
     numpy_dtype,
@@ -319,7 +319,7 @@ class LoadedVersion:
                     f"but model '{model}' expects '{spec.datatype}'"
                 )
             shape = [int(dim) for dim in item.shape]
-            if any(dim < 0 for dim in shape):
+            if shape and min(shape) < 0:
                 raise invalid(f"input '{item.name}' has a negative dimension in shape {shape}")
             if self.batched:
                 expected_rank = len(spec.dims) + 1
@@ -344,8 +344,10 @@ class LoadedVersion:
                 sample_shape = shape[1:]
             else:
                 sample_shape = shape
-            if len(sample_shape) != len(spec.dims) or any(
-                expected != -1 and expected != actual for expected, actual in zip(spec.dims, sample_shape)
+            # Fixed dims (the common case) compare as one tuple; variable ones dimension by dimension.
+            if (tuple(sample_shape) != spec.dims) if not spec.variable else (
+                len(sample_shape) != len(spec.dims)
+                or any(expected != -1 and expected != actual for expected, actual in zip(spec.dims, sample_shape))
             ):
                 expected_shape = [-1, *spec.dims] if self.batched else list(spec.dims)
                 raise invalid(
@@ -355,7 +357,7 @@ class LoadedVersion:
             data = item.data
             if not isinstance(data, np.ndarray):
                 data = np.asarray(data, dtype=spec.dtype)
-            expected_count = element_count(shape)
+            expected_count = math.prod(shape)
             if data.size != expected_count:
                 if spec.datatype == "BYTES":
                     raise invalid(
@@ -576,7 +578,7 @@ class LoadedVersion:
         samples = self.configured_warmup_samples(model_directory)
         await asyncio.gather(
             *(
-                asyncio.wrap_future(instance.executor.submit(self._warm_instance, instance, samples))
+                asyncio.wrap_future(instance.worker.submit(self._warm_instance, instance, samples))
                 for instance in self.instances
             )
         )
@@ -1007,6 +1009,7 @@ class InferenceEngine:
             config.name = definition.name
         resolve_instance_groups(config, gpu_available=gpu_available)
         instances = await asyncio.to_thread(load_instances, config, path)
+        scheduler: ModelScheduler | None = None
         try:
             onnx_inputs, onnx_outputs = instances[0].describe()
             config = complete_config(
@@ -1035,6 +1038,8 @@ class InferenceEngine:
             loaded = LoadedVersion(definition.name, version, config, instances, scheduler, statistics, labels)
             await loaded.warm_up(definition.directory)
         except BaseException:
+            if scheduler is not None:
+                scheduler.release_timer()
             for instance in instances:
                 await asyncio.to_thread(instance.close)
             raise

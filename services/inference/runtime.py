@@ -1,4 +1,5 @@
-"""ONNX Runtime sessions: one per model instance, each driven by its own single worker thread.
+"""ONNX Runtime sessions: one per model instance, each driven by its own single worker thread
+(:class:`InstanceWorker`).
 
 Maps Triton's instance groups and ONNX Runtime backend options onto ORT:
 - ``instance_group {count, kind, gpus}``: KIND_CPU -> CPU EP; KIND_GPU -> CUDA EP (TensorRT EP first
@@ -10,6 +11,8 @@ Maps Triton's instance groups and ONNX Runtime backend options onto ORT:
 - ``optimization { graph { level } }``: -1 basic, 1 basic+extended, 2 none, unset/0 all (Triton's mapping).
 Default intra-op threads: the CPUs this process may use divided by the total instance count, at
 least 1, so instances do not oversubscribe the cores.
+Default session config entries (:data:`DEFAULT_SESSION_CONFIG_ENTRIES`, a ``session.*`` parameter of
+the config wins): intra-op threads do not spin-wait between runs (see there why).
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -29,6 +36,8 @@ from tritonclient.grpc import model_config_pb2
 from .model_config import ORT_TYPE_TO_TRITON, ModelConfigError, OnnxTensorInfo
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -44,6 +53,15 @@ _GRAPH_LEVELS = {
     2: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
 }
 _TRUE_STRINGS = {"1", "true", "yes", "on"}
+
+# ORT's intra-op workers busy-wait after every parallel section (spinning) to pick up the next one a
+# little sooner. In this server they share the cores with the event loop that decodes, batches and
+# answers requests, and with every other instance: under load a spinning worker holds a core the
+# loop needs. Measured on 2 cores with uc6-locust at 16 concurrent gRPC requests (bench/grpc_profile.py):
+# the spinning worker used ~0.8 of a core and the server did ~1.4x fewer requests/s; ResNet-101 runs
+# were not slower without it. A model's config can still turn it on
+# (parameters { key: "session.intra_op.allow_spinning" value { string_value: "1" } }).
+DEFAULT_SESSION_CONFIG_ENTRIES: dict[str, str] = {"session.intra_op.allow_spinning": "0"}
 _TENSORRT_OPTION_NAMES = {
     "max_workspace_size_bytes": "trt_max_workspace_size",
     "int8_calibration_table_name": "trt_int8_calibration_table_name",
@@ -160,6 +178,16 @@ def _int_parameter(config: model_config_pb2.ModelConfig, key: str) -> int | None
         raise ModelConfigError(f"parameter '{key}' must be an integer, got '{value}'") from None
 
 
+def session_config_entries(config: model_config_pb2.ModelConfig) -> dict[str, str]:
+    """The ORT session config entries a session of this model gets: the server's defaults, overridden
+    by the config's ``session.*`` parameters (what a peer or a ceiling must use to compare fairly)."""
+    entries = dict(DEFAULT_SESSION_CONFIG_ENTRIES)
+    for key, value in config.parameters.items():
+        if key.startswith("session."):
+            entries[key] = value.string_value
+    return entries
+
+
 def session_options(config: model_config_pb2.ModelConfig, total_instances: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
     intra = _int_parameter(config, "intra_op_thread_count")
@@ -176,9 +204,8 @@ def session_options(config: model_config_pb2.ModelConfig, total_instances: int) 
             setattr(options, attribute, value.lower() in _TRUE_STRINGS)
     level = config.optimization.graph.level if config.optimization.HasField("graph") else 0
     options.graph_optimization_level = _GRAPH_LEVELS.get(level, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    for key, value in config.parameters.items():
-        if key.startswith("session."):
-            options.add_session_config_entry(key, value.string_value)
+    for key, value in session_config_entries(config).items():
+        options.add_session_config_entry(key, value)
     # ORT would otherwise log every fallback node at warning level into the server log.
     options.log_severity_level = 3
     return options
@@ -243,6 +270,61 @@ def create_session(
     return session
 
 
+class InstanceWorker:
+    """The one thread that runs an instance's work, item after item, in the order posted.
+
+    What a ``ThreadPoolExecutor(max_workers=1)`` does, for less per item: :meth:`post` is one queue
+    put (no ``Future``, no lock, no thread-count check), which matters when a tiny model runs a
+    thousand batches a second. :meth:`submit` gives a ``Future`` where the caller wants the result.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._items: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._closed = False
+        # A daemon thread: a server that exits without unloading its models must not hang on it.
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def post(self, function: Callable[..., Any], *args: Any) -> None:
+        """Run ``function(*args)`` on the worker thread; it must report its own errors (they are only logged)."""
+        if self._closed:
+            raise RuntimeError(f"worker {self.name} is shut down")
+        self._items.put((function, args))
+
+    def submit(self, function: Callable[..., T], *args: Any) -> "Future[T]":
+        """Run ``function(*args)`` on the worker thread; the future holds its result or exception."""
+        future: Future[T] = Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(function(*args))
+            except BaseException as error:  # handed to the caller through the future
+                future.set_exception(error)
+
+        self.post(run)
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Run what was posted, then stop the thread."""
+        if not self._closed:
+            self._closed = True
+            self._items.put(None)
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _run(self) -> None:
+        items = self._items
+        while (item := items.get()) is not None:
+            function, args = item
+            try:
+                function(*args)
+            except BaseException:  # a posted function that raised: keep serving the next items
+                log.exception("instance worker item failed", extra={"worker": self.name})
+
+
 @dataclass(eq=False)
 class OnnxInstance:
     """One ORT session and the single thread that runs it (ORT releases the GIL while it computes)."""
@@ -250,12 +332,12 @@ class OnnxInstance:
     placement: InstancePlacement
     session: ort.InferenceSession
     output_names: list[str]
-    executor: ThreadPoolExecutor = field(init=False)
+    worker: InstanceWorker = field(init=False)
     warmup_runs: int = 0
     executions: int = 0
 
     def __post_init__(self) -> None:
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"instance-{self.placement.name}")
+        self.worker = InstanceWorker(f"instance-{self.placement.name}")
         self._run_options = ort.RunOptions()
 
     @property
@@ -274,7 +356,7 @@ class OnnxInstance:
         return self.session.run(self.output_names, feeds, self._run_options)
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True)
+        self.worker.shutdown(wait=True)
         # Drop the session now rather than at the next GC: GPU memory is released with it.
         self.session = None  # type: ignore[assignment]
 

@@ -160,7 +160,7 @@ def stop_process(record: ProcessRecord, timeout_s: float = 30.0) -> bool:
             os.waitpid(record.pid, os.WNOHANG)
         time.sleep(0.1)
     else:
-        log.warning("process did not stop in time, killing it", extra={"process": record.name, "pid": record.pid})
+        log.warning("process did not stop in time, killing it", extra={"component": record.name, "pid": record.pid})
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(record.pid, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
@@ -224,7 +224,7 @@ class LocalStack:
         # Wrappers first (they finish accepted steps), then the controller, the inference server, S3, Kafka.
         for record in reversed(state.processes):
             if stop_process(record):
-                log.info("stopped", extra={"process": record.name, "pid": record.pid})
+                log.info("stopped", extra={"component": record.name, "pid": record.pid})
             popen = self._popen.pop(record.name, None)
             if popen is not None:
                 with contextlib.suppress(Exception):
@@ -253,7 +253,7 @@ class LocalStack:
         record = ProcessRecord(name=name, pid=popen.pid, argv=argv, log=str(log_path), health_url=health_url)
         self._popen[name] = popen
         self.state.processes = [p for p in self.state.processes if p.name != name] + [record]
-        log.info("started", extra={"process": name, "pid": popen.pid, "log": str(log_path)})
+        log.info("started", extra={"component": name, "pid": popen.pid, "log": str(log_path)})
         return record
 
     def _start_infrastructure(self, ports: dict[str, int], repository: Path) -> None:

@@ -27,3 +27,23 @@ def test_text_format_redacts_too():
 
 def test_redact_keeps_non_secret_structure():
     assert redact([{"a": 1, "api_token": "x"}]) == [{"a": 1, "api_token": "***"}]
+
+
+def test_no_log_call_passes_an_extra_key_that_logging_reserves():
+    """``extra={"process": ...}`` raises KeyError inside logging once the record is emitted (only at some levels, so
+    it hides until production): scan every literal ``extra`` dict in the project's code."""
+    import ast
+    from pathlib import Path
+
+    reserved = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+    root = Path(__file__).resolve().parents[2]
+    offenders = []
+    for path in [*root.joinpath("services").rglob("*.py"), *root.joinpath("models").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                for keyword in node.keywords:
+                    if keyword.arg == "extra" and isinstance(keyword.value, ast.Dict):
+                        for key in keyword.value.keys:
+                            if isinstance(key, ast.Constant) and key.value in reserved:
+                                offenders.append(f"{path.relative_to(root)}:{node.lineno} {key.value!r}")
+    assert not offenders, f"log extras overwrite LogRecord attributes: {offenders}"
