@@ -4,7 +4,8 @@
 
 Every option also reads ``EOML_WRAPPER_<OPTION>`` from the environment (the command line wins); see
 ``services/wrapper/settings.py`` and the README. SIGTERM/SIGINT: refuse new deliveries (503), let accepted steps
-finish (at most ``--shutdown-timeout-s``), exit 0.
+finish (at most ``--shutdown-timeout-s``), exit 0. At startup, the steps that a killed predecessor had accepted
+are resumed from the acceptance journal before readiness turns true.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("queue-size", int, "steps waiting beyond the workers before 503 (default 8)"),
     ("result-prefix", str, "bucket prefix of the results (default: the task's production prefix)"),
     ("shutdown-timeout-s", float, "how long shutdown waits for running steps (default 120)"),
+    ("journal-lease-s", float, "an accepted step not renewed this long is resumed by another Wrapper (default 120)"),
+    ("journal-sweep-interval-s", float, "how often abandoned accepted steps are looked for (default 60)"),
+    ("service-name", str, "the Knative Service of this Wrapper (default: $K_SERVICE, else the task)"),
     ("log-level", str, "DEBUG, INFO, WARNING or ERROR"),
     ("log-format", str, "json or text"),
 )
@@ -86,7 +90,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> WrapperSettings:
 async def serve(settings: WrapperSettings) -> int:
     from aiohttp import web
 
-    service = WrapperService(StepRuntime.from_settings(settings), make_store(settings))
+    service = WrapperService(StepRuntime.from_settings(settings), make_store(settings), recover_on_start=True)
     runner = web.AppRunner(create_http_app(service), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port, reuse_address=True)
@@ -100,6 +104,8 @@ async def serve(settings: WrapperSettings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # Listening already (liveness answers), not ready until the steps a dead predecessor left are queued again.
+    await loop.run_in_executor(None, service.start_journal_keeping)
     await stop.wait()
     log.info("stop requested: finishing accepted steps")
     # New deliveries get 503 while accepted steps finish; then the listener closes.

@@ -1,11 +1,13 @@
 """The Wrapper's HTTP shell: KafkaSource deliveries in, health out. All work happens in ``WrapperService``.
 
 - ``POST /{config_name}`` (the production sink URI, ``/json-config-<topic>...``) and ``POST /``: a CloudEvent whose
-  data is a step message. Answers at once: 202 accepted (processing goes on in the worker pool), 202 duplicate
-  (that event is already queued or running), 400 with a reason (not a step message; a CRITICAL notification and a
-  dead-letter record follow when the step is known), 404 (no such step configuration: the controller may not have
-  written it yet, and Knative retries 404), 503 (pool full or shutting down: retried by the source).
-- ``GET /healthz``: the process is alive. ``GET /readyz``: the inference server answers and the model is ready.
+  data is a step message. Answers at once: 202 accepted (journalled in the workflow bucket; processing goes on in
+  the worker pool), 202 duplicate (that event is already queued, running or journalled), 400 with a reason (not a
+  step message; a CRITICAL notification and a dead-letter record follow when the step is known), 404 (no such step
+  configuration: the controller may not have written it yet, and Knative retries 404), 503 (pool full, shutting
+  down, store unavailable, or the journal entry could not be written: retried by the source).
+- ``GET /healthz``: the process is alive. ``GET /readyz``: the startup journal sweep is done, the inference server
+  answers and the model is ready.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from typing import Any
 
 from aiohttp import web
 
-from services.core.step_config import StepConfigNotFound
-from services.wrapper.pipeline import StepRequest
 from services.wrapper.service import BadDelivery, Delivery, WrapperService, config_name_of, parse_delivery, parse_step_message
 
 log = logging.getLogger(__name__)
@@ -54,35 +54,24 @@ async def receive(request: web.Request) -> web.Response:
         asyncio.get_running_loop().run_in_executor(None, _report_bad, service, config_name, delivery, str(error))
         return _json(400, error=str(error), config_name=config_name)
 
-    reservation = service.reserve(f"{config_name}|{delivery.event_id}" if delivery.event_id else "")
-    if reservation == "duplicate":
+    acceptance = await _in_thread(service.accept, config_name, delivery, message, raw)
+    if acceptance.status == "accepted":
+        log.info("step accepted", extra={"config_name": config_name, "event_id": delivery.event_id})
+        return _json(202, accepted=True, config_name=config_name, event_id=delivery.event_id)
+    if acceptance.status == "duplicate":
         return _json(202, accepted=True, duplicate=True, config_name=config_name, event_id=delivery.event_id)
-    if isinstance(reservation, str):
-        log.warning("delivery refused: worker pool full" if reservation == "busy" else "delivery refused: stopping",
+    if acceptance.status == "not_found":
+        return _json(404, error=acceptance.detail, config_name=config_name)
+    if acceptance.status == "invalid":
+        return _json(400, error=acceptance.detail, config_name=config_name)
+    if acceptance.status in ("busy", "stopping"):
+        refusal = "delivery refused: worker pool full" if acceptance.status == "busy" else "delivery refused: stopping"
+        log.warning(refusal,
                     extra={"config_name": config_name, "event_id": delivery.event_id, **service.state()})
-        return web.json_response({"error": f"wrapper {reservation}: retry later"}, status=503,
-                                 headers={"Retry-After": RETRY_AFTER_S})
-    try:
-        try:
-            config, credentials = await _in_thread(service.load_step, config_name)
-        except StepConfigNotFound as error:
-            service.release(reservation)
-            return _json(404, error=str(error.args[0] if error.args else error), config_name=config_name)
-        except ValueError as error:  # a name the store refuses ("../x")
-            service.release(reservation)
-            return _json(400, error=f"invalid step configuration name: {error}", config_name=config_name)
-        step = StepRequest(
-            config_name=config_name, message=message, raw_message=raw,
-            event_id=delivery.event_id, event_time=delivery.event_time,
-        )
-        service.submit(reservation, step, config, credentials)
-    except Exception:
-        service.release(reservation)
-        log.exception("delivery could not be queued", extra={"config_name": config_name})
-        return web.json_response({"error": "step configuration store unavailable: retry later"}, status=503,
-                                 headers={"Retry-After": RETRY_AFTER_S})
-    log.info("step accepted", extra={"config_name": config_name, "event_id": delivery.event_id})
-    return _json(202, accepted=True, config_name=config_name, event_id=delivery.event_id)
+        detail = f"wrapper {acceptance.status}: retry later"
+    else:
+        detail = acceptance.detail
+    return web.json_response({"error": detail}, status=503, headers={"Retry-After": RETRY_AFTER_S})
 
 
 def _report_bad(service: WrapperService, config_name: str, delivery: Delivery, reason: str) -> None:
@@ -98,7 +87,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
-    ready, reason = await _in_thread(service.runtime.model_client.model_ready)
+    ready, reason = await _in_thread(service.readiness)
     return _json(200 if ready else 503, ready=ready, reason=reason, model=service.runtime.model_client.model_name)
 
 

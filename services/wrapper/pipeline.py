@@ -79,6 +79,8 @@ class StepRequest:
     # The event's time (CloudEvent ``time``; a KafkaSource sets the record's timestamp): stamps time-tagged outputs,
     # so that a redelivery writes identical bytes.
     event_time: datetime | None = None
+    # 1 for a delivery; more when the acceptance journal resumes a step whose Wrapper died while running it.
+    attempt: int = 1
 
 
 @dataclass
@@ -92,6 +94,8 @@ class StepOutcome:
     stats: dict[str, Any] = field(default_factory=dict)
     next_message: dict[str, Any] | None = None
     dead_letter: dict[str, Any] | None = None
+    # Whether the failure is on record (dead-letter topic): until it is, the acceptance journal keeps the step.
+    dead_letter_delivered: bool = False
     model_version: str = ""
 
 
@@ -196,7 +200,7 @@ def failure_reason(error: BaseException) -> str:
     return f"Internal error: {type(error).__name__}: {error}"
 
 
-def _s3_access(runtime: StepRuntime, config: StepConfig, credentials: StepCredentials) -> S3Access:
+def step_s3_access(runtime: StepRuntime, config: StepConfig, credentials: StepCredentials) -> S3Access:
     settings = runtime.settings
     return S3Access(
         bucket_name=config.bucket,
@@ -230,8 +234,10 @@ def run_step(
     notifier = runtime.notifier(config, secrets)
     folder, filename = message.S3_bucket_desc.folder, message.S3_bucket_desc.filename
     shown_input = "/".join(part for part in (folder.strip("/"), filename.strip("/")) if part) or "(bucket root)"
-    notifier.send("START", f"{runtime.spec.name} started on {shown_input} (step {request.config_name})")
-    log.info("step started", extra={**log_fields, "folder": folder, "input_filename": filename})
+    resumed = f", attempt {request.attempt}: resumed after its Wrapper stopped" if request.attempt > 1 else ""
+    notifier.send("START", f"{runtime.spec.name} started on {shown_input} (step {request.config_name}{resumed})")
+    log.info("step started", extra={**log_fields, "folder": folder, "input_filename": filename,
+                                    "attempt": request.attempt})
     started = time.monotonic()
     outcome = StepOutcome(status="CRITICAL")
     store: ResultStore | None = None
@@ -241,7 +247,7 @@ def run_step(
         runtime.handler.check_model(served)
         outcome.model_version = served.version
         batch_size = runtime.batch_size(served)
-        client = make_s3_client(_s3_access(runtime, config, credentials))
+        client = make_s3_client(step_s3_access(runtime, config, credentials))
         outcome.output_folder = output_folder(runtime.result_prefix, folder, filename)
         created = (request.event_time or datetime.now(timezone.utc)).astimezone(timezone.utc).replace(microsecond=0)
         ctx = StepContext(
@@ -357,7 +363,7 @@ def run_step(
             workflow_name=config.workflow_name, component_name=config.component_name, topic_in=config.topic_in,
             event_id=request.event_id, secrets=secrets,
         )
-        publish_dead_letter(runtime, config, outcome.dead_letter)
+        outcome.dead_letter_delivered = publish_dead_letter(runtime, config, outcome.dead_letter)
         notifier.send("CRITICAL", reason)
         log.error("step failed", extra={**log_fields, "reason": reason})
         return outcome
@@ -385,4 +391,5 @@ __all__ = [
     "publish_dead_letter",
     "run_step",
     "secret_values",
+    "step_s3_access",
 ]

@@ -70,6 +70,20 @@ class WrapperSettings(ServiceSettings):
     queue_size: int = Field(8, ge=0, le=10_000)
     shutdown_timeout_s: float = Field(120.0, ge=0)
 
+    # Acceptance journal (``acceptance_journal``): every accepted delivery is recorded in the step's workflow bucket
+    # before the 202 and removed when the step has ended, so that a Wrapper killed mid-step loses nothing.
+    journal_prefix: str = "_eoml/wrapper-journal"
+    # An entry whose owner has not renewed it for this long belongs to a dead Wrapper and is taken over. Owners
+    # renew every quarter of it; it must exceed the longest stall of a live Wrapper's renewals (S3 timeouts).
+    journal_lease_s: float = Field(120.0, gt=0)
+    journal_sweep_interval_s: float = Field(60.0, gt=0)  # how often entries of dead Wrappers are looked for
+    # A step whose Wrapper died this many times while running it is failed (CRITICAL + dead letter), not retried:
+    # an input that gets the Wrapper OOM-killed must not crash it forever.
+    journal_max_attempts: int = Field(3, ge=1, le=100)
+    # The Knative Service this Wrapper is (``ML.ServiceName`` of its steps; Knative sets ``K_SERVICE``); "" = the
+    # task name, as in the local platform. Only steps of this service are swept.
+    service_name: str = Field(default_factory=lambda: os.environ.get("K_SERVICE", ""))
+
     # Results
     result_prefix: str = ""  # "" = the task's production prefix (result-image2feature, ...)
     classify_threshold: float = Field(0.5, ge=0.0, le=1.0)
@@ -90,4 +104,10 @@ class WrapperSettings(ServiceSettings):
             raise ValueError("infer_backoff_max_s must be >= infer_backoff_initial_s")
         if not self.inference_url.strip():
             raise ValueError("inference_url must be host:port")
+        if any(not part or part in (".", "..") for part in self.journal_prefix.strip("/").split("/")):
+            raise ValueError("journal_prefix must be '/'-separated non-empty segments")
         return self
+
+    @property
+    def wrapper_service_name(self) -> str:
+        return self.service_name or self.task

@@ -117,7 +117,7 @@ def test_rbac_is_namespaced_and_minimal(tools: Tools) -> None:
         assert _rules(controller) == {("sources.knative.dev", "kafkasources", manage), ("", "configmaps", manage),
                                       ("", "secrets", manage)}
         wrapper = roles[(namespace, "eoml-eo-inference-platform-wrapper")]
-        assert _rules(wrapper) == {("", "configmaps", frozenset({"get"})), ("", "secrets", frozenset({"get"}))}
+        assert _rules(wrapper) == {("", "configmaps", frozenset({"get", "list"})), ("", "secrets", frozenset({"get"}))}
     reader = roles[("eoml", "eoml-eo-inference-platform-controller-inference-reader")]
     assert _rules(reader) == {("serving.kserve.io", "inferenceservices", frozenset({"get", "list", "watch"}))}
     assert len(roles) == 5  # nothing else, in no other namespace
