@@ -68,7 +68,8 @@ SAMPLE_PATCHES = PROJECT_ROOT / "data" / "bigearthnet-sample" / "patches"
 DEFAULT_TASKS = ("ssl-features", "compress")
 # Enough patches that a step's fixed costs (listing, first batch read, result writes) are small against the
 # inference time on a 2-core CPU (ResNet-101 ~0.05 s/patch, the compressor ~1 s/patch); more on faster servers.
-DEFAULT_PATCHES = {"ssl-features": 128, "compress": 32}
+# Enough patches that start-up (first batch read) and the final writes do not dominate the busy fraction.
+DEFAULT_PATCHES = {"ssl-features": 512, "compress": 32}
 TARGET_SERVER_BUSY = 0.90
 TARGET_PREPROCESS_PER_CORE = 300.0
 ACCESS_KEY, SECRET_KEY = "AKIABENCHWRAPPER0001", "bench-secret-key-not-real"
@@ -314,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--patches", type=int, default=0,
                         help=f"patches per task, copies of the 42 samples (default per task: {DEFAULT_PATCHES})")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--requests-in-flight", type=int, default=2)
+    parser.add_argument("--requests-in-flight", type=int, default=WrapperSettings.model_fields["requests_in_flight"].default)
     parser.add_argument("--preprocess-patches", type=int, default=3000)
     parser.add_argument("--results-dir", type=Path, default=PROJECT_ROOT / "bench" / "results")
     parser.add_argument("--log-dir", type=Path, default=PROJECT_ROOT / "build" / "bench")
