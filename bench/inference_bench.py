@@ -57,6 +57,7 @@ import tritonclient.http.aio as httpclient_aio
 
 from services.core.logging import configure_logging
 from services.inference.model_config import complete_config
+from services.inference.protocol import TRITON_TO_NUMPY
 from services.inference.repository import ModelRepository
 from services.inference.runtime import (
     create_session,
@@ -88,20 +89,8 @@ TARGET_NAMES = (IN_PROCESS, OURS, KSERVE)
 OUTPUT_RTOL = 1e-3
 OUTPUT_ATOL = 1e-3
 
-V2_TO_NUMPY: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
+# The numeric v2 datatypes (BYTES is not benchmarked), from the server's own table.
+V2_TO_NUMPY: dict[str, np.dtype] = {k: v for k, v in TRITON_TO_NUMPY.items() if k != "BYTES"}
 
 
 # --------------------------------------------------------------------------------------------

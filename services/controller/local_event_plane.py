@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit
 
-from services.core.kafka import consumer_config, encode_json, producer_config
+from services.core.kafka import consumer_config, encode_json, poll_record, producer_config
 from services.core.step_config import StepConfig
 
 from .settings import ControllerSettings
@@ -264,7 +264,7 @@ class StepDispatcher:
             self._thread.join(timeout_s)
 
     def _run(self) -> None:
-        from confluent_kafka import Consumer, KafkaError
+        from confluent_kafka import Consumer
 
         ensure_topic(self.bootstrap_servers, self.target.topic_in)
         consumer = Consumer(consumer_config(
@@ -277,14 +277,8 @@ class StepDispatcher:
         try:
             consumer.subscribe([self.target.topic_in])
             while not self._stop.is_set():
-                message = consumer.poll(self.poll_timeout_s)
+                message = poll_record(consumer, self.poll_timeout_s, log, self.target.topic_in)
                 if message is None:
-                    continue
-                error = message.error()
-                if error is not None:
-                    # A topic nobody has written to yet is normal at the start of a workflow.
-                    if error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
-                        log.warning("consumer error", extra={"topic": self.target.topic_in, "error": str(error)})
                     continue
                 record = kafka_record(message)
                 if not self._handle(record):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from services.core.kafka import consumer_config
+from services.core.kafka import consumer_config, poll_record
 
 from .reconciler import WorkflowController
 from .wiring import DeliveryPolicy
@@ -44,7 +44,7 @@ class SystemTopicConsumer:
         return self._thread.is_alive()
 
     def _run(self) -> None:
-        from confluent_kafka import Consumer, KafkaError
+        from confluent_kafka import Consumer
 
         consumer = Consumer(consumer_config(self.bootstrap_servers, self.group_id,
                                             **{"client.id": "eoml-controller"}))
@@ -52,13 +52,8 @@ class SystemTopicConsumer:
         log.info("consuming workflow messages", extra={"topic": self.topic, "consumer_group": self.group_id})
         try:
             while not self._stop.is_set():
-                message = consumer.poll(self.poll_timeout_s)
+                message = poll_record(consumer, self.poll_timeout_s, log, self.topic)
                 if message is None:
-                    continue
-                error = message.error()
-                if error is not None:
-                    if error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
-                        log.warning("consumer error", extra={"topic": self.topic, "error": str(error)})
                     continue
                 self._handle(message.value() or b"", int(message.partition() or 0), int(message.offset() or 0))
                 if self._stop.is_set():

@@ -58,3 +58,19 @@ def publish_json(producer: Any, topic: str, value: Mapping[str, Any], key: str =
         raise TimeoutError(f"{remaining} record(s) to {topic!r} not acknowledged within {timeout_s} s")
     if errors:
         raise RuntimeError(f"publishing to {topic!r} failed: {errors[0]}")
+
+
+def poll_record(consumer: Any, timeout_s: float, log: Any, topic: str) -> Any:
+    """The next record, or None (nothing yet, or an error that was logged). A topic nobody has written to yet is
+    normal at the start of a workflow, so that error is not even logged."""
+    from confluent_kafka import KafkaError
+
+    message = consumer.poll(timeout_s)
+    if message is None:
+        return None
+    error = message.error()
+    if error is not None:
+        if error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+            log.warning("consumer error", extra={"topic": topic, "error": str(error)})
+        return None
+    return message

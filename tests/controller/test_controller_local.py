@@ -77,7 +77,8 @@ def test_consume_mode_wires_delivers_and_stops(kafka_broker, receiver, tmp_path:
         wait_until(lambda: store.list("local") == [], timeout_s=60)
         assert controller.workflow_status("wf-local", live=False)["state"] == "stopped"
         assert not controller.driver._dispatchers  # type: ignore[attr-defined]
-        assert consumer.handled == 3
+        # handled counts after the commit, which follows the store update the wait above saw
+        wait_until(lambda: consumer.handled == 3, timeout_s=30)
     finally:
         consumer.stop()
         controller.driver.close()
