@@ -34,7 +34,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,6 +57,7 @@ import tritonclient.http.aio as httpclient_aio
 from services.core.logging import configure_logging
 from services.inference.model_config import complete_config
 from services.inference.protocol import TRITON_TO_NUMPY
+from services.local_platform.infra import free_port, free_ports  # noqa: F401  (free_port: bench/grpc_profile.py)
 from services.inference.repository import ModelRepository
 from services.inference.runtime import (
     create_session,
@@ -453,13 +453,6 @@ def measure_server(
 # --------------------------------------------------------------------------------------------
 # Servers: started, waited for, stopped; one at a time
 # --------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (the server binds it right after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
@@ -982,7 +975,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="eo-bench-") as work:
         work_dir = Path(work)
         if OURS in config.targets:
-            http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+            http_port, grpc_port, metrics_port = free_ports(3)
             command = our_server_command(
                 sys.executable, config.repository, models, http_port, grpc_port, metrics_port
             )
@@ -996,7 +989,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
                 log.error("server did not start", extra={"server": OURS, "error": str(error)})
                 server_errors[OURS] = str(error)
         if KSERVE in config.targets:
-            http_port, grpc_port = free_port(), free_port()
+            http_port, grpc_port = free_ports(2)
             models_file = kserve_models_file(models, work_dir)
             command = kserve_command(config.kserve_python, models_file, http_port, grpc_port)
             try:

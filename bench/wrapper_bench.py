@@ -52,7 +52,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from services.core.contracts import StepMessage  # noqa: E402
 from services.core.logging import configure_logging  # noqa: E402
 from services.core.step_config import StepConfig, StepCredentials, step_config_name  # noqa: E402
-from services.local_platform.infra import MotoS3Server, TansuBroker, free_port  # noqa: E402
+from services.local_platform.infra import MotoS3Server, TansuBroker, free_ports  # noqa: E402
 from services.wrapper.batching import Work, batched_inference  # noqa: E402
 from services.wrapper.inference_client import GRPC_CHANNEL_ARGS, ModelClient  # noqa: E402
 from services.wrapper.inputs import S3Access, make_s3_client  # noqa: E402
@@ -149,7 +149,7 @@ def measure_preprocessing(card: Any, iterations: int) -> dict[str, Any]:
 
 class Server:
     def __init__(self, repository: Path, models: Sequence[str], log_path: Path) -> None:
-        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         args = [
             sys.executable, "-m", "services.inference.cli", "--model-repository", str(repository),
             "--model-control-mode", "explicit", "--http-port", str(self.http_port), "--grpc-port",

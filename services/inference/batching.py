@@ -243,6 +243,11 @@ class DeadlineTimer:
                 os.read(self._fd, 8)  # the expiration count: reading it quiets the descriptor
             except BlockingIOError:
                 return  # re-armed to a later deadline after it fired: that one is still to come
+        elif self.deadline_ns and time.monotonic_ns() < self.deadline_ns:
+            # uvloop's clock has millisecond resolution, so call_at can fire up to 1 ms early: never
+            # run the callback before the deadline, wait out the remainder instead.
+            self.arm(self.deadline_ns)
+            return
         self._handle = None
         self.deadline_ns = 0
         self._callback()

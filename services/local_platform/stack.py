@@ -25,7 +25,7 @@ from typing import Iterable, Mapping
 
 from pydantic import BaseModel, Field
 
-from .infra import free_port, tansu_binary, wait_for_port
+from .infra import free_ports, tansu_binary, wait_for_port
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +195,10 @@ class LocalStack:
         shutil.rmtree(store_root, ignore_errors=True)
         store_root.mkdir(parents=True, exist_ok=True)
 
-        ports = {name: free_port() for name in ("kafka", "s3", "http", "grpc", "metrics", "controller")}
-        wrapper_ports = {task: free_port() for task in self.options.tasks}
+        names = ("kafka", "s3", "http", "grpc", "metrics", "controller")
+        chosen = free_ports(len(names) + len(self.options.tasks))
+        ports = dict(zip(names, chosen))
+        wrapper_ports = dict(zip(self.options.tasks, chosen[len(names):]))
         self.state = PlatformState(
             root=str(self.root), started_at=time.time(), bootstrap_servers=f"127.0.0.1:{ports['kafka']}",
             s3_endpoint=f"http://127.0.0.1:{ports['s3']}", inference_http=f"127.0.0.1:{ports['http']}",

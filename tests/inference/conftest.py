@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,18 +23,12 @@ from typing import Callable, Iterator
 
 import pytest
 
+from services.local_platform.infra import free_ports
 from tiny_models import build_tiny_repository
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SERVER_START_TIMEOUT_S = 60.0
 SERVER_STOP_TIMEOUT_S = 15.0
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (the server binds it right after; races are unlikely on loopback)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
@@ -114,7 +107,7 @@ def running_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
         env: dict[str, str] | None = None,
         timeout: float = SERVER_START_TIMEOUT_S,
     ) -> RunningServer:
-        http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+        http_port, grpc_port, metrics_port = free_ports(3)
         args = [
             sys.executable, "-m", "services.inference.cli",
             "--model-repository", str(repository),

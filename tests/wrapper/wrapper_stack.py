@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from services.local_platform.infra import free_port, free_ports
 from services.core.contracts import StepMessage
 from services.core.kafka import consumer_config
 from services.core.step_config import LocalStepConfigStore, StepConfig, StepCredentials, step_config_name
@@ -54,19 +54,13 @@ def close_step_runtimes() -> Iterator[None]:
         _OPEN_RUNTIMES.pop().close()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class InferenceServer:
     """One inference server subprocess; ``stop`` and ``start`` again keep its ports."""
 
     def __init__(self, log_path: Path, models: Iterable[str] = ()) -> None:
         self.models = list(models)
         self.log_path = log_path
-        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
