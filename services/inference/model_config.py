@@ -218,26 +218,29 @@ def validate_config(
                 f"dynamic_batching.preferred_batch_size {preferred} must be between 1 and "
                 f"max_batch_size ({config.max_batch_size})"
             )
-    onnx_by_name = {info.name: info for info in onnx_inputs}
-    configured_inputs: set[str] = set()
-    for tensor in config.input:
-        _validate_tensor(config, tensor, onnx_by_name, "input")
-        if tensor.name in configured_inputs:
-            raise ModelConfigError(f"input '{tensor.name}' appears twice in the configuration")
-        configured_inputs.add(tensor.name)
-    missing = [name for name in onnx_by_name if name not in configured_inputs]
+    configured_inputs = _validate_tensors(config, config.input, onnx_inputs, "input")
+    missing = [info.name for info in onnx_inputs if info.name not in configured_inputs]
     if missing:
         raise ModelConfigError(
             f"the ONNX model needs input(s) {missing} that the configuration does not list "
             f"(configured: {sorted(configured_inputs)})"
         )
-    onnx_outputs_by_name = {info.name: info for info in onnx_outputs}
-    configured_outputs: set[str] = set()
-    for tensor in config.output:
-        _validate_tensor(config, tensor, onnx_outputs_by_name, "output")
-        if tensor.name in configured_outputs:
-            raise ModelConfigError(f"output '{tensor.name}' appears twice in the configuration")
-        configured_outputs.add(tensor.name)
+    # Outputs may be a subset of the graph's: a client only gets what the configuration lists.
+    _validate_tensors(config, config.output, onnx_outputs, "output")
+
+
+def _validate_tensors(
+    config: model_config_pb2.ModelConfig, tensors, onnx_infos: list[OnnxTensorInfo], kind: str
+) -> set[str]:
+    """Validate each configured tensor against the graph; returns the configured names (each listed once)."""
+    onnx_by_name = {info.name: info for info in onnx_infos}
+    configured: set[str] = set()
+    for tensor in tensors:
+        _validate_tensor(config, tensor, onnx_by_name, kind)
+        if tensor.name in configured:
+            raise ModelConfigError(f"{kind} '{tensor.name}' appears twice in the configuration")
+        configured.add(tensor.name)
+    return configured
 
 
 def _validate_tensor(config: model_config_pb2.ModelConfig, tensor, onnx_by_name: dict, kind: str) -> None:

@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from conftest import PROJECT_ROOT
 from services.inference.cli import parse_settings
 from services.inference.model_config import parse_config_text
 from tiny_models import SLOW_WIDTH, build_tiny_repository, make_slow, write_config
+
+# Not imported from conftest: another test package has a conftest module of the same name.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_settings_come_from_options_over_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
