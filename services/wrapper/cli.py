@@ -3,9 +3,8 @@
     eo-wrapper --task ssl-features --inference-url 127.0.0.1:8001 --store local --store-root step-configs
 
 Every option also reads ``EOML_WRAPPER_<OPTION>`` from the environment (the command line wins); see
-``services/wrapper/settings.py`` and the README. SIGTERM/SIGINT: refuse new deliveries (503), let accepted steps
-finish (at most ``--shutdown-timeout-s``), exit 0. At startup, the steps that a killed predecessor had accepted
-are resumed from the acceptance journal before readiness turns true.
+``services/wrapper/settings.py`` and the README. SIGTERM/SIGINT: refuse new deliveries (503), let running steps
+finish (at most ``--shutdown-timeout-s``; a delivery cut off gets no 2xx and Kafka redelivers it), exit 0.
 """
 
 from __future__ import annotations
@@ -39,19 +38,17 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("model-name", str, "served model (default: the task's)"),
     ("model-version", str, "model version (default: newest ready)"),
     ("batch-size", int, "rows per request (default: the model's max_batch_size)"),
-    ("requests-in-flight", int, "inference requests in flight per step (default 2)"),
+    ("requests-in-flight", int, "inference requests in flight per step (default 3)"),
     ("store-root", str, "directory of the local step configuration store"),
     ("namespace", str, "namespace of the step configurations (default: the pod's)"),
     ("bootstrap-servers", str, "Kafka bootstrap servers (default: the step configuration's)"),
     ("notify-topic", str, "notification topic (default monitoring.notify)"),
     ("dlq-topic", str, "dead-letter topic (default <Topics.in>.dlq)"),
-    ("workers", int, "steps processed at once (default 2)"),
-    ("queue-size", int, "steps waiting beyond the workers before 503 (default 8)"),
+    ("workers", int, "steps processed at once, = Knative containerConcurrency (default 2); more: 503"),
+    ("infer-retry-max-s", float, "how long a step waits out an unavailable inference server (default 900)"),
     ("result-prefix", str, "bucket prefix of the results (default: the task's production prefix)"),
     ("shutdown-timeout-s", float, "how long shutdown waits for running steps (default 120)"),
-    ("journal-lease-s", float, "an accepted step not renewed this long is resumed by another Wrapper (default 120)"),
-    ("journal-sweep-interval-s", float, "how often abandoned accepted steps are looked for (default 60)"),
-    ("service-name", str, "the Knative Service of this Wrapper (default: $K_SERVICE, else the task)"),
+    ("spool-dir", str, "where results are spooled before upload (default: the temp dir)"),
     ("log-level", str, "DEBUG, INFO, WARNING or ERROR"),
     ("log-format", str, "json or text"),
 )
@@ -90,7 +87,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> WrapperSettings:
 async def serve(settings: WrapperSettings) -> int:
     from aiohttp import web
 
-    service = WrapperService(StepRuntime.from_settings(settings), make_store(settings), recover_on_start=True)
+    service = WrapperService(StepRuntime.from_settings(settings), make_store(settings))
     runner = web.AppRunner(create_http_app(service), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port, reuse_address=True)
@@ -104,11 +101,9 @@ async def serve(settings: WrapperSettings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    # Listening already (liveness answers), not ready until the steps a dead predecessor left are queued again.
-    await loop.run_in_executor(None, service.start_journal_keeping)
     await stop.wait()
-    log.info("stop requested: finishing accepted steps")
-    # New deliveries get 503 while accepted steps finish; then the listener closes.
+    log.info("stop requested: finishing running steps")
+    # New deliveries get 503 while running steps finish; then the listener closes.
     finished = await loop.run_in_executor(None, service.shutdown, settings.shutdown_timeout_s)
     await runner.cleanup()
     log.info("wrapper stopped", extra={"all_steps_finished": finished})

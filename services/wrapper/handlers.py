@@ -74,7 +74,16 @@ from services.wrapper.preprocess import (
     read_era5_stack,
     sentinel2_input,
 )
+from services.wrapper.outputs.features import (
+    FEATURES_JSON_SUFFIX,
+    FEATURES_NPZ_SUFFIX,
+    JSON_CONTENT_TYPE,
+    NPZ_CONTENT_TYPE,
+    stream_features_json,
+    stream_features_npz,
+)
 from services.wrapper.settings import WrapperSettings
+from services.wrapper.spool import ArraySpool, spooled_output
 from services.wrapper.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -115,6 +124,7 @@ class StepContext:
     created: datetime
     settings: WrapperSettings
     limits: InputLimits
+    spool_dir: str = ""  # where a unit's results are spooled (the run's temporary directory)
 
     def key(self, unit: InputUnit, suffix: str) -> str:
         return f"{self.output_folder}/{unit.name}{suffix}"
@@ -178,12 +188,23 @@ class TaskHandler(ABC):
     def open(self, ctx: StepContext) -> PlannedInput:
         """List the step's input (``InputError`` when there is none) and return its units and item stream."""
 
-    def collect(self, ctx: StepContext, work: Work[Any], outputs: np.ndarray) -> Any:
+    def start_unit(self, ctx: StepContext, unit: InputUnit) -> Any:
+        """Where a unit's outputs are collected until it is written (default: a list in memory)."""
+        return []
+
+    def collect(self, ctx: StepContext, collector: Any, work: Work[Any], outputs: np.ndarray) -> None:
+        collector.append(self.keep(ctx, work, outputs))
+
+    def collected(self, collector: Any) -> bool:
+        """Whether any item of the unit came back (a unit of rejections only writes nothing)."""
+        return len(collector) > 0
+
+    def keep(self, ctx: StepContext, work: Work[Any], outputs: np.ndarray) -> Any:
         """What to keep of one item's outputs until its unit is written (default: context and outputs)."""
         return work.context, outputs
 
     @abstractmethod
-    def write_unit(self, ctx: StepContext, unit: InputUnit, kept: list[Any]) -> UnitResult:
+    def write_unit(self, ctx: StepContext, unit: InputUnit, kept: Any) -> UnitResult:
         """Result files of one unit from what ``collect`` kept of its items (in input order)."""
 
 
@@ -291,15 +312,28 @@ class SslFeaturesHandler(Sentinel2Handler):
         if output.datatype != "FP32" or len(output.dims) != 1:
             raise ModelMismatch(f"model {served.name!r} output {output.name!r} must be an FP32 vector, is {output.datatype} {list(output.dims)}")
 
-    def write_unit(self, ctx: StepContext, unit: InputUnit, kept: list[Any]) -> UnitResult:
-        patches = [context.patch for context, _ in kept]
-        features = np.concatenate([outputs for _, outputs in kept]).astype(np.float32, copy=False)
-        dimension = features.shape[1]
-        served = ctx.served
-        files = [
-            write_features_json(features, patches, dimension=dimension),
-            write_features_npz(features, patches, served.name, served.version, dimension=dimension),
-        ]
+    # Features are spooled to disk as batches come back and written out chunk by chunk: a granule's JSON (~145 KB
+    # per patch) is never in memory.
+    def start_unit(self, ctx: StepContext, unit: InputUnit) -> ArraySpool:
+        return ArraySpool(ctx.spool_dir, np.float32)
+
+    def collect(self, ctx: StepContext, collector: Any, work: Work[Any], outputs: np.ndarray) -> None:
+        collector.append(outputs, [work.context.patch] * outputs.shape[0])
+
+    def write_unit(self, ctx: StepContext, unit: InputUnit, kept: Any) -> UnitResult:
+        spool: ArraySpool = kept
+        try:
+            patches = spool.items
+            served = ctx.served
+            dimension = served.output.dims[0]
+            with spooled_output(ctx.spool_dir, FEATURES_JSON_SUFFIX, JSON_CONTENT_TYPE) as (target, made_json):
+                stream_features_json(target, spool.chunks(), patches, dimension=dimension)
+            with spooled_output(ctx.spool_dir, FEATURES_NPZ_SUFFIX, NPZ_CONTENT_TYPE) as (target, made_npz):
+                stream_features_npz(target, spool.chunks(), len(spool), patches, served.name, served.version,
+                                    dimension=dimension)
+        finally:
+            spool.close()
+        files = [made_json[0], made_npz[0]]
         return UnitResult([ResultObject(ctx.key(unit, f.suffix), f, len(patches)) for f in files], len(patches))
 
 
@@ -313,19 +347,50 @@ class CompressHandler(Sentinel2Handler):
         except OutputFormatError as error:
             raise ModelMismatch(f"model {served.name!r}: {error}") from None
 
-    def collect(self, ctx: StepContext, work: Work[Any], outputs: np.ndarray) -> Any:
-        # Codes are in [-1, 9999]: int16 holds them in a quarter of the memory until the unit is written.
-        return work.context, outputs.astype(np.int16)
+    # Codes ([-1, 9999]: int16) are spooled to disk; a unit's codes file is split every CODES_PATCHES_PER_FILE
+    # patches (the format holds at most 8192), each part coded on its own.
+    def start_unit(self, ctx: StepContext, unit: InputUnit) -> ArraySpool:
+        return ArraySpool(ctx.spool_dir, np.int16)
 
-    def write_unit(self, ctx: StepContext, unit: InputUnit, kept: list[Any]) -> UnitResult:
-        patches = [context.patch for context, _ in kept]
-        codes = np.concatenate([outputs for _, outputs in kept]).astype(np.int64)
+    def collect(self, ctx: StepContext, collector: Any, work: Work[Any], outputs: np.ndarray) -> None:
+        collector.append(outputs.astype(np.int16), [work.context.patch] * outputs.shape[0])
+
+    def write_unit(self, ctx: StepContext, unit: InputUnit, kept: Any) -> UnitResult:
+        spool: ArraySpool = kept
         served = ctx.served
-        compressed = write_compressed(
-            codes, ctx.settings.compress_levels, patches, BandScale.from_card(served.card), served.name, served.version
-        )
-        obj = ResultObject(ctx.key(unit, compressed.file.suffix), compressed.file, len(patches))
-        return UnitResult([obj], len(patches), {"compression": compressed.stats.as_dict()})
+        per_file = ctx.settings.codes_patches_per_file
+        parts = max(1, -(-len(spool) // per_file))
+        objects: list[ResultObject] = []
+        part_stats: list[dict[str, Any]] = []
+        try:
+            for part in range(parts):
+                first, stop = part * per_file, min((part + 1) * per_file, len(spool))
+                codes = spool.read(first, stop).astype(np.int64)
+                compressed = write_compressed(
+                    codes, ctx.settings.compress_levels, spool.items[first:stop], BandScale.from_card(served.card),
+                    served.name, served.version,
+                )
+                del codes
+                suffix = compressed.file.suffix if parts == 1 else f".part-{part + 1:04d}{compressed.file.suffix}"
+                objects.append(ResultObject(ctx.key(unit, suffix), compressed.file, stop - first))
+                part_stats.append(compressed.stats.as_dict())
+        finally:
+            spool.close()
+        stats = part_stats[0] if parts == 1 else _sum_compression(part_stats)
+        return UnitResult(objects, sum(o.patches for o in objects), {"compression": stats})
+
+
+def _sum_compression(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One unit's compression figures over its parts (bits per pixel recomputed from the totals)."""
+    total = dict(parts[0])
+    total["patches"] = patches = sum(p["patches"] for p in parts)
+    total["file_bytes"] = sum(p["file_bytes"] for p in parts)
+    for name in [key for key in total if key.endswith("bits_per_pixel")]:  # averages weighted by patches
+        total[name] = sum(p[name] * p["patches"] for p in parts) / patches
+    total["bits_per_pixel"] = total["file_bytes"] * 8 / (patches * PIXELS_PER_PATCH)
+    total["level_models"] = [p["level_models"] for p in parts]
+    total["parts"] = len(parts)
+    return total
 
 
 class CFactorHandler(Sentinel2Handler):
@@ -340,7 +405,7 @@ class CFactorHandler(Sentinel2Handler):
         where = dataclasses.replace(windows, crops=np.empty((0,), dtype=np.float32))
         return Work(windows.crops, PatchContext(unit, PatchMetadata.from_input_patch(patch), where))
 
-    def collect(self, ctx: StepContext, work: Work[Any], outputs: np.ndarray) -> Any:
+    def keep(self, ctx: StepContext, work: Work[Any], outputs: np.ndarray) -> Any:
         context: PatchContext = work.context
         assert context.windows is not None
         return context.patch, assemble_window_raster(context.windows, _unit_interval(outputs, ctx.served.name))
@@ -599,7 +664,7 @@ class LocustHandler(TaskHandler):
             where = dataclasses.replace(windows, crops=np.empty((0,), dtype=np.float32))
             yield Work(windows.crops, FileContext(unit, where, (stack.crs_wkt, stack.transform)))
 
-    def collect(self, ctx: StepContext, work: Work[Any], outputs: np.ndarray) -> Any:
+    def keep(self, ctx: StepContext, work: Work[Any], outputs: np.ndarray) -> Any:
         context: FileContext = work.context
         raster = assemble_window_raster(context.payload, _unit_interval(outputs, ctx.served.name))
         crs_wkt, transform = context.extra

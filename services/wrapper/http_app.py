@@ -1,24 +1,31 @@
 """The Wrapper's HTTP shell: KafkaSource deliveries in, health out. All work happens in ``WrapperService``.
 
 - ``POST /{config_name}`` (the production sink URI, ``/json-config-<topic>...``) and ``POST /``: a CloudEvent whose
-  data is a step message. Answers at once: 202 accepted (journalled in the workflow bucket; processing goes on in
-  the worker pool), 202 duplicate (that event is already queued, running or journalled), 400 with a reason (not a
-  step message; a CRITICAL notification and a dead-letter record follow when the step is known), 404 (no such step
-  configuration: the controller may not have written it yet, and Knative retries 404), 503 (pool full, shutting
-  down, store unavailable, or the journal entry could not be written: retried by the source).
-- ``GET /healthz``: the process is alive. ``GET /readyz``: the startup journal sweep is done, the inference server
-  answers and the model is ready.
+  data is a step message. The answer comes when the step's outcome is durable (``WrapperService.deliver``):
+  200 SUCCESS (results, manifest, next-step message, announced marker), 200 ``duplicate`` (announced or failed
+  before), 200 CRITICAL (a permanent failure, on record: dead-letter record, CRITICAL, failed marker), 200 IGNORED;
+  503 + Retry-After for what a redelivery may get past (inference unavailable past its bound, S3 or Kafka failing,
+  all workers busy, shutting down, store unavailable); 404 no such step configuration (not written yet: retried);
+  400 when the delivery names no step, or its body is no step message and the step is unknown.
+- ``GET /healthz``: the process is alive. ``GET /readyz``: 200 while deliveries are taken (not during shutdown).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
-from services.wrapper.service import BadDelivery, Delivery, WrapperService, config_name_of, parse_delivery, parse_step_message
+from services.wrapper.service import (
+    BadDelivery,
+    DeliveryResult,
+    WrapperService,
+    config_name_of,
+    parse_delivery,
+    parse_step_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +38,8 @@ def _json(status: int, **body: Any) -> web.Response:
     return web.json_response(body, status=status)
 
 
-async def _in_thread(function: Any, *args: Any) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+def _retry_later(detail: str, **body: Any) -> web.Response:
+    return web.json_response({"error": detail, **body}, status=503, headers={"Retry-After": RETRY_AFTER_S})
 
 
 async def receive(request: web.Request) -> web.Response:
@@ -45,40 +52,43 @@ async def receive(request: web.Request) -> web.Response:
     except BadDelivery as error:
         log.warning("delivery refused", extra={"reason": str(error), "path": request.path})
         return _json(400, error=str(error))
+    run_key = f"{config_name}/{delivery.run_id(config_name)}" if delivery.event_id else ""
+    work: Callable[[], DeliveryResult]
     try:
         message, raw = parse_step_message(delivery.body)
     except BadDelivery as error:
-        log.warning("bad step message", extra={"reason": str(error), "config_name": config_name,
+        reason = str(error)
+        log.warning("bad step message", extra={"reason": reason, "config_name": config_name,
                                                 "event_id": delivery.event_id})
-        # Reported on Kafka in the background: the answer does not wait for the broker.
-        asyncio.get_running_loop().run_in_executor(None, _report_bad, service, config_name, delivery, str(error))
-        return _json(400, error=str(error), config_name=config_name)
-
-    acceptance = await _in_thread(service.accept, config_name, delivery, message, raw)
-    if acceptance.status == "accepted":
-        log.info("step accepted", extra={"config_name": config_name, "event_id": delivery.event_id})
-        return _json(202, accepted=True, config_name=config_name, event_id=delivery.event_id)
-    if acceptance.status == "duplicate":
-        return _json(202, accepted=True, duplicate=True, config_name=config_name, event_id=delivery.event_id)
-    if acceptance.status == "not_found":
-        return _json(404, error=acceptance.detail, config_name=config_name)
-    if acceptance.status == "invalid":
-        return _json(400, error=acceptance.detail, config_name=config_name)
-    if acceptance.status in ("busy", "stopping"):
-        refusal = "delivery refused: worker pool full" if acceptance.status == "busy" else "delivery refused: stopping"
-        log.warning(refusal,
-                    extra={"config_name": config_name, "event_id": delivery.event_id, **service.state()})
-        detail = f"wrapper {acceptance.status}: retry later"
+        work = lambda: service.deliver_unreadable(config_name, delivery, reason)  # noqa: E731
     else:
-        detail = acceptance.detail
-    return web.json_response({"error": detail}, status=503, headers={"Retry-After": RETRY_AFTER_S})
-
-
-def _report_bad(service: WrapperService, config_name: str, delivery: Delivery, reason: str) -> None:
+        work = lambda: service.deliver(config_name, delivery, message, raw)  # noqa: E731
+    started = service.submit(run_key or f"{config_name}/{id(request)}", work)
+    if isinstance(started, str):
+        log.warning(f"delivery refused: {'all workers busy' if started == 'busy' else 'stopping'}",
+                    extra={"config_name": config_name, "event_id": delivery.event_id, **service.state()})
+        return _retry_later(f"wrapper {started}: retry later")
     try:
-        service.report_bad_delivery(config_name, delivery, reason)
-    except Exception:  # noqa: BLE001 - the 400 answer already went out; the log keeps the rest
-        log.exception("bad delivery could not be reported", extra={"config_name": config_name})
+        result = await asyncio.wrap_future(started)
+    except Exception as error:  # noqa: BLE001 - a bug in the Wrapper: Kafka redelivers
+        return _json(500, error=f"internal error: {type(error).__name__}")
+    return answer(result, config_name, delivery.event_id)
+
+
+def answer(result: DeliveryResult, config_name: str, event_id: str) -> web.Response:
+    """The HTTP answer for a delivery's result (the mapping the module docstring states)."""
+    common = {"config_name": config_name, "event_id": event_id}
+    if result.status == "DUPLICATE":
+        return _json(200, status=result.status, duplicate=True, earlier=result.earlier, folder=result.run_folder,
+                     **common)
+    if result.status in ("SUCCESS", "CRITICAL", "IGNORED"):
+        return _json(200, status=result.status, folder=result.run_folder, reason=result.detail, **common)
+    if result.status == "not_found":
+        return _json(404, error=result.detail, **common)
+    if result.status == "invalid":
+        return _json(400, error=result.detail, **common)
+    log.warning("delivery to be retried", extra={**common, "reason": result.detail})
+    return _retry_later(result.detail or "retry later", **common)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -87,7 +97,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
-    ready, reason = await _in_thread(service.readiness)
+    ready, reason = service.readiness()
     return _json(200 if ready else 503, ready=ready, reason=reason, model=service.runtime.model_client.model_name)
 
 

@@ -154,7 +154,7 @@ def call_with_retry(
             if attempt >= policy.max_attempts or elapsed + delay > policy.max_total_s:
                 raise InferenceUnavailable(
                     f"{what}: inference server unavailable after {attempt} attempt(s) in {elapsed:.1f} s "
-                    f"(retry bound {policy.max_attempts} attempts / {policy.max_total_s:g} s): {describe(error)}"
+                    f"(retry bound {policy.max_total_s:g} s): {describe(error)}"
                 ) from None
             log.warning(
                 "inference server unavailable, retrying",

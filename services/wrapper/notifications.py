@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from services.core.contracts import Notification, NotificationOptional, NotificationStatus
-from services.core.kafka import producer_config, publish_json
+from services.core.kafka import encode_json, producer_config
 from services.core.logging import REDACTED, redact
 
 log = logging.getLogger(__name__)
@@ -28,10 +28,19 @@ MAX_WARNINGS_PER_STEP = 5
 MAX_RAW_MESSAGE_CHARS = 64 * 1024  # a dead-letter record keeps this much of an unparseable body
 
 
+@dataclass(frozen=True, slots=True)
+class RecordPosition:
+    """Where the broker stored a published record."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
 class EventPublisher(Protocol):
     """Publishes one JSON record and returns once the broker acknowledged it (raises otherwise)."""
 
-    def publish(self, bootstrap_servers: str, topic: str, value: Mapping[str, Any], key: str = "key") -> None: ...
+    def publish(self, bootstrap_servers: str, topic: str, value: Mapping[str, Any], key: str = "key") -> RecordPosition: ...
 
 
 class KafkaPublisher:
@@ -52,10 +61,25 @@ class KafkaPublisher:
                 self._producers[bootstrap_servers] = producer
             return producer
 
-    def publish(self, bootstrap_servers: str, topic: str, value: Mapping[str, Any], key: str = "key") -> None:
+    def publish(self, bootstrap_servers: str, topic: str, value: Mapping[str, Any], key: str = "key") -> RecordPosition:
+        """Produce, flush, and return where the broker stored the record; raises if it was not acknowledged."""
         if not bootstrap_servers:
             raise RuntimeError(f"no Kafka bootstrap servers configured to publish to {topic!r}")
-        publish_json(self._producer(bootstrap_servers), topic, value, key=key, timeout_s=self.timeout_s)
+        producer = self._producer(bootstrap_servers)
+        delivered: list[Any] = []
+        errors: list[Any] = []
+
+        def on_delivery(err: Any, message: Any) -> None:
+            (errors if err is not None else delivered).append(err if err is not None else message)
+
+        producer.produce(topic, key=key.encode("utf-8"), value=encode_json(value), on_delivery=on_delivery)
+        remaining = producer.flush(self.timeout_s)
+        if errors:
+            raise RuntimeError(f"publishing to {topic!r} failed: {errors[0]}")
+        if remaining or not delivered:
+            raise TimeoutError(f"record to {topic!r} not acknowledged within {self.timeout_s} s")
+        message = delivered[0]
+        return RecordPosition(topic, int(message.partition()), int(message.offset()))
 
     def close(self) -> None:
         with self._lock:

@@ -1,13 +1,18 @@
-"""Where a step's results go and how they become visible: deterministic keys, manifest last, nothing stale.
+"""Where a step's results go and how they are announced: one immutable run folder per delivery.
 
-Output folder: ``<result prefix>/<input folder name>-<8 hex of sha256(input folder[/filename])>``. It depends only
-on the task's prefix and on what the step message names, so a redelivered message writes the same keys (and, the
-writers being deterministic, the same bytes), and two messages naming different folders never share results.
+Output folder: ``<result prefix>/<input folder name>-<8 hex of sha256(input folder[/filename])>`` (depends only on
+what the step message names). Run folder: ``<output folder>/<run id>``, the run id coming from the delivery
+(``run_id``): a redelivery of one event finds the same run folder, a new event for the same input gets a new one.
 
-Visibility: the manifest ``<output folder>.manifest.json`` (beside the folder, so that the folder holds result
-files only, which is what the next component lists) is deleted first, every result object is written, objects of
-an earlier run that this run did not write are deleted, and the manifest is written last. Only then is the next
-component told. A reader that checks the manifest never sees a mix of two runs.
+Objects beside the run folder (so that the folder holds result files only, which is what the next component lists):
+
+- ``<run folder>.manifest.json``: written last, create-only (``If-None-Match: *``): the run is complete. Of two
+  Wrappers running the same delivery at once, the one whose manifest write wins announces;
+- ``<run folder>.announced.json``: the next-step message is on Kafka (topic, partition, offset, event id, time);
+- ``<run folder>.failed.json``: the run failed for good and its dead-letter record is on Kafka.
+
+Nothing here deletes or overwrites an object: an announced run folder stays as announced. A run that fails before
+its manifest may leave partial objects in its own (unannounced) run folder; no manifest ever lists them.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable, Sequence
 
+from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
 from services.wrapper.handlers import ResultObject, short_hash
@@ -29,12 +36,23 @@ from services.wrapper.outputs import OutputFormatError, input_name, sanitise_nam
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIX = ".manifest.json"
-MANIFEST_FORMAT = "eoml-step-result/1"
+ANNOUNCED_SUFFIX = ".announced.json"
+FAILED_SUFFIX = ".failed.json"
+MANIFEST_FORMAT = "eoml-step-result/2"
 MANIFEST_CONTENT_TYPE = "application/json"
+RUN_ID_PREFIX = "r-"
+# boto3 switches to a multipart upload above this size (a part per chunk): no single PUT limit, bounded memory.
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+_PRECONDITION_CODES = frozenset({"412", "PreconditionFailed", "ConditionalRequestConflict", "409"})
 
 
 class ResultWriteError(Exception):
-    """Results could not be written (S3 refused or unreachable); the step fails and announces nothing."""
+    """Results could not be written (S3 refused or unreachable); the run announces nothing."""
+
+    def __init__(self, reason: str, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.transient = transient
 
 
 def output_folder(result_prefix: str, folder: str, filename: str = "") -> str:
@@ -50,8 +68,37 @@ def output_folder(result_prefix: str, folder: str, filename: str = "") -> str:
     return f"{'/'.join(sanitise_name(part) for part in prefix.split('/'))}/{name}-{short_hash(source)}"
 
 
+def run_id(config_name: str, source: str, event_id: str, event_time: str) -> str:
+    """``r-<16 hex>`` of the delivery: the step, the CloudEvent's source, id and time (a re-created topic re-uses
+    offsets, its records have other times). Without an event id: a random id (no duplicate detection)."""
+    if not event_id:
+        return RUN_ID_PREFIX + secrets.token_hex(8)
+    digest = hashlib.sha256("\n".join((config_name, source, event_id, event_time)).encode("utf-8")).hexdigest()
+    return RUN_ID_PREFIX + digest[:16]
+
+
+def run_folder(output_folder_key: str, run: str) -> str:
+    return f"{output_folder_key}/{run}"
+
+
 def manifest_key(folder: str) -> str:
     return folder + MANIFEST_SUFFIX
+
+
+def announced_key(folder: str) -> str:
+    return folder + ANNOUNCED_SUFFIX
+
+
+def failed_key(folder: str) -> str:
+    return folder + FAILED_SUFFIX
+
+
+class ManifestExists(Exception):
+    """Another run of the same delivery wrote the manifest first (create-only write refused)."""
+
+
+def _error_code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +112,7 @@ class WrittenObject:
 
 
 class ResultStore:
-    """Writes one step's results into one output folder of the workflow bucket."""
+    """Writes one run's results into its run folder of the workflow bucket; never deletes or overwrites."""
 
     def __init__(self, client: S3Client, bucket: str, folder: str) -> None:
         self.client = client
@@ -75,69 +122,85 @@ class ResultStore:
 
     def _fail(self, error: Exception, action: str, key: str) -> ResultWriteError:
         translated: InputError = s3_failure(error, action, self.client, key)
-        return ResultWriteError(translated.reason)
-
-    def begin(self) -> None:
-        """Withdraw the manifest of any earlier run: until this run's manifest is written, the result is incomplete."""
-        key = manifest_key(self.folder)
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=key)
-        except (BotoCoreError, ClientError) as error:
-            raise self._fail(error, f"removing the old manifest {key}", key) from None
+        return ResultWriteError(translated.reason, transient=translated.transient)
 
     def put(self, obj: ResultObject, input_key: str) -> WrittenObject:
+        """Upload one result: from its spooled file (``obj.file.path``, multipart when large) or its bytes."""
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD // 4,
+                                max_concurrency=2)
+        extra = {"ContentType": obj.file.content_type}
         try:
-            self.client.put_object(
-                Bucket=self.bucket, Key=obj.key, Body=obj.file.data, ContentType=obj.file.content_type
-            )
+            if obj.file.path is not None:
+                with open(obj.file.path, "rb") as handle:
+                    self.client.upload_fileobj(handle, self.bucket, obj.key, ExtraArgs=extra, Config=config)
+            else:
+                self.client.put_object(Bucket=self.bucket, Key=obj.key, Body=obj.file.data, **extra)
         except (BotoCoreError, ClientError) as error:
             raise self._fail(error, f"writing {obj.key}", obj.key) from None
+        except Boto3Error as error:  # S3UploadFailedError wraps what failed in a (multipart) upload
+            raise ResultWriteError(f"S3 upload of {obj.key} failed: {error}", transient=True) from None
         written = WrittenObject(
-            key=obj.key,
-            size=len(obj.file.data),
-            sha256=hashlib.sha256(obj.file.data).hexdigest(),
-            content_type=obj.file.content_type,
-            patches=obj.patches,
-            input_key=input_key,
+            key=obj.key, size=obj.file.size, sha256=obj.file.sha256, content_type=obj.file.content_type,
+            patches=obj.patches, input_key=input_key,
         )
         self.written.append(written)
         return written
 
-    def remove_stale(self) -> list[str]:
-        """Delete objects under the folder that this run did not write (left by a run over different input)."""
-        keep = {w.key for w in self.written}
-        stale: list[str] = []
-        try:
-            paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.folder + "/"):
-                stale.extend(entry["Key"] for entry in page.get("Contents", []) if entry["Key"] not in keep)
-            for start in range(0, len(stale), 1000):
-                chunk = stale[start:start + 1000]
-                self.client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True}
-                )
-        except (BotoCoreError, ClientError) as error:
-            raise self._fail(error, f"removing stale results under {self.folder}/", self.folder) from None
-        if stale:
-            log.info("stale results removed", extra={"folder": self.folder, "objects": len(stale)})
-        return stale
-
-    def discard(self) -> None:
-        """Best effort, after a failure: remove what this run wrote, so no half result lingers."""
-        for written in self.written:
-            try:
-                self.client.delete_object(Bucket=self.bucket, Key=written.key)
-            except (BotoCoreError, ClientError) as error:
-                log.warning("could not remove a partial result", extra={"key": written.key, "error": type(error).__name__})
-
     def finish(self, manifest: dict[str, Any]) -> str:
+        """The manifest, create-only: ``ManifestExists`` when another run of this delivery wrote it first."""
         key = manifest_key(self.folder)
-        body = json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False).encode("utf-8")
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=MANIFEST_CONTENT_TYPE)
-        except (BotoCoreError, ClientError) as error:
-            raise self._fail(error, f"writing the manifest {key}", key) from None
+        create_only(self.client, self.bucket, key, encode_json(manifest), "the manifest")
         return key
+
+
+def encode_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def create_only(client: S3Client, bucket: str, key: str, body: bytes, what: str) -> None:
+    """PUT with ``If-None-Match: *`` (S3, MinIO and moto honour it): ``ManifestExists`` if the key exists."""
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=MANIFEST_CONTENT_TYPE, IfNoneMatch="*")
+    except ClientError as error:
+        if _error_code(error) in _PRECONDITION_CODES:
+            raise ManifestExists(key) from None
+        raise _write_error(client, error, f"writing {what} {key}", key) from None
+    except BotoCoreError as error:
+        raise _write_error(client, error, f"writing {what} {key}", key) from None
+
+
+def _write_error(client: S3Client, error: Exception, action: str, key: str) -> "ResultWriteError":
+    translated = s3_failure(error, action, client, key)
+    return ResultWriteError(translated.reason, transient=translated.transient)
+
+
+def read_json_object(client: S3Client, bucket: str, key: str) -> dict[str, Any] | None:
+    """The JSON object at ``key``, None when there is none; ``ResultWriteError`` (transient) when S3 fails."""
+    try:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        with body:
+            data = body.read()
+    except ClientError as error:
+        if _error_code(error) in _NOT_FOUND_CODES:
+            return None
+        raise _write_error(client, error, f"reading {key}", key) from None
+    except BotoCoreError as error:
+        raise _write_error(client, error, f"reading {key}", key) from None
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def put_marker(client: S3Client, bucket: str, key: str, marker: dict[str, Any]) -> None:
+    """A small marker object (announced / failed). Written after what it records; re-writing it is harmless."""
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=encode_json(marker), ContentType=MANIFEST_CONTENT_TYPE)
+    except (BotoCoreError, ClientError) as error:
+        raise _write_error(client, error, f"writing {key}", key) from None
 
 
 def build_manifest(
@@ -153,6 +216,8 @@ def build_manifest(
     created: datetime,
     objects: Sequence[WrittenObject],
     patches: int,
+    run: str,
+    next_message: dict[str, Any],
     rejections: Iterable[dict[str, str]],
     rejection_count: int,
     stats: dict[str, Any],
@@ -164,7 +229,10 @@ def build_manifest(
         "model": {"name": model_name, "version": model_version, "weights": weights},
         "input": {"bucket": bucket, "folder": folder, "filename": filename},
         "folder": output_folder_key,
+        "run_id": run,
         "created": created.isoformat(),
+        # What the next component is told: a run whose announcement was interrupted is announced from here.
+        "next_message": next_message,
         "patches": patches,
         "objects": [
             {"key": o.key, "size": o.size, "sha256": o.sha256, "content_type": o.content_type,

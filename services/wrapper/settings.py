@@ -49,11 +49,11 @@ class WrapperSettings(ServiceSettings):
     # (bench/wrapper_bench.py: server busy 88.9% with 2, 91.5% with 3, ssl-features, 512 patches, 2 cores).
     requests_in_flight: int = Field(3, ge=1, le=64)
     infer_timeout_s: float = Field(300.0, gt=0)  # one request, client side
-    # Retries on UNAVAILABLE, bounded in count and in time (production retried forever: contracts defect 3).
-    infer_max_attempts: int = Field(6, ge=1, le=100)
-    infer_retry_max_s: float = Field(60.0, ge=0)
+    # Retries on UNAVAILABLE with exponential backoff, bounded in time only (no attempt count): an inference outage
+    # shorter than this is waited out; past it the delivery is answered 503 and Kafka redelivers it.
+    infer_retry_max_s: float = Field(900.0, ge=0)
     infer_backoff_initial_s: float = Field(0.5, gt=0)
-    infer_backoff_max_s: float = Field(8.0, gt=0)
+    infer_backoff_max_s: float = Field(15.0, gt=0)
 
     # Step configuration store: a directory (local) or ConfigMap + Secret per step (kubernetes).
     store: Literal["local", "kubernetes"] = "local"
@@ -67,29 +67,22 @@ class WrapperSettings(ServiceSettings):
     dlq_topic: str = ""  # "" = "<Topics.in>.dlq"
     kafka_timeout_s: float = Field(30.0, gt=0)
 
-    # Bounded worker pool: ``workers`` steps run at once, ``queue_size`` more wait; beyond that HTTP answers 503.
+    # Steps run at once (Knative ``containerConcurrency`` must equal it); a delivery beyond that is answered 503 with
+    # Retry-After: there is no queue of our own, Kafka (and Knative's activator/queue-proxy) hold what waits.
     workers: int = Field(2, ge=1, le=64)
-    queue_size: int = Field(8, ge=0, le=10_000)
     shutdown_timeout_s: float = Field(120.0, ge=0)
-
-    # Acceptance journal (``acceptance_journal``): every accepted delivery is recorded in the step's workflow bucket
-    # before the 202 and removed when the step has ended, so that a Wrapper killed mid-step loses nothing.
-    journal_prefix: str = "_eoml/wrapper-journal"
-    # An entry whose owner has not renewed it for this long belongs to a dead Wrapper and is taken over. Owners
-    # renew every quarter of it; it must exceed the longest stall of a live Wrapper's renewals (S3 timeouts).
-    journal_lease_s: float = Field(120.0, gt=0)
-    journal_sweep_interval_s: float = Field(60.0, gt=0)  # how often entries of dead Wrappers are looked for
-    # A step whose Wrapper died this many times while running it is failed (CRITICAL + dead letter), not retried:
-    # an input that gets the Wrapper OOM-killed must not crash it forever.
-    journal_max_attempts: int = Field(3, ge=1, le=100)
-    # The Knative Service this Wrapper is (``ML.ServiceName`` of its steps; Knative sets ``K_SERVICE``); "" = the
-    # task name, as in the local platform. Only steps of this service are swept.
-    service_name: str = Field(default_factory=lambda: os.environ.get("K_SERVICE", ""))
+    # A delivery that lost the create-only manifest write to another run of the same event waits this long for
+    # that run's announced marker (then 200), else answers 503.
+    announce_wait_s: float = Field(60.0, ge=0)
+    # Where a unit's results are spooled before upload ("" = the system temp dir; an emptyDir on Kubernetes).
+    spool_dir: str = ""
 
     # Results
     result_prefix: str = ""  # "" = the task's production prefix (result-image2feature, ...)
     classify_threshold: float = Field(0.5, ge=0.0, le=1.0)
     compress_levels: int = Field(8, ge=1, le=8)
+    # A unit with more patches gets several codes files, <unit>.part-0001.codes ... (the format's limit is 8192).
+    codes_patches_per_file: int = Field(8192, ge=1, le=8192)
     progress_interval_s: float = Field(5.0, ge=0)
     max_rejections_listed: int = Field(1000, ge=0)  # in the manifest; the count is always complete
 
@@ -106,10 +99,4 @@ class WrapperSettings(ServiceSettings):
             raise ValueError("infer_backoff_max_s must be >= infer_backoff_initial_s")
         if not self.inference_url.strip():
             raise ValueError("inference_url must be host:port")
-        if any(not part or part in (".", "..") for part in self.journal_prefix.strip("/").split("/")):
-            raise ValueError("journal_prefix must be '/'-separated non-empty segments")
         return self
-
-    @property
-    def wrapper_service_name(self) -> str:
-        return self.service_name or self.task

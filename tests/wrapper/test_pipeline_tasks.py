@@ -34,7 +34,7 @@ from services.wrapper.outputs import (
     read_geotiff,
 )
 from services.wrapper.outputs.compressed import PIXELS_PER_PATCH
-from services.wrapper.results import MANIFEST_SUFFIX
+from services.wrapper.results import ANNOUNCED_SUFFIX, MANIFEST_SUFFIX, output_folder
 from test_input_safe_products import KEPT_TILES, ORIGIN_X, ORIGIN_Y, PRODUCT, _scene, _upload_tree, _write_safe
 from outputs_test_data import GEOREFERENCED_PATCH, PLAIN_PATCH, SECOND_GEOREFERENCED_PATCH
 from wrapper_input_data import SAMPLE_PATCHES, sample_tar_gz, upload_patch_folder
@@ -390,7 +390,7 @@ def test_patch_folders_under_the_folder_form_one_input_over_http(
     np.testing.assert_allclose(features.features, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_redelivery_rewrites_identical_objects_and_removes_stale_ones(
+def test_redelivery_is_a_duplicate_and_a_new_event_gets_its_own_run_folder(
     server: InferenceServer, s3_access: S3Access, kafka_broker: Any, tmp_path: Path
 ) -> None:
     uc5 = make_step("uc5-cfactor", s3_access, kafka_broker, tmp_path)
@@ -398,28 +398,39 @@ def test_redelivery_rewrites_identical_objects_and_removes_stale_ones(
                       Body=sample_tar_gz([GEOREFERENCED_PATCH, PLAIN_PATCH]))
     runtime = uc5.runtime(server.grpc_url)
 
-    first = uc5.run(runtime, "in")
+    first = uc5.run(runtime, "in", event_id="partition:0/offset:7")
     assert first.status == "SUCCESS", first.reason
     keys = sorted(list_keys(uc5.s3, s3_access.bucket_name, "result-uc5-cfactor/"))
     snapshot = {key: object_bytes(uc5.s3, s3_access.bucket_name, key) for key in keys}
-    # Independent patches get one raster each, in a folder named after the archive.
+    # Independent patches get one raster each, in a folder named after the archive; manifest and marker beside.
     assert keys == sorted([
         first.output_folder + MANIFEST_SUFFIX,
+        first.output_folder + ANNOUNCED_SUFFIX,
         f"{first.output_folder}/x/{GEOREFERENCED_PATCH}.tif",
         f"{first.output_folder}/x/{PLAIN_PATCH}.tif",
     ])
+    assert first.output_folder.startswith(output_folder("result-uc5-cfactor", "in") + "/r-")
     georeferenced = read_geotiff(snapshot[f"{first.output_folder}/x/{GEOREFERENCED_PATCH}.tif"])
     with rasterio.open(SAMPLE_PATCHES / GEOREFERENCED_PATCH / f"{GEOREFERENCED_PATCH}_B02.tif") as source:
         assert georeferenced.transform == source.transform @ Affine.scale(24)
     assert georeferenced.array.shape == (1, 5, 5)
-    uc5.s3.put_object(Bucket=s3_access.bucket_name, Key=f"{first.output_folder}/left-over.tif", Body=b"old run")
 
-    second = uc5.run(runtime, "in")
-
-    assert second.status == "SUCCESS", second.reason
-    assert second.output_folder == first.output_folder
+    # The same event again: recognised from its marker, nothing processed, written or sent.
+    again = uc5.run(runtime, "in", event_id="partition:0/offset:7")
+    assert (again.status, again.earlier, again.output_folder) == ("DUPLICATE", "announced", first.output_folder)
     assert sorted(list_keys(uc5.s3, s3_access.bucket_name, "result-uc5-cfactor/")) == keys
+
+    # A new event for the same input: its own run folder, the same result bytes; the first run is untouched.
+    second = uc5.run(runtime, "in", event_id="partition:0/offset:8")
+    assert second.status == "SUCCESS", second.reason
+    assert second.output_folder != first.output_folder
+    assert second.output_folder.rsplit("/", 1)[0] == first.output_folder.rsplit("/", 1)[0]
     for key in keys:
         assert object_bytes(uc5.s3, s3_access.bucket_name, key) == snapshot[key], key
-    announcements = uc5.records([uc5.topic_out], until=lambda r: len(r) >= 2)
-    assert len(announcements) == 2 and announcements[0]["value"] == announcements[1]["value"]
+        if key.startswith(first.output_folder + "/"):
+            twin = second.output_folder + key[len(first.output_folder):]
+            assert object_bytes(uc5.s3, s3_access.bucket_name, twin) == snapshot[key], twin
+    announcements = uc5.records([uc5.topic_out], until=lambda r: len(r) >= 2, timeout_s=10)
+    assert [r["value"]["S3_bucket_desc"]["folder"] for r in announcements] == [first.output_folder,
+                                                                              second.output_folder]
+    assert [n["status"] for n in uc5.notifications(final=False)].count("START") == 2

@@ -1,8 +1,10 @@
 """The HTTP shell as a KafkaSource sees it: real HTTP on loopback to the aiohttp app (and to the ``eo-wrapper``
 process), a real inference server, moto S3 and tansu Kafka.
 
-202 then processing; 202 for a duplicate event; 400 with a reason (plus CRITICAL and a dead-letter record for a
-known step); 404 for an unknown step; 503 with Retry-After when the bounded pool is full; health and readiness.
+The answer comes once the outcome is durable: 200 after the results are announced; 200 "duplicate" for an event
+done before; 200 CRITICAL after a bad body was put on record (one dead-letter record, even when redelivered); 400
+for a bad body to an unknown step; 404 for an unknown step; 503 with Retry-After when every worker is busy or the
+inference server stayed away past its bound; health and readiness (not tied to the inference server).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from aiohttp import web
 from services.wrapper.http_app import create_http_app
 from services.wrapper.inputs import S3Access
 from services.wrapper.pipeline import StepRuntime
-from services.wrapper.results import MANIFEST_SUFFIX
+from services.wrapper.results import ANNOUNCED_SUFFIX, MANIFEST_SUFFIX
 from services.wrapper.service import WrapperService
 from services.core.step_config import LocalStepConfigStore
 from wrapper_input_data import sample_patch_names, sample_tar_gz
@@ -83,7 +85,7 @@ def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers={"Content-Type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read()), dict(response.headers)
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read()), dict(error.headers)
@@ -161,21 +163,31 @@ def announced_folder(step: StepFixture) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_delivery_is_accepted_at_once_then_processed(
+def test_delivery_is_answered_once_its_results_are_announced(
     app: RunningApp, s3_access: S3Access, kafka_broker: Any, store_root: Path
 ) -> None:
     step = make_step(s3_access, kafka_broker, store_root)
     headers = cloudevent_headers(step)
+    body_bytes = json.dumps(step_message("in")).encode()
 
-    status, body, _ = post(f"{app.url}/{step.config.config_name}", json.dumps(step_message("in")).encode(), headers)
+    status, body, _ = post(f"{app.url}/{step.config.config_name}", body_bytes, headers)
 
-    assert status == 202, body
-    assert body == {"accepted": True, "config_name": step.config.config_name, "event_id": headers["ce-id"]}
-    folder = announced_folder(step)
-    assert [n["status"] for n in step.notifications()][-1] == "SUCCESS"
+    assert status == 200, body
+    assert (body["status"], body["config_name"], body["event_id"]) == ("SUCCESS", step.config.config_name, headers["ce-id"])
+    folder = body["folder"]
+    # Durable before the answer: manifest, announced marker (with the record's position), next-step message.
+    marker = json.loads(object_bytes(step.s3, s3_access.bucket_name, folder + ANNOUNCED_SUFFIX))
+    assert (marker["event_id"], marker["topic"], marker["offset"]) == (headers["ce-id"], step.topic_out, 0)
+    assert announced_folder(step) == folder
     manifest = json.loads(object_bytes(step.s3, s3_access.bucket_name, folder + MANIFEST_SUFFIX))
-    assert manifest["patches"] == 1
+    assert manifest["patches"] == 1 and manifest["folder"] == folder
     assert manifest["created"] == "2026-05-06T07:08:09+00:00"  # the event's time, not the clock's
+
+    # Kafka redelivers the same record (e.g. the answer was lost): recognised, nothing run or sent again.
+    status, again, _ = post(f"{app.url}/{step.config.config_name}", body_bytes, headers)
+    assert status == 200 and again["duplicate"] is True and again["folder"] == folder
+    assert len(step.records([step.topic_out], timeout_s=3)) == 1
+    assert [n["status"] for n in step.notifications()].count("START") == 1
 
 
 def test_delivery_to_root_finds_its_step_from_the_source_topic(
@@ -185,34 +197,38 @@ def test_delivery_to_root_finds_its_step_from_the_source_topic(
 
     status, body, _ = post(f"{app.url}/", json.dumps(step_message("in")).encode(), cloudevent_headers(step))
 
-    assert status == 202 and body["config_name"] == step.config.config_name
+    assert status == 200 and body["config_name"] == step.config.config_name
     assert announced_folder(step).startswith("result-image2feature/in-")
 
 
-def test_bad_bodies_are_400_and_reported_for_a_known_step(
+def test_bad_bodies_are_put_on_record_once_for_a_known_step(
     app: RunningApp, s3_access: S3Access, kafka_broker: Any, store_root: Path
 ) -> None:
     step = make_step(s3_access, kafka_broker, store_root)
     url = f"{app.url}/{step.config.config_name}"
+    not_json_headers = cloudevent_headers(step)
 
-    not_json = post(url, b'{"previous_component_end": "True", "S3_bucket_desc": ', cloudevent_headers(step))
+    not_json = post(url, b'{"previous_component_end": "True", "S3_bucket_desc": ', not_json_headers)
     not_a_step = post(url, json.dumps({"previous_component_end": "True"}).encode(), cloudevent_headers(step))
+    redelivered = post(url, b'{"previous_component_end": "True", "S3_bucket_desc": ', not_json_headers)
 
-    assert not_json[0] == 400 and "not valid JSON" in not_json[1]["error"]
-    assert not_a_step[0] == 400 and "S3_bucket_desc: Field required" in not_a_step[1]["error"]
+    # 200: the failure is on record, so the offset may be committed (a 4xx would make the source dead-letter
+    # the record a second time).
+    assert not_json[0] == 200 and not_json[1]["status"] == "CRITICAL" and "not valid JSON" in not_json[1]["reason"]
+    assert not_a_step[0] == 200 and "S3_bucket_desc: Field required" in not_a_step[1]["reason"]
+    assert redelivered[0] == 200 and redelivered[1]["duplicate"] is True
     dead = step.records([step.dlq_topic], until=lambda r: len(r) >= 2)
-    assert len(dead) == 2
-    # Reported in the background, so in either order; unparseable bodies are kept as text.
+    assert len(step.records([step.dlq_topic], timeout_s=3)) == 2  # one per event, none for the redelivery
     messages = [d["value"]["input_message"] for d in dead]
-    assert '{"previous_component_end": "True", "S3_bucket_desc": ' in messages
-    assert {"previous_component_end": "True"} in messages
+    assert messages == ['{"previous_component_end": "True", "S3_bucket_desc": ', {"previous_component_end": "True"}]
     assert all(d["value"]["config_name"] == step.config.config_name for d in dead)
     critical = [n for n in step.notifications(final=False) if n["status"] == "CRITICAL"]
     assert len(critical) == 2 and "Bad step message" in critical[0]["description"]
     assert not step.records([step.topic_out], timeout_s=2)
     assert_no_secrets(dead, critical)
-    # The server keeps serving.
-    assert get(f"{app.url}/healthz")[0] == 200
+
+    unknown = post(f"{app.url}/json-config-nobody-12345678", b"not json", cloudevent_headers(step))
+    assert unknown[0] == 400 and "not valid JSON" in unknown[1]["error"]
 
 
 def test_unknown_step_is_404_and_undeliverable_is_400(app: RunningApp) -> None:
@@ -225,47 +241,55 @@ def test_unknown_step_is_404_and_undeliverable_is_400(app: RunningApp) -> None:
 
 def test_health_and_readiness(app: RunningApp, store_root: Path) -> None:
     status, body = get(f"{app.url}/healthz")
-    assert status == 200 and body["live"] is True and body["capacity"] == 2 + 8
+    assert status == 200 and body["live"] is True and body["workers"] == 2
     status, body = get(f"{app.url}/readyz")
     assert status == 200 and body == {"ready": True, "reason": "ready", "model": SSL_MODEL}
 
+    # No inference server at all: still ready (steps wait for the server; the process can serve).
     orphan = RunningApp(make_service("ssl-features", store_root, f"127.0.0.1:{free_port()}"))
     try:
-        status, body = get(f"{orphan.url}/readyz")
-        assert status == 503 and body["ready"] is False and "not reachable" in body["reason"]
+        assert get(f"{orphan.url}/readyz")[0] == 200
         assert get(f"{orphan.url}/healthz")[0] == 200
     finally:
         orphan.stop()
 
 
-def test_full_pool_answers_503_and_duplicates_are_not_queued_twice(
+def test_busy_workers_answer_503_and_an_inference_outage_past_its_bound_is_503(
     s3_access: S3Access, kafka_broker: Any, store_root: Path
 ) -> None:
-    # One worker, no queue, and an inference server that never answers: the first step holds the pool for as
-    # long as its retry bound allows.
+    # One worker and an inference server that never answers: the first delivery holds the worker for as long as
+    # its retry bound allows, then is answered 503 (Kafka redelivers it later).
     service = make_service(
-        "ssl-features", store_root, f"127.0.0.1:{free_port()}", workers=1, queue_size=0,
-        infer_max_attempts=100, infer_retry_max_s=3, infer_backoff_initial_s=0.2, infer_backoff_max_s=0.5,
+        "ssl-features", store_root, f"127.0.0.1:{free_port()}", workers=1,
+        infer_retry_max_s=4, infer_backoff_initial_s=0.2, infer_backoff_max_s=0.5,
     )
     running = RunningApp(service)
     step = make_step(s3_access, kafka_broker, store_root)
     url = f"{running.url}/{step.config.config_name}"
     message = json.dumps(step_message("in")).encode()
+    answers: dict[str, Any] = {}
     try:
         first_headers = cloudevent_headers(step, offset=1)
-        first = post(url, message, first_headers)
-        again = post(url, message, first_headers)
+        threads = [threading.Thread(target=lambda k=k: answers.__setitem__(k, post(url, message, first_headers)))
+                   for k in ("first", "same-event")]
+        threads[0].start()
+        deadline = time.monotonic() + 10
+        while service.state()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        threads[1].start()  # the same event while it runs: shares the running delivery, no second run
         other = post(url, message, cloudevent_headers(step, offset=2))
+        for thread in threads:
+            thread.join(60)
 
-        assert first[0] == 202 and "duplicate" not in first[1]
-        assert again[0] == 202 and again[1]["duplicate"] is True
         assert other[0] == 503 and other[2]["Retry-After"] == "5" and "busy" in other[1]["error"]
-        # The held step ends (CRITICAL: inference unavailable) and the pool takes deliveries again.
-        assert [n["status"] for n in step.notifications()][-1] == "CRITICAL"
-        deadline = time.monotonic() + 30
-        while service.state()["active"] and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert post(url, message, cloudevent_headers(step, offset=3))[0] == 202
+        for key in ("first", "same-event"):
+            status, body, headers = answers[key]
+            assert status == 503 and headers["Retry-After"] == "5", body
+            assert "Inference server unavailable" in body["error"]
+        statuses = [n["status"] for n in step.notifications(final=False)]
+        assert statuses.count("START") == 1 and "CRITICAL" not in statuses  # not failed for good: retried
+        assert not step.records([step.dlq_topic, step.topic_out], timeout_s=2)
+        assert service.state()["running"] == 0
     finally:
         running.stop()
 
@@ -300,7 +324,7 @@ def test_eo_wrapper_process_serves_deliveries_and_stops_cleanly(
                 time.sleep(0.1)
         status, _, _ = post(f"http://127.0.0.1:{port}/{step.config.config_name}",
                             json.dumps(step_message("in")).encode(), cloudevent_headers(step))
-        assert status == 202
+        assert status == 200
         assert announced_folder(step).startswith("result-image2feature/in-")
     finally:
         process.send_signal(signal.SIGTERM)

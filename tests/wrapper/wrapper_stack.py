@@ -243,14 +243,17 @@ class StepFixture:
         meta: dict[str, Any] | None = None,
         event_time: datetime | None = EVENT_TIME,
         previous_component_end: str = "True",
+        event_id: str | None = None,
     ) -> StepOutcome:
+        """One delivery through ``run_step``; a new event (id) unless ``event_id`` names one (a redelivery)."""
         raw = step_message(folder, filename, meta, previous_component_end)
         request = StepRequest(
             config_name=self.config.config_name,
             message=StepMessage.model_validate(raw),
             raw_message=raw,
-            event_id=f"partition:0/offset:{uuid.uuid4().int % 1000}",
+            event_id=event_id or f"partition:0/offset:{uuid.uuid4().int % 10**9}",
             event_time=event_time,
+            event_source=f"/apis/v1/namespaces/{self.namespace}/kafkasources/src#{self.topic_in}",
         )
         return run_step(runtime, request, self.config, self.credentials)
 

@@ -38,6 +38,7 @@ _SAFE_BAND_KEY = re.compile(
     r"R(?P<res>10|20)m/[^/]+_(?P<band>B\d\d|B8A)_(?P=res)m\.jp2"
 )
 _CONNECTION_ERRORS = (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError, ReadTimeoutError)
+_TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "503", "500"})
 _ACCESS_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403"})
 
 
@@ -68,11 +69,14 @@ def s3_failure(error: Exception, action: str, client: S3Client, source: str = ""
         attempts = client.meta.config.retries.get("total_max_attempts", "?")
         return InputError(
             f"S3 endpoint {endpoint} unreachable while {action} ({type(error).__name__} after {attempts} attempts)",
-            source,
+            source, transient=True,
         )
     if isinstance(error, ClientError):
         code = str(error.response.get("Error", {}).get("Code", "unknown"))
         message = str(error.response.get("Error", {}).get("Message", ""))
+        http_status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if http_status >= 500 or code in _TRANSIENT_CODES:
+            return InputError(f"S3 error {code} while {action}: {message}", source, transient=True)
         if code == "NoSuchBucket":
             bucket = error.response.get("Error", {}).get("BucketName", "")
             return InputError(f"bucket {bucket!r} does not exist at {endpoint} while {action}", source)
@@ -80,7 +84,8 @@ def s3_failure(error: Exception, action: str, client: S3Client, source: str = ""
             return InputError(f"S3 refused access while {action} ({code}): check the workflow's credentials", source)
         return InputError(f"S3 error {code} while {action}: {message}", source)
     if isinstance(error, BotoCoreError):
-        return InputError(f"S3 client failure while {action}: {type(error).__name__}", source)
+        # Streaming errors, incomplete reads, timeouts: the connection failed, not the request.
+        return InputError(f"S3 client failure while {action}: {type(error).__name__}", source, transient=True)
     return InputError(f"S3 failure while {action}: {type(error).__name__}: {error}", source)
 
 

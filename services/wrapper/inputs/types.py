@@ -74,10 +74,13 @@ class InputError(Exception):
     (it goes into the CRITICAL notification) and never contains credentials.
     """
 
-    def __init__(self, reason: str, source: str = "") -> None:
+    def __init__(self, reason: str, source: str = "", transient: bool = False) -> None:
         super().__init__(reason, source)
         self.reason = reason
         self.source = source
+        # True when retrying later may succeed (S3 unreachable, S3 answered 5xx): the delivery is then answered
+        # 5xx and Kafka redelivers it, instead of the step being failed for good.
+        self.transient = transient
 
     def __str__(self) -> str:
         return f"{self.reason} (source: {self.source})" if self.source else self.reason

@@ -20,7 +20,7 @@ import io
 import json
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -82,13 +82,41 @@ def feature_records(features: np.ndarray, patches: Sequence[PatchMetadata]) -> l
     ]
 
 
+def stream_features_json(
+    out: IO[bytes], chunks: Iterable[np.ndarray], patches: Sequence[PatchMetadata], dimension: int = REPRESENTATION_DIM
+) -> None:
+    """Production's feature list written chunk by chunk: the same bytes as one ``json.dumps`` of the whole list
+    (compact separators), with only one chunk of records in memory."""
+    rows, cols = grid_positions(patches)
+    first = 0
+    out.write(b"[")
+    for chunk in chunks:
+        check_features(chunk, dimension)
+        stop = first + chunk.shape[0]
+        if stop > len(patches):
+            raise OutputFormatError(f"features: more rows than the {len(patches)} patches")
+        records = [
+            {"i": int(row), "j": int(col), "result": result, "patch_id": patch.patch_id}
+            for row, col, result, patch in zip(rows[first:stop], cols[first:stop],
+                                               chunk.astype(np.float64).tolist(), patches[first:stop])
+        ]
+        text = json.dumps(records, allow_nan=False, separators=(",", ":"))[1:-1]
+        out.write(((b"," if first else b"") + text.encode("utf-8")))
+        first = stop
+    if first != len(patches) or first == 0:
+        raise OutputFormatError(f"features: {first} rows for {len(patches)} patches (N >= 1 needed)")
+    out.write(b"]")
+
+
 def write_features_json(
     features: np.ndarray, patches: Sequence[PatchMetadata], dimension: int = REPRESENTATION_DIM
 ) -> OutputFile:
     """Production's feature list for one input: ``[{"i", "j", "result", "patch_id"}, ...]``."""
-    records = feature_records(check_features(features, dimension), patches)
-    data = json.dumps(records, allow_nan=False, separators=(",", ":")).encode("utf-8")
-    return OutputFile(data=data, content_type=JSON_CONTENT_TYPE, suffix=FEATURES_JSON_SUFFIX)
+    check_features(features, dimension)
+    check_patches(patches, features.shape[0], "features")
+    buffer = io.BytesIO()
+    stream_features_json(buffer, [features], patches, dimension)
+    return OutputFile(data=buffer.getvalue(), content_type=JSON_CONTENT_TYPE, suffix=FEATURES_JSON_SUFFIX)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -97,16 +125,75 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _zip_info(name: str, size: int) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16
+    info.file_size = size  # known in advance: zip64 is chosen from it exactly as ``writestr`` would
+    return info
+
+
 def write_npz(arrays: dict[str, np.ndarray]) -> bytes:
     """A deflated ``.npz`` with fixed zip timestamps (``numpy.savez`` stamps the current time)."""
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, mode="w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, array in arrays.items():
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, _npy_bytes(array))
+    stream_npz(buffer, {name: [array] for name, array in arrays.items()})
     return buffer.getvalue()
+
+
+def stream_npz(out: IO[bytes], arrays: dict[str, Sequence[np.ndarray] | Iterable[np.ndarray]],
+               shapes: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None) -> None:
+    """An ``.npz`` written array by array into a seekable file; an array given as chunks along its first axis
+    (with its full shape and dtype in ``shapes``) is never whole in memory. Same bytes as ``write_npz``."""
+    shapes = shapes or {}
+    with zipfile.ZipFile(out, mode="w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, parts in arrays.items():
+            if name in shapes:
+                shape, dtype = shapes[name]
+                header = io.BytesIO()
+                np.lib.format.write_array_header_1_0(
+                    header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                             "shape": tuple(shape)})
+                size = len(header.getvalue()) + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                with archive.open(_zip_info(name, size), mode="w") as entry:
+                    entry.write(header.getvalue())
+                    for part in parts:
+                        entry.write(np.ascontiguousarray(part, dtype=dtype).tobytes())
+            else:
+                (array,) = list(parts)
+                data = _npy_bytes(array)
+                with archive.open(_zip_info(name, len(data)), mode="w") as entry:
+                    entry.write(data)
+
+
+def stream_features_npz(
+    out: IO[bytes],
+    chunks: Iterable[np.ndarray],
+    count: int,
+    patches: Sequence[PatchMetadata],
+    model_name: str = "",
+    model_version: str = "",
+    dimension: int = REPRESENTATION_DIM,
+) -> None:
+    """``write_features_npz`` into a seekable file from chunks of rows (``count`` rows in all)."""
+    check_patches(patches, count, "features")
+    rows, cols = grid_positions(patches)
+
+    def checked() -> Iterator[np.ndarray]:
+        for chunk in chunks:
+            yield check_features(chunk, dimension)
+
+    stream_npz(
+        out,
+        {
+            "patch_ids": [np.array([p.patch_id for p in patches], dtype=np.str_)],
+            "features": checked(),
+            "i": [rows],
+            "j": [cols],
+            "model_name": [np.array(model_name, dtype=np.str_)],
+            "model_version": [np.array(model_version, dtype=np.str_)],
+        },
+        shapes={"features": ((count, dimension), np.dtype(np.float32))},
+    )
 
 
 def write_features_npz(
@@ -118,19 +205,9 @@ def write_features_npz(
 ) -> OutputFile:
     """The compact binary file: ``patch_ids``, ``features`` float32 [N, D], ``i``, ``j``, model name/version."""
     check_features(features, dimension)
-    check_patches(patches, features.shape[0], "features")
-    rows, cols = grid_positions(patches)
-    data = write_npz(
-        {
-            "patch_ids": np.array([p.patch_id for p in patches], dtype=np.str_),
-            "features": features,
-            "i": rows,
-            "j": cols,
-            "model_name": np.array(model_name, dtype=np.str_),
-            "model_version": np.array(model_version, dtype=np.str_),
-        }
-    )
-    return OutputFile(data=data, content_type=NPZ_CONTENT_TYPE, suffix=FEATURES_NPZ_SUFFIX)
+    buffer = io.BytesIO()
+    stream_features_npz(buffer, [features], features.shape[0], patches, model_name, model_version, dimension)
+    return OutputFile(data=buffer.getvalue(), content_type=NPZ_CONTENT_TYPE, suffix=FEATURES_NPZ_SUFFIX)
 
 
 def _as_int(value: Any, what: str) -> int:
@@ -245,6 +322,9 @@ __all__ = [
     "feature_records",
     "read_features",
     "read_npz",
+    "stream_features_json",
+    "stream_features_npz",
+    "stream_npz",
     "write_features_json",
     "write_features_npz",
     "write_npz",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -26,9 +27,29 @@ class OutputFile:
     data: bytes
     content_type: str
     suffix: str
+    # Large results are spooled to a file instead (``data`` is then empty); size and hash were taken while writing.
+    path: str | None = None
+    spooled_size: int = 0
+    spooled_sha256: str = ""
+
+    @property
+    def size(self) -> int:
+        return self.spooled_size if self.path is not None else len(self.data)
+
+    @property
+    def sha256(self) -> str:
+        return self.spooled_sha256 if self.path is not None else hashlib.sha256(self.data).hexdigest()
+
+    def read_bytes(self) -> bytes:
+        """The whole content (tests and small files; the pipeline uploads spooled files from disk)."""
+        if self.path is None:
+            return self.data
+        with open(self.path, "rb") as handle:
+            return handle.read()
 
     def __repr__(self) -> str:
-        return f"OutputFile({len(self.data)} bytes, content_type={self.content_type!r}, suffix={self.suffix!r})"
+        where = f"spooled at {self.path}" if self.path is not None else "in memory"
+        return f"OutputFile({self.size} bytes {where}, content_type={self.content_type!r}, suffix={self.suffix!r})"
 
 
 @dataclass(frozen=True, slots=True)
