@@ -20,10 +20,12 @@ from typing import Any, Sequence
 from aiohttp import web
 from pydantic import ValidationError
 
+from services.core.kafka import ensure_topics, producer_config
 from services.core.logging import configure_logging
 from services.core.step_config import LocalStepConfigStore, StepConfigStore
 
 from .http_app import READY_KEY, build_app, kafka_dead_letter_writer
+from .notifications import KafkaNotifier
 from .reconciler import SourceDriver, WorkflowController
 from .settings import ControllerSettings
 from .system_consumer import SystemTopicConsumer
@@ -72,24 +74,26 @@ def build_driver(settings: ControllerSettings) -> SourceDriver:
     return KubernetesSourceDriver(kubernetes_custom_api(settings.kubernetes_host or None), settings)
 
 
-def build_controller(settings: ControllerSettings) -> WorkflowController:
+def build_controller(settings: ControllerSettings, producer: Any = None) -> WorkflowController:
+    """The controller with its store and driver; with a Kafka ``producer``, failures are notified on
+    ``monitoring.notify`` and dead-letter topics are created when steps are wired."""
+    notifier = KafkaNotifier(settings.bootstrap_servers, settings.notify_topic, producer) if producer else None
+    create_topics = ensure_topics if settings.create_dead_letter_topics else None
     return WorkflowController(build_store(settings), build_driver(settings), settings.bootstrap_servers,
-                              namespaces=settings.workflow_namespaces)
+                              namespaces=settings.workflow_namespaces, notifier=notifier,
+                              create_topics=create_topics, dead_letter_suffix=settings.dead_letter_suffix)
 
 
 async def run(settings: ControllerSettings, mode: str) -> int:
-    controller = build_controller(settings)
-    producer: Any = None
-    dead_letter_writer = None
-    if settings.source_driver == "kubernetes":
-        # KafkaSources dead-letter to this controller (``/dead-letter``), which needs a producer.
-        from confluent_kafka import Producer
+    from confluent_kafka import Producer
 
-        from services.core.kafka import producer_config
-
-        producer = Producer(producer_config(settings.bootstrap_servers))
-        dead_letter_writer = kafka_dead_letter_writer(producer)
-    app = build_app(controller, dead_letter_writer, settings.dead_letter_suffix)
+    # Notifications, dead-letter records (KafkaSources dead-letter to ``/dead-letter``; ``consume`` mode writes
+    # ``system.ML.dlq`` itself): one producer, configured like every client (TLS/SASL from EOML_KAFKA_*).
+    producer = Producer(producer_config(settings.bootstrap_servers, **{"message.timeout.ms": 30000}))
+    controller = build_controller(settings, producer)
+    dead_letter_writer = kafka_dead_letter_writer(producer)
+    app = build_app(controller, dead_letter_writer if settings.source_driver == "kubernetes" else None,
+                    settings.dead_letter_suffix)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port)
@@ -110,7 +114,8 @@ async def run(settings: ControllerSettings, mode: str) -> int:
         log.info("controller ready", extra={"resumed_steps": resumed})
         if mode == "consume":
             consumer = SystemTopicConsumer(controller, settings.bootstrap_servers, settings.system_topic,
-                                           settings.consumer_group, DeliveryPolicy.from_settings(settings)).start()
+                                           settings.consumer_group, DeliveryPolicy.from_settings(settings),
+                                           dead_letter_writer=dead_letter_writer).start()
         app[READY_KEY].set()
         await stop.wait()
     finally:
@@ -119,8 +124,7 @@ async def run(settings: ControllerSettings, mode: str) -> int:
             await asyncio.to_thread(consumer.stop)
         await asyncio.to_thread(controller.driver.close)
         await runner.cleanup()
-        if producer is not None:
-            producer.flush(10)
+        producer.flush(10)
     return EXIT_OK
 
 

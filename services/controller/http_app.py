@@ -3,9 +3,11 @@
 - ``POST /``: a ``system.ML`` record as a KafkaSource delivers it (binary-mode CloudEvent or raw JSON; structured
   mode accepted too). HTTP 200 with production's answers (``Received message And valid`` / ``There was a problem
   ignoring``); 503 only when the Kubernetes API or the store failed, so that the source retries (bounded).
-- ``POST /dead-letter``: the dead-letter sink of the KafkaSources this controller creates: the record goes to
-  ``<topic>.dlq`` (topic read from ``ce-source``) as a JSON error record in the Wrapper's dead-letter shape, with
-  the CloudEvent attributes (Knative's error extensions included) as Kafka headers.
+- ``POST /dead-letter``: the dead-letter sink of the KafkaSources this controller creates and of its own source on
+  ``system.ML``: the record goes to ``<topic>.dlq`` (topic read from ``ce-source``) as a JSON error record in the
+  Wrapper's dead-letter shape (secret-looking keys redacted), with the CloudEvent attributes (Knative's error
+  extensions included) as Kafka headers. A dead-lettered workflow message is also reported CRITICAL on
+  ``monitoring.notify``.
 - ``GET /workflows``, ``GET /workflows/{name}``: workflows, their steps and state.
 - ``GET /healthz`` (alive), ``GET /readyz`` (stored steps loaded).
 """
@@ -48,6 +50,7 @@ async def post_record(request: web.Request) -> web.Response:
 
 def dead_letter_handler(write: DeadLetterWriter, suffix: str) -> Callable[[web.Request], Any]:
     async def post_dead_letter(request: web.Request) -> web.Response:
+        controller = request.app[CONTROLLER_KEY]
         topic = topic_from_cloudevent_source(request.headers.get("ce-source", ""))
         if topic is None:
             return web.json_response({"error": "ce-source does not name a Kafka topic (...#<topic>)"}, status=400)
@@ -61,6 +64,8 @@ def dead_letter_handler(write: DeadLetterWriter, suffix: str) -> Callable[[web.R
             return web.json_response({"error": "dead-letter write failed"}, status=503)
         log.error("record dead-lettered", extra={"dead_letter_topic": target, "event_id": record["event_id"],
                                                  "config_name": record["config_name"], "reason": record["reason"]})
+        if isinstance(record["input_message"], dict) and "workflow_status" in record["input_message"]:
+            await asyncio.to_thread(controller.report_given_up, body, f"written to {target}")
         return web.json_response({"dead_letter_topic": target}, status=202)
 
     return post_dead_letter

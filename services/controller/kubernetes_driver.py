@@ -15,6 +15,7 @@ from .wiring import (
     KAFKA_SOURCE_API_VERSION,
     KAFKA_SOURCE_PLURAL,
     consumer_group,
+    immutable_fields_changed,
     kafka_source_body,
     kafka_source_name,
 )
@@ -25,6 +26,8 @@ KSERVE_GROUP = "serving.kserve.io"
 KSERVE_VERSION = "v1beta1"
 KSERVE_PLURAL = "inferenceservices"
 _REPLACE_ATTEMPTS = 5
+# A deleted KafkaSource lingers until Knative's finalizer has removed its consumer group; bounded wait for that.
+_DELETION_WAIT_S = 60.0
 
 
 def _status(error: Exception) -> int | None:
@@ -59,6 +62,21 @@ class KubernetesSourceDriver:
                 "consumer_group": consumer_group(config.workflow_name, config.topic_in),
                 "sink": f"{config.service_name}.{config.namespace}/{config.config_name}"}
 
+    def release_conflicting(self, config: StepConfig) -> bool:
+        """Before the step's configuration is overwritten: delete its KafkaSource if the new one cannot replace it
+        in place (an immutable field such as ``consumerGroup`` changes: a re-publish under another workflow name),
+        so that the old source never delivers into the new settings. True when a source was deleted."""
+        current = self._get_source(config.namespace, kafka_source_name(config.topic_in))
+        if current is None:
+            return False
+        changed = immutable_fields_changed(current, kafka_source_body(config, self.settings))
+        if not changed:
+            return False
+        log.info("kafka source recreated: immutable fields change", extra={
+            "namespace": config.namespace, "kafka_source": kafka_source_name(config.topic_in), "fields": changed})
+        self._delete_and_wait(config.namespace, kafka_source_name(config.topic_in))
+        return True
+
     def wire(self, config: StepConfig) -> dict[str, Any]:
         info = self.source_info(config)
         model_ready = self.wait_for_inference_service()
@@ -80,6 +98,12 @@ class KubernetesSourceDriver:
         # makes the replace fail with 409, so read and try again (bounded).
         for attempt in range(1, _REPLACE_ATTEMPTS + 1):
             current = api.get_namespaced_custom_object(group, version, namespace, plural, name)
+            if immutable_fields_changed(current, body):
+                # The webhook would refuse the update: recreate (release_conflicting normally did this already).
+                self._delete_and_wait(namespace, name)
+                api.create_namespaced_custom_object(group, version, namespace, plural, body)
+                log.info("kafka source recreated", extra={"namespace": namespace, "kafka_source": name})
+                return info
             body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
             try:
                 api.replace_namespaced_custom_object(group, version, namespace, plural, name, body)
@@ -89,6 +113,29 @@ class KubernetesSourceDriver:
                 if _status(error) != 409 or attempt == _REPLACE_ATTEMPTS:
                     raise
         raise AssertionError("unreachable")
+
+    def _get_source(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom_api.get_namespaced_custom_object(
+                KAFKA_SOURCE_API_GROUP, KAFKA_SOURCE_API_VERSION, namespace, KAFKA_SOURCE_PLURAL, name)
+        except Exception as error:
+            if _status(error) == 404:
+                return None
+            raise
+
+    def _delete_and_wait(self, namespace: str, name: str) -> None:
+        """Delete a KafkaSource and wait (bounded) until it is gone: a create before that answers 409."""
+        try:
+            self.custom_api.delete_namespaced_custom_object(
+                KAFKA_SOURCE_API_GROUP, KAFKA_SOURCE_API_VERSION, namespace, KAFKA_SOURCE_PLURAL, name)
+        except Exception as error:
+            if _status(error) != 404:
+                raise
+        deadline = time.monotonic() + _DELETION_WAIT_S
+        while self._get_source(namespace, name) is not None:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"KafkaSource {namespace}/{name} still terminating after {_DELETION_WAIT_S:.0f} s")
+            self._sleep(0.5)
 
     def unwire(self, config: StepConfig | None, namespace: str, topic_in: str) -> bool:
         name = kafka_source_name(topic_in)

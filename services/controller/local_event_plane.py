@@ -5,12 +5,14 @@ each record to the Wrapper as the KafkaSource dispatcher would: binary-mode Clou
 partition:<p>/offset:<o>``, ``ce-type: dev.knative.kafka.event``, ``ce-source: /apis/v1/namespaces/<ns>/
 kafkasources/<name>#<topic>``, ``ce-subject: partition:<p>#<o>``, Kafka headers as ``ce-kafkaheader<name>``), body =
 the record value. Records of a partition are delivered in order, one at a time (the KafkaSource's ``ordered``
-mode). Connection errors and retryable answers (5xx, 404, 408, 409, 429) are retried with the step's backoff; after
-the last retry, or at once for any other non-2xx answer (the event itself is refused), the record is
-written to the dead-letter topic (``<Topics.in>.dlq``, a JSON error record in the Wrapper's dead-letter shape,
-``input_message`` = the record). The offset is committed only after a 2xx or after the dead-letter write, so a
-crash or a stop in between redelivers the record (at least once; the Wrapper's deterministic result keys make a
-redelivery overwrite, never duplicate).
+mode). Each attempt waits up to the step's delivery timeout (default 3600 s: the Wrapper answers only when the
+step's outcome is durable, so an attempt lasts as long as the step). Connection errors, timeouts and retryable
+answers (5xx, 404, 408, 409, 429) are retried with the step's backoff (bounded, as a KafkaSource: ``retry`` times,
+exponential ``delay*2^n`` or linear ``delay*n``); after the last retry, or at once for any other 4xx (the event itself
+is refused), exactly one record is written to the dead-letter topic (``<Topics.in>.dlq``, created by an admin call
+when the step is wired; a JSON error record in the Wrapper's dead-letter shape, ``input_message`` = the record). The
+offset is committed only after a 2xx or after the dead-letter record was acknowledged, so a crash or a stop in
+between delivers the record again (at least once; the Wrapper recognises a redelivery of a completed event).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit
 
-from services.core.kafka import consumer_config, encode_json, poll_record, producer_config
+from services.core.kafka import consumer_config, encode_json, ensure_topics, poll_record, producer_config
 from services.core.step_config import StepConfig
 
 from .settings import ControllerSettings
@@ -209,20 +211,11 @@ def dead_letter_value(record: KafkaRecord, target: DispatchTarget, result: Deliv
 
 def ensure_topic(bootstrap_servers: str, topic: str, timeout_s: float = 10.0) -> None:
     """Create ``topic`` if it does not exist yet, so that the subscription sees it at once. Best effort: a broker
-    that refuses (or auto-creates on first write) is fine, the metadata refresh finds the topic later."""
-    from confluent_kafka import KafkaError
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-    futures = admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)],
-                                  request_timeout=timeout_s)
-    for future in futures.values():
-        try:
-            future.result(timeout_s)
-        except Exception as error:  # noqa: BLE001 - see docstring
-            kafka_error = error.args[0] if error.args else None
-            if getattr(kafka_error, "code", lambda: None)() != KafkaError.TOPIC_ALREADY_EXISTS:
-                log.warning("topic not created", extra={"topic": topic, "error": str(error)[:300]})
+    that refuses is logged, the metadata refresh finds the topic once it exists."""
+    try:
+        ensure_topics(bootstrap_servers, [topic], timeout_s=timeout_s)
+    except RuntimeError as error:
+        log.warning("topic not created", extra={"topic": topic, "error": str(error)[:300]})
 
 
 @dataclass
@@ -266,7 +259,11 @@ class StepDispatcher:
     def _run(self) -> None:
         from confluent_kafka import Consumer
 
-        ensure_topic(self.bootstrap_servers, self.target.topic_in)
+        # The input topic (so that the subscription sees it at once) and the dead-letter topic (never left to a
+        # broker's auto-creation); the controller created the latter when the step was wired, but a broker that
+        # keeps topics in memory may have been restarted since.
+        for topic in (self.target.topic_in, dead_letter_topic(self.target.topic_in, self.policy.dead_letter_suffix)):
+            ensure_topic(self.bootstrap_servers, topic)
         consumer = Consumer(consumer_config(
             self.bootstrap_servers, self.target.consumer_group,
             **{"client.id": f"eoml-dispatch-{self.target.source_name}",
@@ -300,7 +297,8 @@ class StepDispatcher:
         if result.delivered:
             self.stats.delivered += 1
             return True
-        self._dead_letter(record, result)
+        if not self._dead_letter(record, result):
+            return False
         self.stats.dead_lettered += 1
         return True
 
@@ -309,19 +307,34 @@ class StepDispatcher:
         self.stats.failed_attempts += 1
         self.stats.last_error = result.error
 
-    def _dead_letter(self, record: KafkaRecord, result: DeliveryResult) -> None:
+    def _dead_letter(self, record: KafkaRecord, result: DeliveryResult) -> bool:
+        """Write the one dead-letter record of an exhausted delivery; True once the broker acknowledged it. A broker
+        that is away is waited for (the offset stays uncommitted meanwhile); False only when stopped first."""
         topic = dead_letter_topic(record.topic, self.policy.dead_letter_suffix)
-        errors: list[Any] = []
-        self.producer.produce(topic, key=record.key, value=dead_letter_value(record, self.target, result),
-                              headers=dead_letter_headers(record, self.target, result),
-                              on_delivery=lambda err, _msg: errors.append(err) if err else None)
-        # The offset is committed only once the dead-letter record is safely stored.
-        if self.producer.flush(30) or errors:
-            raise RuntimeError(f"dead-letter write to {topic!r} failed: {errors[0] if errors else 'timeout'}")
+        value = dead_letter_value(record, self.target, result)
+        headers = dead_letter_headers(record, self.target, result)
+        # One idempotent producer retries inside librdkafka without duplicates; the loop covers a broker away for
+        # longer than message.timeout.ms. A record acknowledged late but reported failed could be written twice:
+        # at least once, like the KafkaSource's own dead-letter sink.
+        wait_s = 1.0
+        while True:
+            errors: list[Any] = []
+            self.producer.produce(topic, key=record.key, value=value, headers=headers,
+                                  on_delivery=lambda err, _msg: errors.append(err) if err else None)
+            remaining = self.producer.flush(30)
+            if not remaining and not errors:
+                break
+            log.error("dead-letter write failed, retrying", extra={
+                "config_name": self.target.config_name, "dead_letter_topic": topic,
+                "error": str(errors[0]) if errors else "not acknowledged in 30 s"})
+            if self._stop.wait(wait_s):
+                return False
+            wait_s = min(wait_s * 2, 30.0)
         log.error("record dead-lettered", extra={"config_name": self.target.config_name, "topic": record.topic,
                                                  "partition": record.partition, "offset": record.offset,
                                                  "dead_letter_topic": topic, "attempts": result.attempts,
                                                  "error": result.error})
+        return True
 
 
 class LocalSourceDriver:
@@ -351,7 +364,9 @@ class LocalSourceDriver:
             else:
                 from confluent_kafka import Producer
 
-                self._producer = Producer(producer_config(self.settings.bootstrap_servers))
+                # message.timeout.ms bounds one flush; _dead_letter retries beyond it.
+                self._producer = Producer(producer_config(self.settings.bootstrap_servers,
+                                                          **{"message.timeout.ms": 30000}))
         return self._producer
 
     def check(self, config: StepConfig) -> None:
@@ -361,6 +376,20 @@ class LocalSourceDriver:
         return {"driver": "local", "kafka_source": kafka_source_name(config.topic_in),
                 "consumer_group": consumer_group(config.workflow_name, config.topic_in),
                 "sink": f"{self.settings.wrapper_urls.get(config.service_name, '?').rstrip('/')}/{config.config_name}"}
+
+    def release_conflicting(self, config: StepConfig) -> bool:
+        """Before the step's configuration is overwritten: stop its dispatcher if it would deliver differently
+        (another workflow's consumer group, another Wrapper), so that it never delivers into the new settings."""
+        target = DispatchTarget.for_step(config, self._wrapper_url(config))
+        with self._lock:
+            current = self._dispatchers.get((config.namespace, config.config_name))
+            if current is None or current.target == target:
+                return False
+            del self._dispatchers[(config.namespace, config.config_name)]
+        current.stop()
+        log.info("dispatcher stopped before re-wiring", extra={"config_name": config.config_name,
+                                                                "consumer_group": target.consumer_group})
+        return True
 
     def wire(self, config: StepConfig) -> dict[str, Any]:
         target = DispatchTarget.for_step(config, self._wrapper_url(config))

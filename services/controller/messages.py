@@ -68,6 +68,10 @@ def parse_workflow_message(body: bytes | str | Mapping[str, Any], content_type: 
     payload = record_payload(body, content_type)
     if not isinstance(payload, dict):
         raise MessageRejected(f"workflow message must be a JSON object, got {type(payload).__name__}")
+    if payload.get("workflow_status") == STOPPING:
+        # A stop needs only workflow_name, Topics.in and ML.Namespace (contracts section 1): whatever else it
+        # carries, a partial S3_bucket included, is not read.
+        payload = {key: value for key, value in payload.items() if key != "S3_bucket"}
     try:
         message = WorkflowMessage.model_validate(payload)
     except ValidationError as error:

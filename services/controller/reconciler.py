@@ -2,22 +2,29 @@
 
 ``WorkflowController.handle`` never raises: every outcome, a malformed record included, is a ``HandlingResult``
 that says what was done, the production answer to send (contracts section 1), and whether the sender should
-retry (infrastructure failures only; a bad message is never worth retrying).
+retry (infrastructure failures only; a bad message is never worth retrying). Every failure is also reported on
+``monitoring.notify``: CRITICAL when it is final (a refused message, a permanent API error), WARNING when the
+sender retries (a temporary one; if every retry fails, the dead-letter path reports it CRITICAL).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from services.core.contracts import IGNORED_STATUSES, PUBLISHED, STOPPING, WorkflowMessage
 from services.core.step_config import StepConfig, StepConfigStore, step_config_from_message, step_config_name
 
 from .messages import ANSWER_INVALID, ANSWER_VALID, MessageRejected, parse_workflow_message
+from .notifications import ControllerNotifier, NullNotifier
 from .registry import WorkflowRegistry
-from .wiring import StepRejected
+from .wiring import StepRejected, dead_letter_topic
+
+# Creates Kafka topics that do not exist yet (an admin call); raises when it cannot.
+TopicCreator = Callable[[str, list[str]], None]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,10 @@ class SourceDriver(Protocol):
 
     def check(self, config: StepConfig) -> None:
         """Raise ``StepRejected`` when the step cannot be wired whatever is retried."""
+
+    def release_conflicting(self, config: StepConfig) -> bool:
+        """Before the configuration is overwritten: remove a wired source that the new configuration cannot update
+        in place, so that it never delivers into the new settings; True when one was removed."""
 
     def wire(self, config: StepConfig) -> dict[str, Any]:
         """Create or replace (idempotent); returns what was wired, for the status API."""
@@ -63,6 +74,10 @@ class HandlingResult:
         return ANSWER_VALID if self.valid else ANSWER_INVALID
 
 
+class TopicsNotCreated(ConnectionError):
+    """The step's dead-letter topic could not be created: Kafka trouble, worth a retry."""
+
+
 def is_transient(error: BaseException) -> bool:
     """Infrastructure trouble worth a retry: the API server or network, not the message."""
     status = getattr(error, "status", None)
@@ -89,11 +104,17 @@ def _error_text(error: BaseException) -> str:
 
 class WorkflowController:
     def __init__(self, store: StepConfigStore, driver: SourceDriver, bootstrap_servers: str,
-                 registry: WorkflowRegistry | None = None, namespaces: list[str] | None = None) -> None:
+                 registry: WorkflowRegistry | None = None, namespaces: list[str] | None = None,
+                 notifier: ControllerNotifier | None = None, create_topics: TopicCreator | None = None,
+                 dead_letter_suffix: str = ".dlq") -> None:
         self.store = store
         self.driver = driver
         self.bootstrap_servers = bootstrap_servers
         self.registry = registry or WorkflowRegistry()
+        self.notifier: ControllerNotifier = notifier or NullNotifier()
+        # None: dead-letter topics are not created here (e.g. no Kafka in a unit test).
+        self.create_topics = create_topics
+        self.dead_letter_suffix = dead_letter_suffix
         # None or empty: any namespace (stored steps listed cluster-wide); else only these.
         self.namespaces = sorted(set(namespaces or []))
         # Messages are rare and each touches a few API objects: handling them one at a time keeps a publish and a
@@ -116,20 +137,26 @@ class WorkflowController:
         return [config for namespace in self.namespaces for config in self.store.list(namespace)]
 
     def handle(self, body: bytes | str | Mapping[str, Any], content_type: str = "") -> HandlingResult:
+        result, message = self._handle(body, content_type)
+        self._report(result, message, body)
+        return result
+
+    def _handle(self, body: bytes | str | Mapping[str, Any], content_type: str
+                ) -> tuple[HandlingResult, WorkflowMessage | None]:
         try:
             message = parse_workflow_message(body, content_type)
         except MessageRejected as rejected:
             log.warning("workflow message rejected", extra={"reason": rejected.reason})
-            return HandlingResult(REJECTED, valid=False, reason=rejected.reason)
+            return HandlingResult(REJECTED, valid=False, reason=rejected.reason), None
         if self.namespaces and message.ML.Namespace not in self.namespaces \
                 and message.workflow_status in (PUBLISHED, STOPPING):
             reason = (f"ML.Namespace {message.ML.Namespace!r} is not a workflow namespace of this controller "
                       f"({', '.join(self.namespaces)})")
             log.warning("workflow message rejected", extra={"workflow": message.workflow_name, "reason": reason})
-            return HandlingResult(REJECTED, valid=False, reason=reason, workflow_name=message.workflow_name)
+            return HandlingResult(REJECTED, valid=False, reason=reason, workflow_name=message.workflow_name), message
         with self._lock:
             try:
-                return self._dispatch(message)
+                return self._dispatch(message), message
             except Exception as error:  # the controller keeps serving whatever went wrong
                 config_name = step_config_name(message.Topics.in_)
                 transient = is_transient(error)
@@ -140,8 +167,35 @@ class WorkflowController:
                           exc_info=not transient)
                 self.registry.failed(message.workflow_name, message.ML.Namespace, config_name, message.Topics.in_,
                                      text)
-                return HandlingResult(FAILED, valid=True, reason=text, retryable=transient,
-                                      workflow_name=message.workflow_name, config_name=config_name)
+                # A permanent failure is answered like an invalid message (contracts section 1): the DSL must not
+                # take "valid" for "wired". A temporary one is answered 503 by the shell, and retried.
+                return HandlingResult(FAILED, valid=transient, reason=text, retryable=transient,
+                                      workflow_name=message.workflow_name, config_name=config_name), message
+
+    def _report(self, result: HandlingResult, message: WorkflowMessage | None,
+                body: bytes | str | Mapping[str, Any]) -> None:
+        """Every failure on ``monitoring.notify`` (see the module docstring)."""
+        if result.action not in (REJECTED, FAILED):
+            return
+        status = "WARNING" if result.retryable else "CRITICAL"
+        what = "workflow message refused" if result.action == REJECTED else (
+            f"workflow step {result.config_name} not applied" + (" (retried)" if result.retryable else ""))
+        secrets: list[str] = []
+        if message is not None:
+            workflow_name, component, namespace = (message.workflow_name, message.ML.component_name,
+                                                   message.ML.Namespace)
+            if message.S3_bucket is not None:
+                secrets = list(message.S3_bucket.reveal_credentials().values())
+        else:
+            workflow_name, component, namespace = _best_effort_names(body)
+        self.notifier.notify(status, f"{what}: {result.reason}", workflow_name=workflow_name,
+                             component_name=component, namespace=namespace, secrets=secrets)
+
+    def report_given_up(self, value: bytes | str | Mapping[str, Any], why: str) -> None:
+        """A workflow message given up after every retry (dead-lettered): CRITICAL."""
+        workflow_name, component, namespace = _best_effort_names(value)
+        self.notifier.notify("CRITICAL", f"workflow message given up after every retry: {why}",
+                             workflow_name=workflow_name, component_name=component, namespace=namespace)
 
     def _dispatch(self, message: WorkflowMessage) -> HandlingResult:
         status = message.workflow_status
@@ -166,6 +220,16 @@ class WorkflowController:
                                  str(rejected), config)
             return HandlingResult(REJECTED, valid=False, reason=str(rejected), workflow_name=config.workflow_name,
                                   config_name=config.config_name)
+        # The dead-letter topic exists before anything can be delivered (never left to broker auto-creation).
+        if self.create_topics is not None:
+            topic = dead_letter_topic(config.topic_in, self.dead_letter_suffix)
+            try:
+                self.create_topics(config.bootstrap_servers or self.bootstrap_servers, [topic])
+            except Exception as error:
+                raise TopicsNotCreated(f"dead-letter topic {topic!r} not created: {error}"[:300]) from None
+        # A source that cannot be updated in place (a re-publish under another workflow name changes its consumer
+        # group) goes before the configuration is overwritten: it must never deliver into the new settings.
+        self.driver.release_conflicting(config)
         # Configuration first: once the source exists, deliveries may arrive, and the Wrapper must find it.
         self.store.put(config.namespace, config, credentials)
         source = self.driver.wire(config)
@@ -204,3 +268,22 @@ class WorkflowController:
 
     def workflows(self) -> list[dict[str, Any]]:
         return [s for s in (self.registry.summary(n) for n in self.registry.workflow_names()) if s]
+
+
+def _best_effort_names(body: bytes | str | Mapping[str, Any]) -> tuple[str, str, str]:
+    """(workflow_name, ML.component_name, ML.Namespace) of a record that may not be a valid message: only string
+    values of those three fields are read, nothing else (the record may hold credentials)."""
+    value: Any = body
+    if isinstance(body, (bytes, bytearray, str)):
+        try:
+            value = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return "", "", ""
+    if not isinstance(value, Mapping):
+        return "", "", ""
+    ml = value.get("ML") if isinstance(value.get("ML"), Mapping) else {}
+
+    def text(item: Any) -> str:
+        return item[:200] if isinstance(item, str) else ""
+
+    return text(value.get("workflow_name")), text(ml.get("component_name")), text(ml.get("Namespace"))

@@ -1,8 +1,9 @@
 """``consume`` mode: the controller reads ``system.ML`` itself (no Knative to deliver it).
 
 Each record goes through the same ``WorkflowController.handle`` as an HTTP delivery; the offset is committed after
-it was handled. An infrastructure failure is retried with backoff, a bounded number of times, then logged and
-skipped (a KafkaSource without a dead-letter sink would do the same).
+it was handled. An infrastructure failure is retried with backoff, a bounded number of times; then the record goes
+to ``<system topic>.dlq`` (credentials redacted), is reported CRITICAL on ``monitoring.notify``, and the next record
+follows (what the chart's KafkaSource with its dead-letter sink does).
 """
 
 from __future__ import annotations
@@ -10,18 +11,25 @@ from __future__ import annotations
 import logging
 import threading
 
-from services.core.kafka import consumer_config, poll_record
+from typing import Callable
+
+from services.core.kafka import consumer_config, encode_json, poll_record
 
 from .reconciler import WorkflowController
-from .wiring import DeliveryPolicy
+from .wiring import DeliveryPolicy, dead_letter_topic, delivery_dead_letter_record
+
+# (topic, value, headers): writes one record and returns once the broker acknowledged it.
+DeadLetterWriter = Callable[[str, bytes, list[tuple[str, bytes]]], None]
 
 log = logging.getLogger(__name__)
 
 
 class SystemTopicConsumer:
     def __init__(self, controller: WorkflowController, bootstrap_servers: str, topic: str, group_id: str,
-                 policy: DeliveryPolicy, poll_timeout_s: float = 0.5) -> None:
+                 policy: DeliveryPolicy, poll_timeout_s: float = 0.5,
+                 dead_letter_writer: DeadLetterWriter | None = None) -> None:
         self.controller = controller
+        self.dead_letter_writer = dead_letter_writer
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.group_id = group_id
@@ -57,18 +65,41 @@ class SystemTopicConsumer:
                     continue
                 self._handle(message.value() or b"", int(message.partition() or 0), int(message.offset() or 0))
                 if self._stop.is_set():
-                    break
+                    break  # possibly unfinished: not committed
                 consumer.commit(message=message, asynchronous=False)
                 self.handled += 1
         finally:
             consumer.close()
 
     def _handle(self, value: bytes, partition: int, offset: int) -> None:
+        reason = ""
         for attempt in range(1, self.policy.attempts + 1):
             result = self.controller.handle(value)
             if not result.retryable:
                 return
-            if attempt == self.policy.attempts or self._stop.wait(self.policy.backoff_s(attempt)):
+            reason = result.reason
+            if attempt == self.policy.attempts:
                 break
-        log.error("workflow message skipped after retries",
-                  extra={"topic": self.topic, "partition": partition, "offset": offset})
+            if self._stop.wait(self.policy.backoff_s(attempt)):
+                return  # stopping: not committed, handled again after a restart
+        target = dead_letter_topic(self.topic, self.policy.dead_letter_suffix)
+        if self.dead_letter_writer is not None:
+            record = delivery_dead_letter_record(
+                f"workflow message not applied after {self.policy.attempts} attempt(s): {reason}",
+                config_name="", service_name="", workflow_name="", topic_in=self.topic,
+                event_id=f"partition:{partition}/offset:{offset}", value=value, attempts=self.policy.attempts,
+                http_status=None)
+            wait_s = 1.0
+            while True:  # the offset is committed only once the dead-letter record is acknowledged
+                try:
+                    self.dead_letter_writer(target, encode_json(record), [])
+                    break
+                except Exception as error:  # noqa: BLE001 - the broker is away: wait for it
+                    log.error("dead-letter write failed, retrying", extra={"dead_letter_topic": target,
+                                                                            "error": str(error)[:300]})
+                if self._stop.wait(wait_s):
+                    return
+                wait_s = min(2 * wait_s, 30.0)
+        self.controller.report_given_up(value, reason)
+        log.error("workflow message given up after retries",
+                  extra={"topic": self.topic, "partition": partition, "offset": offset, "dead_letter_topic": target})

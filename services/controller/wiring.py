@@ -7,11 +7,13 @@ consumer group's offsets instead of replaying the topic (contracts defect 5).
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from services.core.logging import redact
 from services.core.step_config import StepConfig, dns1123_name
 from services.core.step_config_k8s import step_annotations, step_labels
 
@@ -106,7 +108,7 @@ def kafka_source_body(config: StepConfig, settings: ControllerSettings) -> dict[
     """The KafkaSource (``sources.knative.dev/v1beta1``) that delivers a step's input topic to its Wrapper."""
     policy = DeliveryPolicy.from_settings(settings)
     bootstrap = config.bootstrap_servers or settings.bootstrap_servers
-    return {
+    body: dict[str, Any] = {
         "apiVersion": f"{KAFKA_SOURCE_API_GROUP}/{KAFKA_SOURCE_API_VERSION}",
         "kind": KAFKA_SOURCE_KIND,
         "metadata": {
@@ -120,6 +122,7 @@ def kafka_source_body(config: StepConfig, settings: ControllerSettings) -> dict[
             "topics": [config.topic_in],
             "consumerGroup": consumer_group(config.workflow_name, config.topic_in),
             "initialOffset": "earliest",
+            "ordering": settings.source_ordering,
             "delivery": {
                 "retry": policy.retry,
                 "backoffPolicy": policy.backoff_policy,
@@ -134,6 +137,20 @@ def kafka_source_body(config: StepConfig, settings: ControllerSettings) -> dict[
             },
         },
     }
+    if settings.kafka_net:
+        # Secret references only (checked by the settings): the dispatcher reads them in the step's namespace.
+        body["spec"]["net"] = copy.deepcopy(settings.kafka_net)
+    return body
+
+
+# Fields of a KafkaSource the Knative webhook refuses to change on update: a change needs delete + create.
+IMMUTABLE_SOURCE_FIELDS = ("consumerGroup",)
+
+
+def immutable_fields_changed(current: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The ``spec`` fields whose change the KafkaSource webhook would refuse (empty: an update is accepted)."""
+    old, new = current.get("spec") or {}, wanted.get("spec") or {}
+    return [f"spec.{name}" for name in IMMUTABLE_SOURCE_FIELDS if old.get(name) != new.get(name)]
 
 
 def delivery_dead_letter_record(reason: str, *, config_name: str, service_name: str, workflow_name: str,
@@ -141,9 +158,10 @@ def delivery_dead_letter_record(reason: str, *, config_name: str, service_name: 
                                 http_status: int | None) -> dict[str, Any]:
     """The dead-letter record of an undeliverable step message, in the shape the Wrapper uses for failed steps
     (``reason``, ``config_name``, ``task``, ..., ``input_message``: replay it by publishing that to ``topic_in``),
-    plus what the delivery saw. The input is a step message, which carries no credentials."""
+    plus what the delivery saw. A step message carries no credentials; a workflow message (the controller's own
+    source on ``system.ML``) does, so secret-looking keys are redacted whatever the input."""
     try:
-        input_message: Any = json.loads(value)
+        input_message: Any = redact(json.loads(value))
     except (json.JSONDecodeError, UnicodeDecodeError):
         input_message = value[:65536].decode("utf-8", errors="replace")
     return {

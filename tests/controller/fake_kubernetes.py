@@ -5,7 +5,8 @@ step-config store call (ConfigMaps, Secrets, namespaced custom objects), keeps o
 request, and behaves like the real one where the code depends on it: 409 AlreadyExists on a second create, 404
 NotFound, 422 on invalid names, custom-object replace needs ``metadata.resourceVersion`` (409 Conflict when stale),
 ``labelSelector`` equality filters. With ``crd_schemas`` it also rejects custom objects that do not validate
-(422), like ``fieldValidation=Strict``.
+(422), like ``fieldValidation=Strict``. It models the admission webhooks' immutable fields (``IMMUTABLE_FIELDS``: a
+KafkaSource's ``spec.consumerGroup``): an update that changes one is denied with 400, as Knative's webhook does.
 
 The official ``kubernetes`` client is pointed at it with ``Configuration(host=fake.url)``.
 """
@@ -36,6 +37,8 @@ def schema_errors(document: Mapping[str, Any], schema: Mapping[str, Any]) -> lis
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _CORE_KINDS = {"configmaps": "ConfigMap", "secrets": "Secret"}
+# resource -> spec fields an update must not change (Knative's validating webhook for KafkaSources).
+IMMUTABLE_FIELDS: dict[str, tuple[str, ...]] = {"kafkasources": ("consumerGroup",)}
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,12 @@ class FakeKubernetesApiServer:
         if given and given != current["metadata"]["resourceVersion"]:
             return _status(409, "Conflict",
                            "the object has been modified; please apply your changes to the latest version")
+        changed = [f"spec.{field}" for field in IMMUTABLE_FIELDS.get(resource, ())
+                   if (current.get("spec") or {}).get(field) != (body.get("spec") or {}).get(field)]
+        if changed:
+            return _status(400, "BadRequest", f'admission webhook "validation.webhook.kafka.eventing.knative.dev" '
+                                              f"denied the request: validation failed: Immutable fields changed "
+                                              f"(-old +new): {', '.join(changed)}")
         stored = copy.deepcopy(body)
         stored["metadata"].update(namespace=namespace, uid=current["metadata"]["uid"],
                                   resourceVersion=str(next(self._versions)),

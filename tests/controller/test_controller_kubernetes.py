@@ -14,17 +14,19 @@ from services.controller.kubernetes_driver import KubernetesSourceDriver
 from services.controller.reconciler import FAILED, IGNORED, REJECTED, UNWIRED, WIRED, WorkflowController
 from services.controller.settings import ControllerSettings
 from services.controller.wiring import consumer_group, kafka_source_name
-from services.core.step_config import step_config_name
+from services.controller.messages import parse_workflow_message
+from services.controller.notifications import NullNotifier
+from services.core.step_config import step_config_from_message, step_config_name
 from services.core.step_config_k8s import KubernetesStepConfigStore, credentials_secret_name
 
 SOURCES = "/apis/sources.knative.dev/v1beta1/namespaces/uc5/kafkasources"
 
 
-def make_controller(kube_clients, **settings) -> WorkflowController:
+def make_controller(kube_clients, notifier: NullNotifier | None = None, **settings) -> WorkflowController:
     core, custom = kube_clients
     driver = KubernetesSourceDriver(custom, ControllerSettings(bootstrap_servers="kafka:9092", **settings),
                                     sleep=lambda _s: None)
-    return WorkflowController(KubernetesStepConfigStore(core), driver, "kafka:9092")
+    return WorkflowController(KubernetesStepConfigStore(core), driver, "kafka:9092", notifier=notifier)
 
 
 def publish(topic: str = "uc5.Input_1", workflow: str = "uc5-test", **extra) -> bytes:
@@ -54,18 +56,66 @@ def test_published_creates_secret_configmap_then_kafkasource(kube_clients, fake_
             assert TEST_SECRET_ACCESS_KEY not in json.dumps(request.body)
 
 
-def test_republish_updates_instead_of_failing(kube_clients, fake_api) -> None:
+def test_republish_of_the_same_workflow_updates_in_place(kube_clients, fake_api) -> None:
     controller = make_controller(kube_clients)
     assert controller.handle(publish(topic_out="first.out")).action == WIRED
     created = fake_api.get_object("kafkasources", "uc5", kafka_source_name("uc5.Input_1"))
-    result = controller.handle(publish(workflow="uc5-renamed"))
+    result = controller.handle(publish(topic_out="second.out"))
     assert result.action == WIRED
     put = fake_api.calls("PUT", "/kafkasources/")
     assert len(put) == 1 and put[0].body["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
     replaced = fake_api.get_object("kafkasources", "uc5", kafka_source_name("uc5.Input_1"))
-    assert replaced["metadata"]["uid"] == created["metadata"]["uid"]
-    assert replaced["spec"]["consumerGroup"] == consumer_group("uc5-renamed", "uc5.Input_1")
+    assert replaced["metadata"]["uid"] == created["metadata"]["uid"]  # same source: its offsets are kept
+    assert not fake_api.calls("DELETE")
     assert len(fake_api.objects("kafkasources")) == 1 and len(fake_api.objects("configmaps")) == 1
+
+
+def test_the_fake_denies_a_consumer_group_change_like_the_knative_webhook(kube_clients, fake_api) -> None:
+    _core, custom = kube_clients
+    make_controller(kube_clients).handle(publish())
+    name = kafka_source_name("uc5.Input_1")
+    source = fake_api.get_object("kafkasources", "uc5", name)
+    source["spec"]["consumerGroup"] = "another-group"
+    with pytest.raises(Exception) as denied:
+        custom.replace_namespaced_custom_object("sources.knative.dev", "v1beta1", "uc5", "kafkasources", name, source)
+    assert denied.value.status == 400 and "Immutable fields changed" in denied.value.body
+
+
+def test_republish_under_another_workflow_recreates_the_source_before_the_settings_change(kube_clients,
+                                                                                         fake_api) -> None:
+    controller = make_controller(kube_clients)
+    assert controller.handle(publish(topic_out="old.out")).action == WIRED
+    created = fake_api.get_object("kafkasources", "uc5", kafka_source_name("uc5.Input_1"))
+    fake_api.requests.clear()
+    result = controller.handle(publish(workflow="uc5-renamed", topic_out="new.out"))
+    assert (result.action, result.valid) == (WIRED, True)
+    config_name = step_config_name("uc5.Input_1")
+    writes = [(r.method, r.path) for r in fake_api.requests if r.method != "GET"]
+    source_path = f"{SOURCES}/{kafka_source_name('uc5.Input_1')}"
+    # The old source is gone before the Secret/ConfigMap carry the new settings: it never delivers into them.
+    assert writes[0] == ("DELETE", source_path)
+    assert writes.index(("DELETE", source_path)) < min(
+        i for i, (_m, path) in enumerate(writes) if "/configmaps" in path or "/secrets" in path)
+    assert writes[-1] == ("POST", SOURCES)
+    recreated = fake_api.get_object("kafkasources", "uc5", kafka_source_name("uc5.Input_1"))
+    assert recreated["metadata"]["uid"] != created["metadata"]["uid"]
+    assert recreated["spec"]["consumerGroup"] == consumer_group("uc5-renamed", "uc5.Input_1")
+    stored = json.loads(fake_api.get_object("configmaps", "uc5", config_name)["data"]["jsonSuperviserRequest"])
+    assert stored["workflow_name"] == "uc5-renamed" and stored["Topics"]["out"] == "new.out"
+    assert not fake_api.calls("PUT", "/kafkasources/")  # never an update the webhook would deny
+
+
+def test_wire_recreates_a_source_whose_consumer_group_differs(kube_clients, fake_api) -> None:
+    # Without release_conflicting first (e.g. a source left by an earlier controller version), wire() itself
+    # recreates instead of sending an update the webhook denies.
+    controller = make_controller(kube_clients)
+    controller.handle(publish())
+    message = parse_workflow_message(publish(workflow="uc5-other"))
+    config, _credentials = step_config_from_message(message, "kafka:9092")
+    controller.driver.wire(config)
+    assert fake_api.get_object("kafkasources", "uc5", kafka_source_name("uc5.Input_1"))["spec"]["consumerGroup"] \
+        == consumer_group("uc5-other", "uc5.Input_1")
+    assert not fake_api.calls("PUT", "/kafkasources/")
 
 
 def test_stopping_deletes_source_then_configuration(kube_clients, fake_api) -> None:
@@ -120,11 +170,78 @@ def test_api_server_errors_are_retryable_and_recorded(kube_clients, fake_api) ->
     assert controller.workflow_status("uc5-test", live=False)["state"] == "running"
 
 
-def test_a_rejected_body_is_a_permanent_failure(kube_clients, fake_api) -> None:
-    controller = make_controller(kube_clients)
+def test_a_rejected_body_is_a_permanent_failure_answered_and_notified(kube_clients, fake_api) -> None:
+    notifier = NullNotifier()
+    controller = make_controller(kube_clients, notifier)
     fake_api.fail_next.append(("POST", 422))
     result = controller.handle(publish())
     assert (result.action, result.retryable) == (FAILED, False)
+    # Not "valid": the DSL must not take a step that was not wired for a wired one.
+    assert result.answer == {"msg": "There was a problem ignoring"}
+    (notification,) = notifier.sent
+    assert (notification.status, notification.workflow_name) == ("CRITICAL", "uc5-test")
+    assert notification.component_name == "cfactor component" and notification.optional.namespace == "uc5"
+    assert "422" in notification.description and "not applied" in notification.description
+
+
+def test_every_failure_is_notified_without_credentials(kube_clients, fake_api) -> None:
+    notifier = NullNotifier()
+    controller = make_controller(kube_clients, notifier)
+    broken = workflow_message("wf-bad", "bad.in", service="cfactor", namespace="uc5")
+    broken["ML"]["Namespace"] = "Not A Namespace"
+    controller.handle(json.dumps(broken))                      # refused: invalid namespace
+    controller.handle(b"{not json")                            # refused: not JSON
+    fake_api.fail_next.append(("POST", 503))
+    controller.handle(publish("t.retry", workflow="wf-retry"))  # temporary: the source retries
+    controller.handle(publish("t.ok", workflow="wf-ok"))        # wired: nothing to notify
+    controller.handle(publish().replace(b'"published"', b'"draft"'))  # ignored: nothing to notify
+    assert [(n.status, n.workflow_name) for n in notifier.sent] == [
+        ("CRITICAL", "wf-bad"), ("CRITICAL", ""), ("WARNING", "wf-retry")]
+    assert "ML.Namespace" in notifier.sent[0].description and "not JSON" in notifier.sent[1].description
+    assert "503" in notifier.sent[2].description
+    for notification in notifier.sent:
+        assert TEST_SECRET_ACCESS_KEY not in notification.model_dump_json()
+        assert len(notification.description) <= 300
+
+
+def test_stopping_needs_only_topics_and_ml(kube_clients, fake_api) -> None:
+    controller = make_controller(kube_clients)
+    controller.handle(publish())
+    for stop in ({"workflow_status": "stopping", "workflow_name": "uc5-test", "Topics": {"in": "uc5.Input_1"},
+                  "ML": {"Namespace": "uc5"}, "S3_bucket": {"s3-bucket-name": "b"}},        # partial S3_bucket
+                 {"workflow_status": "stopping", "workflow_name": "uc5-test", "Topics": {"in": "uc5.Input_1"},
+                  "ML": {"Namespace": "uc5", "ServiceName": ""}, "S3_bucket": None}):
+        result = controller.handle(json.dumps(stop))
+        assert (result.action, result.valid) == (UNWIRED, True), result.reason
+    assert fake_api.objects("kafkasources") == [] and fake_api.objects("configmaps") == []
+
+
+def test_step_sources_are_unordered_with_a_step_long_timeout_and_secured(kube_clients, fake_api,
+                                                                         kafka_source_schema) -> None:
+    net = {"sasl": {"enable": True, "user": {"secretKeyRef": {"name": "kafka-user", "key": "user"}},
+                    "password": {"secretKeyRef": {"name": "kafka-user", "key": "password"}},
+                    "type": {"secretKeyRef": {"name": "kafka-user", "key": "saslType"}}},
+           "tls": {"enable": True, "caCert": {"secretKeyRef": {"name": "kafka-ca", "key": "ca.crt"}}}}
+    controller = make_controller(kube_clients, kafka_net=json.dumps(net), delivery_timeout_s=3660)
+    assert controller.handle(publish()).action == WIRED  # the fake validated the body against the CRD
+    spec = fake_api.get_object("kafkasources", "uc5", kafka_source_name("uc5.Input_1"))["spec"]
+    assert spec["ordering"] == "unordered"
+    assert spec["delivery"]["timeout"] == "PT3660S" and spec["delivery"]["retry"] == 8
+    assert spec["net"] == net
+
+
+@pytest.mark.parametrize("net", [
+    {"sasl": {"enable": True, "password": "hunter2-literal"}},
+    {"sasl": {"password": {"secretKeyRef": {"name": "s", "key": "k"}, "value": "x"}}},
+    {"tls": {"enable": "yes"}},
+    {"ssl": {}},
+])
+def test_kafka_net_accepts_secret_references_only(net: dict) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as error:
+        ControllerSettings(kafka_net=json.dumps(net))
+    assert "hunter2-literal" not in str(error.value)
 
 
 def test_status_lists_workflows_steps_and_live_source_state(kube_clients, fake_api) -> None:

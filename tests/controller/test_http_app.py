@@ -123,3 +123,28 @@ def test_dead_letter_sink_writes_the_record_to_the_step_dead_letter_topic(kafka_
     assert value["event_id"] == "partition:0/offset:5" and value["delivery"]["http_status"] == 500
     assert "inference server down" in value["reason"]
     assert dict(record.headers())["knativeerrorcode"] == b"500"
+
+
+def test_a_dead_lettered_workflow_message_is_redacted_and_notified_critical(kafka_broker) -> None:
+    # The controller's own source on system.ML dead-letters here too, after every retry failed.
+    from confluent_kafka import Producer
+
+    from services.controller.notifications import NullNotifier
+    from services.core.kafka import producer_config
+
+    notifier = NullNotifier()
+    controller = WorkflowController(None, None, "", notifier=notifier)  # type: ignore[arg-type]
+    app = build_app(controller, kafka_dead_letter_writer(Producer(producer_config(kafka_broker.bootstrap_servers))))
+    system_topic = unique("system.ML")
+    message = workflow_message("wf-dead", "dead.in", namespace="uc1")
+    headers = {**cloudevent_headers(9), "ce-source": f"/apis/v1/namespaces/eoml/kafkasources/c#{system_topic}",
+               "ce-knativeerrorcode": "503"}
+    with ThreadedApp(app) as server:
+        assert call(f"{server.url}/dead-letter", json.dumps(message).encode(), headers)[0] == 202
+    (record,) = read_topic(kafka_broker.bootstrap_servers, f"{system_topic}.dlq", 1)
+    assert TEST_SECRET_ACCESS_KEY not in record.value().decode()
+    stored = json.loads(record.value())["input_message"]
+    assert stored["workflow_name"] == "wf-dead" and stored["S3_bucket"]["aws_secret_access_key"] == "***"
+    (notification,) = notifier.sent
+    assert (notification.status, notification.workflow_name) == ("CRITICAL", "wf-dead")
+    assert f"{system_topic}.dlq" in notification.description

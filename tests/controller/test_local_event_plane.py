@@ -211,3 +211,37 @@ def test_a_refused_event_is_dead_lettered_without_retries(kafka_broker, producer
         receiver.stop()
     assert [r.json["meta_information"]["n"] for r in seen] == [1, 2]
     assert json.loads(dead.value())["delivery"] == {"attempts": 1, "http_status": 400}
+
+
+def test_a_changed_consumer_group_stops_the_old_dispatcher_before_rewiring(kafka_broker, receiver) -> None:
+    driver = make_driver(kafka_broker, receiver)
+    topic = new_topic(kafka_broker, "plane.renamed")
+    old, renamed = make_step(kafka_broker, topic, workflow="wf-old"), make_step(kafka_broker, topic, workflow="wf-new")
+    try:
+        driver.wire(old)
+        first = driver._dispatchers[(old.namespace, old.config_name)]
+        assert driver.release_conflicting(old) is False  # same step: keeps running
+        assert driver.release_conflicting(renamed) is True
+        assert not first.running and (old.namespace, old.config_name) not in driver._dispatchers
+        driver.wire(renamed)
+        assert driver._dispatchers[(renamed.namespace, renamed.config_name)].target.consumer_group \
+            != first.target.consumer_group
+    finally:
+        driver.close()
+
+
+def test_dead_letter_topic_is_created_when_the_dispatcher_starts(kafka_broker, receiver) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    from services.core.kafka import admin_config
+
+    driver = make_driver(kafka_broker, receiver)
+    topic = unique("plane.dlqtopic")
+    step = make_step(kafka_broker, topic)
+    try:
+        driver.wire(step)
+        admin = AdminClient(admin_config(kafka_broker.bootstrap_servers))
+        wait_until(lambda: f"{topic}.dlq" in admin.list_topics(timeout=10).topics, timeout_s=30)
+    finally:
+        driver.close()
+
