@@ -26,7 +26,7 @@ class KafkaSecuritySettings(BaseSettings):
     reference): the password arrives as an environment variable from a Secret, certificates as mounted files.
     """
 
-    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}KAFKA_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}KAFKA_", extra="ignore", hide_input_in_errors=True)
 
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
