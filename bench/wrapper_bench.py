@@ -18,6 +18,13 @@ bilinear 20 m upsampling, standardisation, checks) over decoded sample patches. 
 Decoding the band files (rasterio, 12 TIFFs per patch) is measured beside it, for information.
 
     .venv/bin/python bench/wrapper_bench.py [--patches N] [--batch-size 16] [--task ssl-features --task compress]
+    .venv/bin/python bench/wrapper_bench.py --granule [--granule-patches 8300] [--granule-task ssl-features]
+
+``--granule``: a Sentinel-2 granule's worth of tiles (8,300 by default, ~8,281 tiles of 120 x 120 in a granule) as
+one tar.gz (copies of the sample patches under distinct names, written to disk, not held in memory) through one
+``eo-wrapper`` process, delivered as a KafkaSource does (the answer comes when the step is announced): patches,
+wall time, and the Wrapper's peak RSS (``VmHWM`` of ``/proc/<pid>/status``) with the batch size, which is what the
+peak must depend on (not the input size).
 
 Prints a table and writes ``bench/results/wrapper-<UTC stamp>.json`` (and ``wrapper-latest.json``). Client,
 Wrapper and server share the machine's cores: run it on a quiet machine (the load average is recorded).
@@ -51,7 +58,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from services.core.contracts import StepMessage  # noqa: E402
 from services.core.logging import configure_logging  # noqa: E402
-from services.core.step_config import StepConfig, StepCredentials, step_config_name  # noqa: E402
+from services.core.step_config import LocalStepConfigStore, StepConfig, StepCredentials, step_config_name  # noqa: E402
 from services.local_platform.infra import MotoS3Server, TansuBroker, free_ports  # noqa: E402
 from services.wrapper.batching import Work, batched_inference  # noqa: E402
 from services.wrapper.inference_client import GRPC_CHANNEL_ARGS, ModelClient  # noqa: E402
@@ -99,6 +106,110 @@ def bench_archive(count: int) -> bytes:
                 member.size = len(data)
                 archive.addfile(member, io.BytesIO(data))
     return buffer.getvalue()
+
+
+def write_bench_archive(path: Path, count: int) -> int:
+    """``bench_archive`` streamed to a file (a granule's archive is ~1 GB); returns its size."""
+    names = sample_names()
+    bands = {source: sorted((SAMPLE_PATCHES / source).glob(f"{source}_B*.tif")) for source in names}
+    with tarfile.open(path, mode="w:gz", compresslevel=1) as archive:
+        for index in range(count):
+            source, name = patch_name(index, names)
+            for band_path in bands[source]:
+                band = band_path.name[len(source) + 1:]
+                data = band_path.read_bytes()
+                member = tarfile.TarInfo(f"{name}/{name}_{band}")
+                member.size = len(data)
+                archive.addfile(member, io.BytesIO(data))
+    return path.stat().st_size
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """``VmHWM`` (peak resident set) of a live process, from ``/proc/<pid>/status``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def bench_granule(task: str, server: Server, moto: MotoS3Server, broker: TansuBroker, bucket: str, patches: int,
+                  batch_size: int, in_flight: int, work_dir: Path, log_dir: Path) -> dict[str, Any]:
+    """One granule-size step through an ``eo-wrapper`` process; wall time and the process's peak RSS."""
+    s3 = make_s3_client(S3Access(bucket_name=bucket, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                                 endpoint_url=moto.endpoint_url))
+    archive = work_dir / f"granule-{patches}.tar.gz"
+    archive_size = write_bench_archive(archive, patches)
+    s3.upload_file(str(archive), bucket, "granule/patches.tar.gz")
+    archive.unlink()
+    topic = f"bench.granule.{uuid.uuid4().hex[:6]}"
+    config = StepConfig(
+        config_name=step_config_name(topic), workflow_name="wrapper-bench-granule", topic_in=topic,
+        topic_out=topic + ".out", namespace="bench", service_name=task, component_name=f"bench {task}",
+        bucket=bucket, endpoint_url=moto.endpoint_url, bootstrap_servers=broker.bootstrap_servers,
+    )
+    store_root = work_dir / "step-configs"
+    LocalStepConfigStore(store_root).put(
+        "bench", config, StepCredentials(aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY))
+    (port,) = free_ports(1)
+    env = {**os.environ, "EOML_WRAPPER_TASK": task, "EOML_WRAPPER_HTTP_HOST": "127.0.0.1",
+           "EOML_WRAPPER_HTTP_PORT": str(port), "EOML_WRAPPER_INFERENCE_URL": server.grpc_url,
+           "EOML_WRAPPER_STORE_ROOT": str(store_root), "EOML_WRAPPER_NAMESPACE": "bench",
+           "EOML_WRAPPER_BATCH_SIZE": str(batch_size), "EOML_WRAPPER_REQUESTS_IN_FLIGHT": str(in_flight),
+           "EOML_WRAPPER_NOTIFY_TOPIC": f"bench-notify-{uuid.uuid4().hex[:6]}", "EOML_WRAPPER_LOG_LEVEL": "WARNING",
+           "EOML_WRAPPER_SPOOL_DIR": str(work_dir), "EOML_WRAPPER_PROGRESS_INTERVAL_S": "30"}
+    with open(log_dir / f"wrapper-bench-granule-{task}.log", "ab") as log_file:
+        wrapper = subprocess.Popen([sys.executable, "-m", "services.wrapper.cli"], cwd=PROJECT_ROOT, env=env,
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or wrapper.poll() is not None:
+                    raise RuntimeError("the Wrapper did not start") from None
+                time.sleep(0.2)
+        idle_rss = peak_rss_bytes(wrapper.pid)
+        body = json.dumps({"previous_component_end": "True", "S3_bucket_desc": {"folder": "granule", "filename": ""},
+                           "meta_information": {}}).encode()
+        request = urllib.request.Request(f"{url}/{config.config_name}", data=body, method="POST", headers={
+            "Content-Type": "application/json", "ce-id": "partition:0/offset:0", "ce-specversion": "1.0",
+            "ce-source": f"/apis/v1/namespaces/bench/kafkasources/bench#{topic}", "ce-type": "dev.knative.kafka.event",
+            "ce-time": "2026-01-01T00:00:00Z"})
+        started = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=24 * 3600) as response:
+            answer = json.loads(response.read())
+        wall_s = time.perf_counter() - started
+        peak = peak_rss_bytes(wrapper.pid)
+    finally:
+        wrapper.send_signal(signal.SIGTERM)
+        try:
+            wrapper.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            wrapper.kill()
+    if answer.get("status") != "SUCCESS":
+        raise RuntimeError(f"granule step did not succeed: {answer}")
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=answer["folder"] + ".manifest.json")["Body"].read())
+    return {
+        "task": task, "patches": manifest["patches"], "archive_bytes": archive_size, "batch_size": batch_size,
+        "requests_in_flight": in_flight, "wall_s": wall_s, "patches_per_s": manifest["patches"] / wall_s,
+        "wrapper_peak_rss_bytes": peak, "wrapper_idle_rss_bytes": idle_rss,
+        "result_bytes": sum(o["size"] for o in manifest["objects"]), "objects": len(manifest["objects"]),
+    }
+
+
+def print_granule_table(rows: list[dict[str, Any]]) -> None:
+    print("\nGranule-size step (one eo-wrapper process; peak RSS = VmHWM)")
+    header = f"{'task':<14} {'patches':>7} {'batch':>5} {'wall s':>8} {'patches/s':>9} {'peak RSS MiB':>12} " \
+             f"{'idle RSS MiB':>12} {'results MiB':>11}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(f"{row['task']:<14} {row['patches']:>7} {row['batch_size']:>5} {row['wall_s']:>8.0f} "
+              f"{row['patches_per_s']:>9.2f} {row['wrapper_peak_rss_bytes'] / 2**20:>12.0f} "
+              f"{row['wrapper_idle_rss_bytes'] / 2**20:>12.0f} {row['result_bytes'] / 2**20:>11.1f}")
 
 
 def band_files(source: str) -> dict[str, bytes]:
@@ -320,7 +431,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=PROJECT_ROOT / "bench" / "results")
     parser.add_argument("--log-dir", type=Path, default=PROJECT_ROOT / "build" / "bench")
     parser.add_argument("--server-start-timeout", type=float, default=300.0)
+    parser.add_argument("--granule", action="store_true", help="only the granule-size run (peak memory)")
+    parser.add_argument("--granule-patches", type=int, default=8300)
+    parser.add_argument("--granule-task", dest="granule_tasks", action="append", choices=("ssl-features", "uc5-cfactor"))
     args = parser.parse_args(argv)
+    if args.granule:
+        return granule_main(args)
     tasks = args.tasks or list(DEFAULT_TASKS)
     configure_logging("WARNING", "text")
     args.log_dir.mkdir(parents=True, exist_ok=True)
@@ -367,6 +483,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = args.results_dir / f"wrapper-{stamp}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     shutil.copyfile(path, args.results_dir / "wrapper-latest.json")
+    print(f"\nresults: {path}")
+    return 0
+
+
+def granule_main(args: argparse.Namespace) -> int:
+    tasks = args.granule_tasks or ["ssl-features"]
+    configure_logging("WARNING", "text")
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = args.log_dir / f"granule-{uuid.uuid4().hex[:6]}"
+    work_dir.mkdir(parents=True)
+    load_start = os.getloadavg()
+    server = Server(args.repository, [task_spec(task).default_model for task in tasks],
+                    args.log_dir / "wrapper-bench-server.log")
+    moto = MotoS3Server().start()
+    broker = TansuBroker(log_path=args.log_dir / "wrapper-bench-kafka.log").start()
+    rows = []
+    try:
+        server.wait_ready(args.server_start_timeout)
+        for task in tasks:
+            bucket = f"bench-granule-{uuid.uuid4().hex[:8]}"
+            make_s3_client(S3Access(bucket_name=bucket, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                                    endpoint_url=moto.endpoint_url)).create_bucket(Bucket=bucket)
+            rows.append(bench_granule(task, server, moto, broker, bucket, args.granule_patches, args.batch_size,
+                                      args.requests_in_flight, work_dir, args.log_dir))
+    finally:
+        broker.stop()
+        moto.stop()
+        server.stop()
+        shutil.rmtree(work_dir, ignore_errors=True)
+    report = {
+        "schema": RESULTS_SCHEMA + "-granule",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "load_average_start": load_start, "load_average_end": os.getloadavg()},
+        "granule": rows,
+    }
+    print_granule_table(rows)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = args.results_dir / f"wrapper-granule-{stamp}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    shutil.copyfile(path, args.results_dir / "wrapper-granule-latest.json")
     print(f"\nresults: {path}")
     return 0
 

@@ -74,6 +74,7 @@ from services.wrapper.preprocess import (
     read_era5_stack,
     sentinel2_input,
 )
+from services.wrapper.outputs.decompressed import ARCHIVE_CONTENT_TYPE, ARCHIVE_SUFFIX, stream_decompressed_archive
 from services.wrapper.outputs.features import (
     FEATURES_JSON_SUFFIX,
     FEATURES_NPZ_SUFFIX,
@@ -621,13 +622,26 @@ class DecompressHandler(TaskHandler):
                 # One item per patch: the decoded patches of a file are the largest thing a step holds.
                 yield Work(codes[index:index + 1], FileContext(unit, patch, info))
 
-    def write_unit(self, ctx: StepContext, unit: InputUnit, kept: list[Any]) -> UnitResult:
-        patches = [context.payload for context, _ in kept]
-        info: CodesFile = kept[0][0].extra
-        decoded = np.concatenate([outputs for _, outputs in kept]).astype(np.float32, copy=False)
-        file = write_decompressed_archive(decoded, info.band_scale, patches, ctx.created)
+    # Decoded patches (576 KB each) are spooled to disk and the archive is written from there chunk by chunk.
+    def start_unit(self, ctx: StepContext, unit: InputUnit) -> ArraySpool:
+        return ArraySpool(ctx.spool_dir, np.float32)
+
+    def collect(self, ctx: StepContext, collector: Any, work: Work[Any], outputs: np.ndarray) -> None:
+        context: FileContext = work.context
+        collector.meta = context.extra
+        collector.append(outputs, [context.payload] * outputs.shape[0])
+
+    def write_unit(self, ctx: StepContext, unit: InputUnit, kept: Any) -> UnitResult:
+        spool: ArraySpool = kept
+        info: CodesFile = spool.meta
+        try:
+            with spooled_output(ctx.spool_dir, ARCHIVE_SUFFIX, ARCHIVE_CONTENT_TYPE) as (target, made):
+                stream_decompressed_archive(target, spool.chunks(size=64), info.band_scale, spool.items, ctx.created)
+        finally:
+            spool.close()
+        file = made[0]
         stats = {"levels": info.levels, "codes_model": info.model_name}
-        return UnitResult([ResultObject(ctx.key(unit, file.suffix), file, len(patches))], len(patches), stats)
+        return UnitResult([ResultObject(ctx.key(unit, file.suffix), file, len(spool))], len(spool), stats)
 
 
 class LocustHandler(TaskHandler):

@@ -34,8 +34,8 @@ MAX_BODY_BYTES = 1024 * 1024  # a step message is a few hundred bytes
 RETRY_AFTER_S = "5"
 
 
-def _json(status: int, **body: Any) -> web.Response:
-    return web.json_response(body, status=status)
+def _json(http_status: int, **body: Any) -> web.Response:
+    return web.json_response(body, status=http_status)
 
 
 def _retry_later(detail: str, **body: Any) -> web.Response:

@@ -31,6 +31,7 @@ class ArraySpool:
         self.row_shape: tuple[int, ...] | None = None
         self.rows = 0
         self.items: list[Any] = []  # per-row metadata, in order
+        self.meta: Any = None  # what the unit's rows share (e.g. the codes file's band scale)
 
     def __len__(self) -> int:
         return self.rows

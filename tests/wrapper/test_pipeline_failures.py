@@ -162,7 +162,7 @@ def test_corrupt_archive_fails_the_step_and_leaves_nothing(server: InferenceServ
     outcome = ssl.run(ssl.runtime(server.grpc_url), "in")
 
     assert_failed_cleanly(ssl, outcome, "truncated", "in")
-    assert list_keys(ssl.s3, ssl.access.bucket_name) == ["in/cut.tar.gz"]
+    assert list_keys(ssl.s3, ssl.access.bucket_name) == ["in/cut.tar.gz", outcome.output_folder + FAILED_SUFFIX]
 
 
 def test_every_patch_rejected_is_a_failure(server: InferenceServer, ssl: StepFixture) -> None:

@@ -37,7 +37,7 @@ from services.wrapper.outputs.compressed import PIXELS_PER_PATCH
 from services.wrapper.results import ANNOUNCED_SUFFIX, MANIFEST_SUFFIX, output_folder
 from test_input_safe_products import KEPT_TILES, ORIGIN_X, ORIGIN_Y, PRODUCT, _scene, _upload_tree, _write_safe
 from outputs_test_data import GEOREFERENCED_PATCH, PLAIN_PATCH, SECOND_GEOREFERENCED_PATCH
-from wrapper_input_data import SAMPLE_PATCHES, sample_tar_gz, upload_patch_folder
+from wrapper_input_data import SAMPLE_PATCHES, sample_patch_names, sample_tar_gz, upload_patch_folder
 from wrapper_stack import (  # noqa: F401 - close_step_runtimes is an autouse fixture
     close_step_runtimes,
     EVENT_TIME,
@@ -434,3 +434,33 @@ def test_redelivery_is_a_duplicate_and_a_new_event_gets_its_own_run_folder(
     assert [r["value"]["S3_bucket_desc"]["folder"] for r in announcements] == [first.output_folder,
                                                                               second.output_folder]
     assert [n["status"] for n in uc5.notifications(final=False)].count("START") == 2
+
+
+def test_a_unit_past_the_codes_file_limit_is_split_and_decompress_reads_every_part(
+    server: InferenceServer, s3_access: S3Access, kafka_broker: Any, tmp_path: Path
+) -> None:
+    patches = sample_patch_names()[3:6]
+    compress = make_step("compress", s3_access, kafka_broker, tmp_path)
+    compress.s3.put_object(Bucket=s3_access.bucket_name, Key="in/three.tar.gz", Body=sample_tar_gz(patches))
+
+    outcome = compress.run(compress.runtime(server.grpc_url, codes_patches_per_file=2), "in")
+
+    assert outcome.status == "SUCCESS", outcome.reason
+    assert [(o.key, o.patches) for o in outcome.objects] == [
+        (f"{outcome.output_folder}/three.part-0001.codes", 2), (f"{outcome.output_folder}/three.part-0002.codes", 1)]
+    parts = [read_compressed(object_bytes(compress.s3, s3_access.bucket_name, o.key)) for o in outcome.objects]
+    assert [p.patch_id for part in parts for p in part.patches] == patches
+    manifest = check_manifest(compress, outcome)
+    compression = manifest["stats"]["per_input"][0]["compression"]
+    assert compression["parts"] == 2 and compression["patches"] == 3
+    assert compression["file_bytes"] == sum(o.size for o in outcome.objects)
+
+    decompress = make_step("decompress", s3_access, kafka_broker, tmp_path)
+    result = decompress.run(decompress.runtime(server.grpc_url), outcome.output_folder)
+
+    assert result.status == "SUCCESS", result.reason
+    assert result.patches == 3
+    archives = [read_decompressed_archive(object_bytes(decompress.s3, s3_access.bucket_name, o.key))
+                for o in result.objects]
+    assert [o.key.rsplit("/", 1)[1] for o in result.objects] == ["three.part-0001.tar.gz", "three.part-0002.tar.gz"]
+    assert sorted(name for archive in archives for name in archive) == sorted(patches)

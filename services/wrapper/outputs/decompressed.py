@@ -20,7 +20,7 @@ import gzip
 import io
 import tarfile
 from datetime import datetime
-from typing import Literal, Sequence
+from typing import IO, Iterable, Literal, Sequence
 
 import numpy as np
 from affine import Affine
@@ -114,30 +114,51 @@ def write_decompressed_archive(
 
     ``created`` stamps every tar member and the gzip header, so equal input gives byte-identical archives.
     """
+    check_patches(patches, decoded.shape[0], "decoded patches")
+    buffer = io.BytesIO()
+    stream_decompressed_archive(buffer, [decoded], band_scale, patches, created, band_grid)
+    return OutputFile(data=buffer.getvalue(), content_type=ARCHIVE_CONTENT_TYPE, suffix=ARCHIVE_SUFFIX)
+
+
+def stream_decompressed_archive(
+    out: IO[bytes],
+    chunks: Iterable[np.ndarray],
+    band_scale: BandScale,
+    patches: Sequence[PatchMetadata],
+    created: datetime,
+    band_grid: BandGrid = "native",
+) -> None:
+    """``write_decompressed_archive`` into a file from chunks of decoded patches (``patches`` in all): only one
+    chunk is in memory. The same bytes as the in-memory form."""
     if band_grid not in ("native", "10m"):
         raise OutputFormatError(f"band_grid must be 'native' or '10m', got {band_grid!r}")
     if not isinstance(created, datetime) or created.tzinfo is None:
         raise OutputFormatError(f"created must be a timezone-aware datetime, got {created!r}")
     mtime = max(0, int(created.timestamp()))
-    digital_numbers = to_digital_numbers(decoded, band_scale)
-    check_patches(patches, decoded.shape[0], "decoded patches")
     folders = [patch_folder_name(p.patch_id) for p in patches]
     if len(set(folders)) != len(folders):
-        duplicate = next(name for name in folders if folders.count(name) > 1)
+        seen: set[str] = set()
+        duplicate = next(name for name in folders if name in seen or seen.add(name))  # type: ignore[func-returns-value]
         raise OutputFormatError(f"two patches would share the folder {duplicate!r}; write them to separate archives")
     factors = [_band_factor(band, band_grid) for band in band_scale.bands]
-
-    buffer = io.BytesIO()
+    written = 0
     # filename="" and a fixed mtime keep the gzip header free of anything but the data.
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=mtime, compresslevel=6) as compressed:
+    with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=mtime, compresslevel=6) as compressed:
         with tarfile.open(fileobj=compressed, mode="w", format=tarfile.PAX_FORMAT) as archive:
-            for patch, folder, bands in zip(patches, folders, digital_numbers):
-                _add_member(archive, f"{folder}/", None, mtime)
-                for band, factor, values in zip(band_scale.bands, factors, bands):
-                    transform = compose(patch.affine, Affine.scale(factor)) if patch.affine is not None else None
-                    raster = geotiff_bytes(quantise_uint16(_block_mean(values, factor)), patch.crs_wkt, transform)
-                    _add_member(archive, f"{folder}/{folder}_{band}.tif", raster, mtime)
-    return OutputFile(data=buffer.getvalue(), content_type=ARCHIVE_CONTENT_TYPE, suffix=ARCHIVE_SUFFIX)
+            for chunk in chunks:
+                digital_numbers = to_digital_numbers(chunk, band_scale)
+                if written + len(digital_numbers) > len(patches):
+                    raise OutputFormatError(f"decoded patches: more than the {len(patches)} patches described")
+                for index, bands in enumerate(digital_numbers, start=written):
+                    patch, folder = patches[index], folders[index]
+                    _add_member(archive, f"{folder}/", None, mtime)
+                    for band, factor, values in zip(band_scale.bands, factors, bands):
+                        transform = compose(patch.affine, Affine.scale(factor)) if patch.affine is not None else None
+                        raster = geotiff_bytes(quantise_uint16(_block_mean(values, factor)), patch.crs_wkt, transform)
+                        _add_member(archive, f"{folder}/{folder}_{band}.tif", raster, mtime)
+                written += len(digital_numbers)
+    if written != len(patches):
+        raise OutputFormatError(f"decoded patches: {written} for {len(patches)} patches")
 
 
 def read_decompressed_archive(data: bytes) -> dict[str, dict[str, GeoRaster]]:
