@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from deploy_test_support import REPO_ROOT, documents, env_of, find
 from deploy.render import CI_VALUES, PROD_VALUES, ToolError, Tools, helm_lint, helm_template, render_all
 from deploy.validate import validate_documents
+from services.controller.messages import parse_workflow_message
+from services.controller.settings import ControllerSettings
+from services.controller.wiring import kafka_source_body
+from services.core.step_config import step_config_from_message
 
 KNATIVE = "serving.knative.dev/"
 KSERVE = "serving.kserve.io/"
@@ -117,7 +123,7 @@ def test_rbac_is_namespaced_and_minimal(tools: Tools) -> None:
         assert _rules(controller) == {("sources.knative.dev", "kafkasources", manage), ("", "configmaps", manage),
                                       ("", "secrets", manage)}
         wrapper = roles[(namespace, "eoml-eo-inference-platform-wrapper")]
-        assert _rules(wrapper) == {("", "configmaps", frozenset({"get", "list"})), ("", "secrets", frozenset({"get"}))}
+        assert _rules(wrapper) == {("", "configmaps", frozenset({"get"})), ("", "secrets", frozenset({"get"}))}
     reader = roles[("eoml", "eoml-eo-inference-platform-controller-inference-reader")]
     assert _rules(reader) == {("serving.kserve.io", "inferenceservices", frozenset({"get", "list", "watch"}))}
     assert len(roles) == 5  # nothing else, in no other namespace
@@ -201,3 +207,126 @@ def test_values_schema_rejects_bad_values(tools: Tools, assignment: str, expecte
 def test_inconsistent_values_fail_with_a_reason(tools: Tools, values: tuple[Path, ...], assignments: tuple[str, ...],
                                                 expected: str) -> None:
     assert expected in render_error(tools, *assignments, values=values)
+
+
+# -- step delivery: timeouts, concurrency, scaling ------------------------------------------------------------------
+
+def _wrappers(docs) -> list[dict]:
+    return [s for s in find(docs, "Service", api_prefix=KNATIVE) if s["metadata"]["labels"].get(
+        "app.kubernetes.io/component") == "wrapper"]
+
+
+def _controller_env(docs) -> dict[str, str]:
+    [controller] = [s for s in find(docs, "Service", api_prefix=KNATIVE)
+                    if s["metadata"]["labels"].get("app.kubernetes.io/component") == "controller"]
+    return env_of(controller["spec"]["template"]["spec"]["containers"][0])
+
+
+@pytest.mark.parametrize("manifest", ["default_manifest", "prod_manifest"])
+def test_wrappers_take_as_many_deliveries_as_they_run_steps_and_scale_when_steps_queue(manifest: str,
+                                                                                      request) -> None:
+    docs = documents(request.getfixturevalue(manifest))
+    for service in _wrappers(docs):
+        spec = service["spec"]["template"]["spec"]
+        env = env_of(spec["containers"][0])
+        assert spec["containerConcurrency"] == int(env["EOML_WRAPPER_WORKERS"]) >= 1
+        assert "EOML_WRAPPER_QUEUE_SIZE" not in env
+        annotations = service["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["autoscaling.knative.dev/class"] == "kpa.autoscaling.knative.dev"
+        assert annotations["autoscaling.knative.dev/metric"] == "concurrency"
+        # Target = containerConcurrency x 100 %: a pod is added exactly when steps queue in front of the pods.
+        assert annotations["autoscaling.knative.dev/target-utilization-percentage"] == "100"
+        assert int(annotations["autoscaling.knative.dev/max-scale"]) >= 1
+
+
+@pytest.mark.parametrize("manifest", ["default_manifest", "prod_manifest"])
+def test_timeouts_are_consistent_from_the_wrapper_to_the_kafka_source(manifest: str, request) -> None:
+    docs = documents(request.getfixturevalue(manifest))
+    controller_env = _controller_env(docs)
+    delivery_timeout = float(controller_env["EOML_CONTROLLER_DELIVERY_TIMEOUT_S"])
+    assert controller_env["EOML_CONTROLLER_SOURCE_ORDERING"] == "unordered"
+    for service in _wrappers(docs):
+        spec = service["spec"]["template"]["spec"]
+        env = env_of(spec["containers"][0])
+        # A step may wait out an inference outage (plus one request's timeout, 300 s) and still has to work.
+        outage_wait = int(env["EOML_WRAPPER_INFER_RETRY_MAX_S"]) + 300
+        assert spec["timeoutSeconds"] > outage_wait
+        # The dispatcher never cuts an attempt that Knative still lets run.
+        assert delivery_timeout >= spec["timeoutSeconds"]
+
+
+def test_the_controller_source_dead_letters_to_the_controller(default_manifest: str) -> None:
+    docs = documents(default_manifest)
+    [source] = find(docs, "KafkaSource")
+    sink = source["spec"]["delivery"]["deadLetterSink"]
+    assert sink["ref"] == source["spec"]["sink"]["ref"] and sink["uri"] == "/dead-letter"
+    assert _controller_env(docs)["EOML_CONTROLLER_NOTIFY_TOPIC"] == "monitoring.notify"
+
+
+# -- Kafka security ---------------------------------------------------------------------------------------------------
+
+KAFKA_NET = {
+    "sasl": {"enable": True, "user": {"secretKeyRef": {"name": "eoml-kafka", "key": "user"}},
+             "password": {"secretKeyRef": {"name": "eoml-kafka", "key": "password"}},
+             "type": {"secretKeyRef": {"name": "eoml-kafka", "key": "saslType"}}},
+    "tls": {"enable": True, "caCert": {"secretKeyRef": {"name": "eo-kafka-cluster-ca-cert", "key": "ca.crt"}}},
+}
+
+
+def test_kafka_net_reaches_every_source_and_every_pod_as_secret_references(tools: Tools, tmp_path: Path) -> None:
+    values = tmp_path / "net.yaml"
+    values.write_text(yaml.safe_dump({"kafka": {"net": KAFKA_NET}}))
+    docs = render(tools, "controller.workflowNamespaces={uc5}", values=(CI_VALUES, values))
+    assert validate_documents(docs) == []
+    [source] = find(docs, "KafkaSource")
+    assert source["spec"]["net"] == KAFKA_NET  # the controller's own source
+    controller_env = _controller_env(docs)
+    assert json.loads(controller_env["EOML_CONTROLLER_KAFKA_NET"]) == KAFKA_NET
+    # Every step KafkaSource the controller creates with these settings carries the same references.
+    settings = ControllerSettings(**{k.removeprefix("EOML_CONTROLLER_").lower(): v for k, v in controller_env.items()
+                                     if k.startswith("EOML_CONTROLLER_")})
+    message = parse_workflow_message({
+        "workflow_name": "wf", "workflow_status": "published", "Topics": {"in": "a.in", "out": "a.out"},
+        "ML": {"ServiceName": "ssl-features", "Namespace": "uc5"},
+        "S3_bucket": {"aws_access_key_id": "k", "aws_secret_access_key": "s", "s3-bucket-name": "b"}})
+    step_source = kafka_source_body(step_config_from_message(message, "kafka:9093")[0], settings)
+    assert step_source["spec"]["net"] == KAFKA_NET
+    assert validate_documents(documents(yaml.safe_dump(step_source), "step KafkaSource")) == []
+    # The controller and every Wrapper: EOML_KAFKA_* from the same Secrets, the CA mounted from its Secret.
+    pods = [s["spec"]["template"]["spec"] for s in find(docs, "Service", api_prefix=KNATIVE)]
+    assert len(pods) == 1 + len(TASKS)
+    for pod in pods:
+        [container] = pod["containers"]
+        env = {item["name"]: item for item in container["env"]}
+        assert env["EOML_KAFKA_SECURITY_PROTOCOL"]["value"] == "SASL_SSL"
+        for name, key in (("SASL_USERNAME", "user"), ("SASL_PASSWORD", "password"), ("SASL_MECHANISM", "saslType")):
+            assert env[f"EOML_KAFKA_{name}"] == {"name": f"EOML_KAFKA_{name}", "valueFrom": {
+                "secretKeyRef": {"name": "eoml-kafka", "key": key}}}
+        ca_path = env["EOML_KAFKA_SSL_CA_LOCATION"]["value"]
+        [mount] = [m for m in container["volumeMounts"] if ca_path.startswith(m["mountPath"] + "/")]
+        [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"] == {"secretName": "eo-kafka-cluster-ca-cert",
+                                    "items": [{"key": "ca.crt", "path": ca_path.rsplit("/", 1)[1]}]}
+
+
+def test_plaintext_kafka_adds_no_security_settings(default_manifest: str) -> None:
+    for service in find(documents(default_manifest), "Service", api_prefix=KNATIVE):
+        names = {item["name"] for item in service["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert not {n for n in names if n.startswith("EOML_KAFKA_")}
+        assert "EOML_CONTROLLER_KAFKA_NET" not in names
+
+
+def test_kafka_net_refuses_values_where_secret_references_belong(tools: Tools) -> None:
+    assert "kafka.net.sasl.password" in render_error(tools, "kafka.net.sasl.password=hunter2")
+
+
+def test_strimzi_topics_for_the_fixed_topics_validate_against_the_crd(tools: Tools) -> None:
+    docs = render(tools, "kafka.topics.create=true", "kafka.topics.namespace=kafka")
+    topics = find(docs, "KafkaTopic")
+    assert {t["spec"]["topicName"]: t["spec"]["partitions"] for t in topics} == {
+        "system.ML": 1, "monitoring.notify": 3, "system.ML.dlq": 1}
+    for topic in topics:
+        assert topic["metadata"]["namespace"] == "kafka"
+        assert topic["metadata"]["labels"]["strimzi.io/cluster"] == "eo-kafka"
+    assert validate_documents(docs) == []
+    assert find(render(tools), "KafkaTopic") == []  # off by default

@@ -118,3 +118,78 @@ prometheus.io/path: {{ .path | quote }}
 - name: EOML_LOG_FORMAT
   value: {{ .Values.logging.format | quote }}
 {{- end -}}
+
+{{/*
+Kafka security of the platform's own clients (controller, Wrappers): EOML_KAFKA_* from the Secrets that kafka.net
+names (the same ones the KafkaSources reference), certificates mounted as files. Nothing when kafka.net is {}.
+*/}}
+{{- define "eoml.kafkaTlsFiles" -}}
+{{- /* tls field -> (env suffix, file name) */ -}}
+{{- toJson (dict "caCert" (list "SSL_CA_LOCATION" "ca.crt") "cert" (list "SSL_CERTIFICATE_LOCATION" "user.crt") "key" (list "SSL_KEY_LOCATION" "user.key")) -}}
+{{- end -}}
+
+{{- define "eoml.kafkaEnv" -}}
+{{- $net := .Values.kafka.net -}}
+{{- $sasl := dig "sasl" "enable" false $net -}}
+{{- $tls := dig "tls" "enable" false $net -}}
+{{- if or $sasl $tls }}
+- name: EOML_KAFKA_SECURITY_PROTOCOL
+  value: {{ ternary (ternary "SASL_SSL" "SASL_PLAINTEXT" $tls) "SSL" $sasl | quote }}
+{{- end }}
+{{- if $sasl }}
+{{- if not (and $net.sasl.user $net.sasl.password) }}
+{{- fail "kafka.net.sasl.enable needs sasl.user and sasl.password (Secret references)" }}
+{{- end }}
+{{- with $net.sasl.type }}
+- name: EOML_KAFKA_SASL_MECHANISM
+  valueFrom:
+    secretKeyRef:
+      {{- toYaml .secretKeyRef | nindent 6 }}
+{{- end }}
+- name: EOML_KAFKA_SASL_USERNAME
+  valueFrom:
+    secretKeyRef:
+      {{- toYaml $net.sasl.user.secretKeyRef | nindent 6 }}
+- name: EOML_KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      {{- toYaml $net.sasl.password.secretKeyRef | nindent 6 }}
+{{- end }}
+{{- if $tls }}
+{{- range $field, $file := include "eoml.kafkaTlsFiles" . | fromJson }}
+{{- if hasKey $net.tls $field }}
+- name: EOML_KAFKA_{{ index $file 0 }}
+  value: {{ printf "/etc/eoml/kafka/%s/%s" (lower $field) (index $file 1) | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "eoml.kafkaVolumeMounts" -}}
+{{- $net := .Values.kafka.net -}}
+{{- if dig "tls" "enable" false $net }}
+{{- range $field, $file := include "eoml.kafkaTlsFiles" . | fromJson }}
+{{- if hasKey $net.tls $field }}
+- name: kafka-{{ lower $field }}
+  mountPath: /etc/eoml/kafka/{{ lower $field }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "eoml.kafkaVolumes" -}}
+{{- $net := .Values.kafka.net -}}
+{{- if dig "tls" "enable" false $net }}
+{{- range $field, $file := include "eoml.kafkaTlsFiles" . | fromJson }}
+{{- with get $net.tls $field }}
+- name: kafka-{{ lower $field }}
+  secret:
+    secretName: {{ .secretKeyRef.name }}
+    items:
+      - key: {{ .secretKeyRef.key }}
+        path: {{ index $file 1 }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
