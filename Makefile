@@ -95,6 +95,7 @@ bench: install models perf-analyzer $(KSERVE_VENV)/.installed $(BENCH_VENV)/.ins
 	PERF_VENV=$(PERF_VENV) $(PY) bench/inference_bench.py --repository $(REPOSITORY) \
 	  --kserve-python $(KSERVE_VENV)/bin/python --plot-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
 	$(PY) bench/wrapper_bench.py --repository $(REPOSITORY) $(WRAPPER_BENCH_ARGS)
+	$(PY) bench/wrapper_bench.py --repository $(REPOSITORY) --granule $(WRAPPER_GRANULE_ARGS)
 
 # KServe pins its own dependencies, so it gets its own venv, with the ONNX Runtime version ours runs.
 $(KSERVE_VENV)/.installed: $(VENV)/.installed

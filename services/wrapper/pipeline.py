@@ -410,7 +410,9 @@ def run_step(
             def finish_unit() -> None:
                 if current is None:
                     return
-                if collector is not None and runtime.handler.collected(collector):
+                if collector is not None and not runtime.handler.collected(collector):
+                    getattr(collector, "close", lambda: None)()  # a unit of rejections only: nothing to write
+                elif collector is not None:
                     result = runtime.handler.write_unit(ctx, current, collector)
                     for obj in result.objects:
                         store.put(obj, current.key)
