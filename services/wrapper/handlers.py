@@ -57,12 +57,7 @@ from services.wrapper.outputs import (
     read_features,
     sanitise_name,
     window_transform,
-    write_classes_csv,
-    write_classes_json,
     write_compressed,
-    write_decompressed_archive,
-    write_features_json,
-    write_features_npz,
     write_index_geotiff,
 )
 from services.wrapper.outputs.compressed import CODEBOOK_LEVELS, LATENT_SHAPE, PIXELS_PER_PATCH
@@ -74,6 +69,9 @@ from services.wrapper.preprocess import (
     read_era5_stack,
     sentinel2_input,
 )
+from services.wrapper.outputs.classes import CLASSES_CSV_SUFFIX, CLASSES_JSON_SUFFIX, CSV_CONTENT_TYPE
+from services.wrapper.outputs.classes import JSON_CONTENT_TYPE as CLASSES_JSON_CONTENT_TYPE
+from services.wrapper.outputs.classes import stream_classes_csv, stream_classes_json
 from services.wrapper.outputs.decompressed import ARCHIVE_CONTENT_TYPE, ARCHIVE_SUFFIX, stream_decompressed_archive
 from services.wrapper.outputs.features import (
     FEATURES_JSON_SUFFIX,
@@ -562,10 +560,12 @@ class ClassifyHandler(TaskHandler):
         labels = self.labels(ctx.served)
         threshold = ctx.settings.classify_threshold
         probabilities = probabilities.astype(np.float32, copy=False)
-        files = [
-            write_classes_json(feature_set, probabilities, labels, threshold),
-            write_classes_csv(feature_set, probabilities, labels, threshold),
-        ]
+        # Written to disk a chunk of records at a time (a classes JSON repeats each 2048-d vector).
+        with spooled_output(ctx.spool_dir, CLASSES_JSON_SUFFIX, CLASSES_JSON_CONTENT_TYPE) as (target, made_json):
+            stream_classes_json(target, feature_set, probabilities, labels, threshold)
+        with spooled_output(ctx.spool_dir, CLASSES_CSV_SUFFIX, CSV_CONTENT_TYPE) as (target, made_csv):
+            stream_classes_csv(target, feature_set, probabilities, labels, threshold)
+        files = [made_json[0], made_csv[0]]
         count = len(feature_set)
         return UnitResult([ResultObject(ctx.key(unit, f.suffix), f, count) for f in files], count)
 

@@ -21,7 +21,7 @@ import io
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, IO, Sequence
 
 import numpy as np
 
@@ -136,6 +136,44 @@ def _validated(
     return names, _check_threshold(threshold)
 
 
+CHUNK_ROWS = 256  # records serialised at a time: a classes JSON with 2048-d vectors is ~145 KB per patch
+
+
+def stream_classes_json(
+    out: IO[bytes],
+    features: FeatureSet,
+    probabilities: np.ndarray,
+    labels: Sequence[str],
+    threshold: float = DEFAULT_THRESHOLD,
+) -> None:
+    """``write_classes_json`` into a file, ``CHUNK_ROWS`` records at a time (the same bytes)."""
+    names, threshold = _validated(features, probabilities, labels, threshold)
+    check_features(features.features, features.features.shape[1])
+    out.write(b"[")
+    for first in range(0, len(features), CHUNK_ROWS):
+        stop = min(first + CHUNK_ROWS, len(features))
+        chunk = probabilities[first:stop]
+        entries = classification_entries(chunk, names)
+        predicted = labels_over_threshold(chunk, names, threshold)
+        vectors = features.features[first:stop].astype(np.float64).tolist()
+        scores = chunk.astype(np.float64).tolist()
+        records = [
+            {
+                "i": int(features.i[row]),
+                "j": int(features.j[row]),
+                "result": vectors[row - first],
+                "probability": entries[row - first],
+                "patch_id": features.patch_ids[row],
+                "labels": predicted[row - first],
+                "scores": dict(zip(names, scores[row - first])),
+            }
+            for row in range(first, stop)
+        ]
+        text = json.dumps(records, allow_nan=False, ensure_ascii=False, separators=(",", ":"))[1:-1]
+        out.write((b"," if first else b"") + text.encode("utf-8"))
+    out.write(b"]")
+
+
 def write_classes_json(
     features: FeatureSet,
     probabilities: np.ndarray,
@@ -143,26 +181,39 @@ def write_classes_json(
     threshold: float = DEFAULT_THRESHOLD,
 ) -> OutputFile:
     """Production's classes list plus ``patch_id``, ``labels`` and ``scores`` (see the module docstring)."""
+    buffer = io.BytesIO()
+    stream_classes_json(buffer, features, probabilities, labels, threshold)
+    return OutputFile(data=buffer.getvalue(), content_type=JSON_CONTENT_TYPE, suffix=CLASSES_JSON_SUFFIX)
+
+
+def stream_classes_csv(
+    out: IO[bytes],
+    features: FeatureSet,
+    probabilities: np.ndarray,
+    labels: Sequence[str],
+    threshold: float = DEFAULT_THRESHOLD,
+) -> None:
+    """``patch_id,i,j,<label...>,labels``: one row per patch, probabilities as the shortest float32 decimals."""
     names, threshold = _validated(features, probabilities, labels, threshold)
-    check_features(features.features, features.features.shape[1])
-    entries = classification_entries(probabilities, names)
-    predicted = labels_over_threshold(probabilities, names, threshold)
-    vectors = features.features.astype(np.float64).tolist()
-    scores = probabilities.astype(np.float64).tolist()
-    records = [
-        {
-            "i": int(features.i[row]),
-            "j": int(features.j[row]),
-            "result": vectors[row],
-            "probability": entries[row],
-            "patch_id": features.patch_ids[row],
-            "labels": predicted[row],
-            "scores": dict(zip(names, scores[row])),
-        }
-        for row in range(len(features))
-    ]
-    data = json.dumps(records, allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return OutputFile(data=data, content_type=JSON_CONTENT_TYPE, suffix=CLASSES_JSON_SUFFIX)
+    clash = set(names) & {*_CSV_FIXED_COLUMNS, _CSV_LABELS_COLUMN}
+    if clash:
+        raise OutputFormatError(f"label names {sorted(clash)} clash with the CSV's own columns")
+    if any(LABEL_SEPARATOR in name for name in names):
+        raise OutputFormatError(f"label names must not contain {LABEL_SEPARATOR!r}, the labels column separator")
+    text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
+    try:
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow([*_CSV_FIXED_COLUMNS, *names, _CSV_LABELS_COLUMN])
+        for first in range(0, len(features), CHUNK_ROWS):
+            chunk = probabilities[first:first + CHUNK_ROWS]
+            predicted = labels_over_threshold(chunk, names, threshold)
+            for offset, row_values in enumerate(chunk):
+                row = first + offset
+                # str(np.float32) is the shortest decimal that reads back to the same float32.
+                writer.writerow([features.patch_ids[row], int(features.i[row]), int(features.j[row]),
+                                 *[str(value) for value in row_values], LABEL_SEPARATOR.join(predicted[offset])])
+    finally:
+        text.detach()  # leave ``out`` open for the caller
 
 
 def write_classes_csv(
@@ -172,29 +223,9 @@ def write_classes_csv(
     threshold: float = DEFAULT_THRESHOLD,
 ) -> OutputFile:
     """``patch_id,i,j,<label...>,labels``: one row per patch, probabilities as the shortest float32 decimals."""
-    names, threshold = _validated(features, probabilities, labels, threshold)
-    clash = set(names) & {*_CSV_FIXED_COLUMNS, _CSV_LABELS_COLUMN}
-    if clash:
-        raise OutputFormatError(f"label names {sorted(clash)} clash with the CSV's own columns")
-    if any(LABEL_SEPARATOR in name for name in names):
-        raise OutputFormatError(f"label names must not contain {LABEL_SEPARATOR!r}, the labels column separator")
-    predicted = labels_over_threshold(probabilities, names, threshold)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*_CSV_FIXED_COLUMNS, *names, _CSV_LABELS_COLUMN])
-    for row in range(len(features)):
-        # str(np.float32) is the shortest decimal that reads back to the same float32.
-        values = [str(value) for value in probabilities[row]]
-        writer.writerow(
-            [
-                features.patch_ids[row],
-                int(features.i[row]),
-                int(features.j[row]),
-                *values,
-                LABEL_SEPARATOR.join(predicted[row]),
-            ]
-        )
-    return OutputFile(data=buffer.getvalue().encode("utf-8"), content_type=CSV_CONTENT_TYPE, suffix=CLASSES_CSV_SUFFIX)
+    buffer = io.BytesIO()
+    stream_classes_csv(buffer, features, probabilities, labels, threshold)
+    return OutputFile(data=buffer.getvalue(), content_type=CSV_CONTENT_TYPE, suffix=CLASSES_CSV_SUFFIX)
 
 
 def _label_names_from_entries(records: list[dict[str, Any]]) -> tuple[str, ...]:
