@@ -200,6 +200,8 @@ class WrapperService:
             if len(self._running) >= self.settings.workers:
                 return "busy"
             future: Future[DeliveryResult] = Future()
+            # Running from now on: a waiter that goes away (the source hung up) cannot cancel it for the others.
+            future.set_running_or_notify_cancel()
             self._running[run_key] = future
 
         def run() -> None:
