@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--delivery-retry", type=int, default=8)
         sub.add_argument("--delivery-backoff-delay-s", type=float, default=0.25)
         sub.add_argument("--wrapper-workers", type=int, default=2)
+        sub.add_argument("--kafka-storage", choices=["memory", "s3"], default="memory",
+                         help="s3: Kafka keeps its data in a bucket of its own moto server (survives a broker restart)")
         if name == "demo":
             sub.add_argument("--patches", type=int, default=8, help="BigEarthNet patches per workflow (max 42)")
             sub.add_argument("--workflows", nargs="*", choices=["ssl-classify", "compress-decompress", "uc5", "uc6"],
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _options(arguments: argparse.Namespace) -> StackOptions:
     return StackOptions(root=arguments.root, repository=arguments.repository, delivery_retry=arguments.delivery_retry,
                         delivery_backoff_delay_s=arguments.delivery_backoff_delay_s,
-                        wrapper_workers=arguments.wrapper_workers)
+                        wrapper_workers=arguments.wrapper_workers, kafka_storage=arguments.kafka_storage)
 
 
 def _running_state(root: Path) -> PlatformState:

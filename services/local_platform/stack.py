@@ -1,7 +1,9 @@
 """The local platform's processes: start them on loopback, wait until each is ready, remember them, stop them.
 
 One stack = tansu (Kafka) + moto (S3) + the inference server on the exported repository + the controller in local
-mode (it consumes ``system.ML`` and runs the local event plane) + one Wrapper per task. Every process is a child
+mode (it consumes ``system.ML`` and runs the local event plane) + one Wrapper per task. Kafka keeps its data in
+memory, or (``kafka_storage="s3"``) in a bucket of a second moto server of its own, so that the broker can be
+restarted (``restart_kafka``) without losing topics, records or committed offsets. Every process is a child
 in its own session, logging to ``<root>/logs/<name>.log``; ``<root>/state.json`` records PIDs, ports and endpoints,
 so that another invocation (``eo-platform down``/``status``) can find and stop exactly what was started.
 """
@@ -21,7 +23,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Literal, Mapping
 
 from pydantic import BaseModel, Field
 
@@ -34,6 +36,7 @@ STATE_FILE = "state.json"
 NAMESPACE = "eoml"
 SYSTEM_TOPIC = "system.ML"
 NOTIFY_TOPIC = "monitoring.notify"
+KAFKA_STORAGE_BUCKET = "tansu"
 # ``ML.ServiceName`` of each Wrapper = its task (DNS-1123 labels, as Knative Service names must be).
 DEMO_TASKS: tuple[str, ...] = ("ssl-features", "classify", "compress", "decompress", "uc5-cfactor", "uc6-locust")
 
@@ -66,6 +69,9 @@ class PlatformState(BaseModel):
     store_root: str
     system_topic: str = SYSTEM_TOPIC
     notify_topic: str = NOTIFY_TOPIC
+    # "memory", or the s3:// URL tansu stores topics in (its own moto server: kafka_storage_endpoint).
+    kafka_storage: str = "memory"
+    kafka_storage_endpoint: str = ""
     processes: list[ProcessRecord] = Field(default_factory=list)
 
     def save(self) -> Path:
@@ -94,9 +100,11 @@ class StackOptions:
     # Delivery to the Wrappers: exponential backoff from this delay; enough retries to ride out a Wrapper restart.
     delivery_retry: int = 8
     delivery_backoff_delay_s: float = 0.25
+    # Per attempt: the Wrapper answers when the step is durable, so an attempt lasts a whole step.
+    delivery_timeout_s: float = 3600.0
     wrapper_workers: int = 2
-    # Generous: deliveries beyond workers + queue are answered 503 and retried, which only adds latency.
-    wrapper_queue_size: int = 64
+    # "s3": tansu stores its data in a bucket of a second moto server, so that it survives a broker restart.
+    kafka_storage: Literal["memory", "s3"] = "memory"
     progress_interval_s: float = 1.0
     start_timeout_s: float = 240.0
     log_level: str = "INFO"
@@ -195,7 +203,7 @@ class LocalStack:
         shutil.rmtree(store_root, ignore_errors=True)
         store_root.mkdir(parents=True, exist_ok=True)
 
-        names = ("kafka", "s3", "http", "grpc", "metrics", "controller")
+        names = ("kafka", "s3", "http", "grpc", "metrics", "controller", "kafka_storage")
         chosen = free_ports(len(names) + len(self.options.tasks))
         ports = dict(zip(names, chosen))
         wrapper_ports = dict(zip(self.options.tasks, chosen[len(names):]))
@@ -206,6 +214,9 @@ class LocalStack:
             wrapper_urls={task: f"http://127.0.0.1:{port}" for task, port in wrapper_ports.items()},
             store_root=str(store_root),
         )
+        if self.options.kafka_storage == "s3":
+            self.state.kafka_storage = f"s3://{KAFKA_STORAGE_BUCKET}/"
+            self.state.kafka_storage_endpoint = f"http://127.0.0.1:{ports['kafka_storage']}"
         try:
             self._start_infrastructure(ports, repository)
             self._start_controller(ports["controller"])
@@ -254,23 +265,75 @@ class LocalStack:
                                      cwd=os.getcwd(), start_new_session=True)
         record = ProcessRecord(name=name, pid=popen.pid, argv=argv, log=str(log_path), health_url=health_url)
         self._popen[name] = popen
-        self.state.processes = [p for p in self.state.processes if p.name != name] + [record]
+        # A restarted process keeps its place: ``stop`` goes in reverse start order (Wrappers before Kafka).
+        names = [p.name for p in self.state.processes]
+        if name in names:
+            self.state.processes[names.index(name)] = record
+        else:
+            self.state.processes.append(record)
         log.info("started", extra={"component": name, "pid": popen.pid, "log": str(log_path)})
         return record
 
     def _start_infrastructure(self, ports: dict[str, int], repository: Path) -> None:
         python = self.options.python
-        kafka_url = f"tcp://127.0.0.1:{ports['kafka']}"
-        self._spawn("kafka", [str(tansu_binary()), "broker", "--listener-url", kafka_url,
-                              "--advertised-listener-url", kafka_url, "--storage-engine", "memory://tansu/"])
+        if self.options.kafka_storage == "s3":
+            self._spawn("kafka-storage", [python, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                          str(ports["kafka_storage"])])
+            self._wait_port("kafka-storage", ports["kafka_storage"])
+            self._create_kafka_bucket()
+        self.start_kafka()
         self._spawn("s3", [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])])
         self._spawn("inference", [
             python, "-m", "services.inference.cli", "--model-repository", str(repository),
             "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1", "--http-port", str(ports["http"]),
             "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"])],
             health_url=f"http://127.0.0.1:{ports['http']}/v2/health/ready")
-        self._wait_port("kafka", ports["kafka"])
         self._wait_port("s3", ports["s3"])
+
+    def _kafka_argv_env(self) -> tuple[list[str], dict[str, str]]:
+        assert self.state is not None
+        kafka_url = f"tcp://{self.state.bootstrap_servers}"
+        if self.state.kafka_storage == "memory":
+            return [str(tansu_binary()), "broker", "--listener-url", kafka_url, "--advertised-listener-url",
+                    kafka_url, "--storage-engine", "memory://tansu/"], {}
+        # tansu's S3 engine (the object_store crate) reads the endpoint and credentials from AWS_* variables.
+        env = {"AWS_ENDPOINT": self.state.kafka_storage_endpoint, "AWS_ALLOW_HTTP": "true",
+               "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": "us-east-1"}
+        return [str(tansu_binary()), "broker", "--listener-url", kafka_url, "--advertised-listener-url", kafka_url,
+                "--storage-engine", self.state.kafka_storage], env
+
+    def _create_kafka_bucket(self) -> None:
+        import boto3
+
+        assert self.state is not None
+        client = boto3.client("s3", endpoint_url=self.state.kafka_storage_endpoint, aws_access_key_id="local",
+                              aws_secret_access_key="local", region_name="us-east-1")
+        client.create_bucket(Bucket=KAFKA_STORAGE_BUCKET)
+
+    def start_kafka(self) -> ProcessRecord:
+        """Start (or, after ``stop_kafka``, restart) the broker on its port; returns once it listens."""
+        assert self.state is not None
+        argv, env = self._kafka_argv_env()
+        record = self._spawn("kafka", argv, env)
+        self._wait_port("kafka", int(self.state.bootstrap_servers.rsplit(":", 1)[1]))
+        return record
+
+    def stop_kafka(self, crash: bool = False) -> None:
+        """Stop the broker (SIGTERM, or SIGKILL with ``crash``). With in-memory storage its topics are gone; with
+        ``kafka_storage="s3"`` ``start_kafka`` brings them back, records and committed offsets included."""
+        record = self.process("kafka")
+        if crash and _same_process(record):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(record.pid, signal.SIGKILL)
+        stop_process(record)
+        popen = self._popen.pop("kafka", None)
+        if popen is not None:
+            with contextlib.suppress(Exception):
+                popen.wait(1)
+
+    def restart_kafka(self) -> ProcessRecord:
+        self.stop_kafka()
+        return self.start_kafka()
 
     def _start_controller(self, port: int) -> None:
         assert self.state is not None
@@ -284,6 +347,8 @@ class LocalStack:
             "EOML_CONTROLLER_SYSTEM_TOPIC": SYSTEM_TOPIC,
             "EOML_CONTROLLER_DELIVERY_RETRY": str(options.delivery_retry),
             "EOML_CONTROLLER_DELIVERY_BACKOFF_DELAY_S": str(options.delivery_backoff_delay_s),
+            "EOML_CONTROLLER_DELIVERY_TIMEOUT_S": str(options.delivery_timeout_s),
+            "EOML_CONTROLLER_NOTIFY_TOPIC": NOTIFY_TOPIC,
         }
         self._spawn("controller", [options.python, "-m", "services.controller.cli", "consume"], env,
                     health_url=f"http://127.0.0.1:{port}/readyz")
@@ -297,7 +362,6 @@ class LocalStack:
             "EOML_WRAPPER_STORE": "local", "EOML_WRAPPER_STORE_ROOT": self.state.store_root,
             "EOML_WRAPPER_NAMESPACE": self.state.namespace, "EOML_WRAPPER_NOTIFY_TOPIC": NOTIFY_TOPIC,
             "EOML_WRAPPER_WORKERS": str(options.wrapper_workers),
-            "EOML_WRAPPER_QUEUE_SIZE": str(options.wrapper_queue_size),
             "EOML_WRAPPER_PROGRESS_INTERVAL_S": str(options.progress_interval_s),
             "POD_NAME": f"wrapper-{task}",
         }
