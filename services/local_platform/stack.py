@@ -413,19 +413,9 @@ class LocalStack:
 
 def create_topics(bootstrap_servers: str, topics: Iterable[str], timeout_s: float = 15.0) -> None:
     """Create topics that do not exist yet (1 partition; already existing ones are fine)."""
-    from confluent_kafka import KafkaError
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from services.core.kafka import ensure_topics
 
-    wanted = sorted(set(topics))
-    if not wanted:
-        return
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-    futures = admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1) for t in wanted],
-                                  request_timeout=timeout_s)
-    for topic, future in futures.items():
-        try:
-            future.result(timeout_s)
-        except Exception as error:  # noqa: BLE001
-            code = error.args[0].code() if error.args and hasattr(error.args[0], "code") else None
-            if code != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise StackError(f"topic {topic!r} could not be created: {error}") from None
+    try:
+        ensure_topics(bootstrap_servers, list(topics), timeout_s=timeout_s)
+    except RuntimeError as error:
+        raise StackError(str(error)) from None
