@@ -2,7 +2,9 @@
 
 One step = one input topic (``Topics.in``) of one workflow in one namespace. Every name derives deterministically
 from the step, so a re-publish addresses the same objects (create-or-replace) and a re-created source resumes its
-consumer group's offsets instead of replaying the topic (contracts defect 5).
+consumer group's offsets instead of replaying the topic (contracts defect 5). The consumer group also names the
+workflow, and a KafkaSource's ``consumerGroup`` is immutable: a re-publish under another workflow name recreates the
+source (delete, then create) instead of updating it, before the step's settings are overwritten.
 """
 
 from __future__ import annotations

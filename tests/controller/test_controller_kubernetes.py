@@ -325,3 +325,25 @@ def test_credentials_never_reach_the_logs(kube_clients, fake_api, caplog) -> Non
     assert "rejected" in rendered and "wired" in rendered and "not applied" in rendered
     assert TEST_SECRET_ACCESS_KEY not in rendered
     assert base64.b64encode(TEST_SECRET_ACCESS_KEY.encode()).decode() not in rendered  # nor the Secret's encoding
+
+
+def test_dead_letter_topic_is_created_before_wiring_and_a_kafka_failure_is_retryable(kube_clients, fake_api) -> None:
+    core, custom = kube_clients
+    created: list[tuple[str, list[str]]] = []
+    driver = KubernetesSourceDriver(custom, ControllerSettings(bootstrap_servers="kafka:9092"), sleep=lambda _s: None)
+    controller = WorkflowController(KubernetesStepConfigStore(core), driver, "kafka:9092",
+                                    create_topics=lambda servers, topics: created.append((servers, topics)))
+    assert controller.handle(publish()).action == WIRED
+    assert created == [("kafka:9092", ["uc5.Input_1.dlq"])]
+
+    def kafka_down(_servers: str, _topics: list[str]) -> None:
+        raise RuntimeError("topic 'x.dlq' not created: broker transport failure")
+
+    notifier = NullNotifier()
+    failing = WorkflowController(KubernetesStepConfigStore(core), driver, "kafka:9092", notifier=notifier,
+                                 create_topics=kafka_down)
+    fake_api.requests.clear()
+    result = failing.handle(publish("uc5.other", workflow="wf-kafka-down"))
+    assert (result.action, result.retryable) == (FAILED, True)  # answered 503: the source redelivers
+    assert fake_api.requests == []  # nothing wired without its dead-letter topic
+    assert [n.status for n in notifier.sent] == ["WARNING"] and "dead-letter topic" in notifier.sent[0].description
