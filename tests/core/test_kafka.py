@@ -119,3 +119,26 @@ def _self_signed_ca_pem() -> str:
                    .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
                    .sign(key, hashes.SHA256()))
     return certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_every_kafka_client_of_the_services_is_configured_by_the_one_function() -> None:
+    """Static check over services/: each Producer/Consumer/AdminClient is built from producer_config,
+    consumer_config or admin_config (so TLS/SASL reaches it), never from a dict of its own."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "services"
+    builders = {"producer_config", "consumer_config", "admin_config", "kafka_client_config"}
+    clients, offenders = 0, []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in {
+                    "Producer", "Consumer", "AdminClient"}:
+                clients += 1
+                argument = node.args[0] if node.args else None
+                name = getattr(getattr(argument, "func", None), "id", "") if isinstance(argument, ast.Call) else ""
+                if name not in builders:
+                    offenders.append(f"{path.relative_to(root.parent)}:{node.lineno}")
+    assert clients >= 8  # the controller, the event plane, the Wrapper, the local stack and demo
+    assert offenders == []
