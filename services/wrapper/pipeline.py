@@ -501,6 +501,8 @@ def run_step(
         if is_transient(error) or outcome.output_folder is None:
             outcome.status = "RETRY"
             log.warning("step interrupted: the delivery is to be retried", extra={**log_fields, "reason": reason})
+            if "START" in notifier.sent:
+                notifier.send("WARNING", f"{runtime.spec.name} interrupted, Kafka will deliver it again: {reason}")
             return outcome
         if not isinstance(error, (InputError, InferenceError, ResultWriteError, OutputFormatError, NoUsableInput)):
             log.exception("step failed unexpectedly", extra=log_fields)

@@ -205,15 +205,21 @@ class WrapperService:
             self._running[run_key] = future
 
         def run() -> None:
+            result: DeliveryResult | None = None
+            failure: BaseException | None = None
             try:
-                future.set_result(work())
+                result = work()
             except BaseException as error:  # noqa: BLE001 - a bug: the HTTP shell answers 500, Kafka redelivers
                 log.exception("delivery worker raised", extra={"run_key": run_key})
-                future.set_exception(error)
-            finally:
-                with self._lock:
-                    self._running.pop(run_key, None)
-                    self._completed += 1
+                failure = error
+            # The worker is free before anyone is answered: the source's next delivery finds room.
+            with self._lock:
+                self._running.pop(run_key, None)
+                self._completed += 1
+            if failure is not None:
+                future.set_exception(failure)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]
 
         try:
             self._pool.submit(run)
