@@ -29,7 +29,7 @@ from .notifications import KafkaNotifier
 from .reconciler import SourceDriver, WorkflowController
 from .settings import ControllerSettings
 from .system_consumer import SystemTopicConsumer
-from .wiring import DeliveryPolicy
+from .wiring import DeliveryPolicy, dead_letter_topic
 
 log = logging.getLogger("services.controller")
 
@@ -113,6 +113,12 @@ async def run(settings: ControllerSettings, mode: str) -> int:
             return EXIT_OK
         log.info("controller ready", extra={"resumed_steps": resumed})
         if mode == "consume":
+            # Its own dead-letter topic, created explicitly (on Kubernetes the chart's KafkaTopic does it).
+            system_dead_letter_topic = dead_letter_topic(settings.system_topic, settings.dead_letter_suffix)
+            try:
+                await asyncio.to_thread(ensure_topics, settings.bootstrap_servers, [system_dead_letter_topic])
+            except RuntimeError as error:  # a dead-letter write retries until the topic can be written
+                log.warning("topic not created", extra={"topic": system_dead_letter_topic, "error": str(error)})
             consumer = SystemTopicConsumer(controller, settings.bootstrap_servers, settings.system_topic,
                                            settings.consumer_group, DeliveryPolicy.from_settings(settings),
                                            dead_letter_writer=dead_letter_writer).start()
