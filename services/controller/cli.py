@@ -20,6 +20,7 @@ from typing import Any, Sequence
 from aiohttp import web
 from pydantic import ValidationError
 
+from services.core.auth import verifier_from_settings
 from services.core.logging import configure_logging
 from services.core.step_config import LocalStepConfigStore, StepConfigStore
 
@@ -89,7 +90,7 @@ async def run(settings: ControllerSettings, mode: str) -> int:
 
         producer = Producer(producer_config(settings.bootstrap_servers))
         dead_letter_writer = kafka_dead_letter_writer(producer)
-    app = build_app(controller, dead_letter_writer, settings.dead_letter_suffix)
+    app = build_app(controller, dead_letter_writer, settings.dead_letter_suffix, verifier_from_settings())
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port)

@@ -35,6 +35,8 @@ STEP_CONFIG_KEY = "stepConfig"
 ACCESS_KEY_ID_KEY = "aws_access_key_id"
 SECRET_ACCESS_KEY_KEY = "aws_secret_access_key"
 CREDENTIALS_SUFFIX = "-credentials"
+# The message's other S3_bucket fields (session token, ...) as one JSON object: their names need not be valid keys.
+EXTRA_CREDENTIALS_KEY = "s3BucketExtra"
 
 MANAGED_BY = "eoml-controller"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -110,6 +112,7 @@ def secret_body(config: StepConfig, credentials: StepCredentials) -> dict[str, A
         "data": {
             ACCESS_KEY_ID_KEY: encoded(credentials.aws_access_key_id.get_secret_value()),
             SECRET_ACCESS_KEY_KEY: encoded(credentials.aws_secret_access_key.get_secret_value()),
+            **({EXTRA_CREDENTIALS_KEY: encoded(json.dumps(credentials.revealed_extra()))} if credentials.extra else {}),
         },
     }
 
@@ -209,6 +212,7 @@ class KubernetesStepConfigStore:
             credentials = StepCredentials(
                 aws_access_key_id=SecretStr(base64.b64decode(data[ACCESS_KEY_ID_KEY]).decode("utf-8")),
                 aws_secret_access_key=SecretStr(base64.b64decode(data[SECRET_ACCESS_KEY_KEY]).decode("utf-8")),
+                extra=json.loads(base64.b64decode(data[EXTRA_CREDENTIALS_KEY])) if EXTRA_CREDENTIALS_KEY in data else {},
             )
         except KeyError as missing:
             # Only the key name goes into the message, never a value.
