@@ -270,13 +270,12 @@ def auth_middleware(verifier: Verifier) -> Callable[..., Awaitable[Any]]:
         try:
             token = bearer_token(request.headers.get("Authorization"))
             # Verification may fetch the issuer's keys (blocking I/O): off the event loop.
-            caller = await asyncio.to_thread(verifier.verify, token)
+            await asyncio.to_thread(verifier.verify, token)
         except AuthError as refused:
             log.warning("request refused", extra={"method": request.method, "path": request.path,
                                                   "status": refused.status, "reason": refused.reason})
             headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if refused.status == 401 else {}
             return web.json_response({"error": refused.reason}, status=refused.status, headers=headers)
-        request["caller"] = caller
         return await handler(request)
 
     return authenticate
