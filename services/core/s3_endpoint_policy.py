@@ -96,8 +96,13 @@ def _parts(url: str) -> SplitResult:
     return parts
 
 
-def _host_label(parts: SplitResult) -> str:
-    return (parts.hostname or "?")[:253]
+def _ip_literal(host: str) -> str | None:
+    """The address when ``host`` is an IP literal (an IPv6 zone, ``%eth0``, dropped), else None."""
+    candidate = host.strip("[]").split("%", 1)[0]
+    try:
+        return str(ipaddress.ip_address(candidate))
+    except ValueError:
+        return None
 
 
 class S3EndpointPolicy:
@@ -157,13 +162,14 @@ class S3EndpointPolicy:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
+        loopback = any(ip in network for network in LOOPBACK)
         if any(ip in network for network in ALWAYS_DENIED) or ip.is_link_local or ip.is_multicast \
-                or ip.is_unspecified or ip.is_reserved:
+                or ip.is_unspecified or (ip.is_reserved and not loopback):
             raise EndpointRefused("link-local-or-reserved", f"host {host!r} resolves to a link-local or reserved "
                                                             "address")
         if self.allow_private:
             return
-        if any(ip in network for network in LOOPBACK):
+        if loopback:
             raise EndpointRefused("loopback", f"host {host!r} resolves to a loopback address")
         if any(ip in network for network in PRIVATE) or ip.is_private:
             raise EndpointRefused("private", f"host {host!r} resolves to a private address")
@@ -175,18 +181,17 @@ class S3EndpointPolicy:
         """The rules that hold whatever DNS answers later (the controller, when it accepts a message): syntax,
         allowlist, and the address rules when the host is an IP literal. The Wrapper runs ``check`` before use."""
         scheme, host, port = self.check_syntax(url)
-        try:
-            ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            return scheme, host, port
-        self.check_address(host.strip("[]"), host)
+        literal = _ip_literal(host)
+        if literal is not None:
+            self.check_address(literal, host)
         return scheme, host, port
 
     def check(self, url: str) -> CheckedEndpoint:
         """Every rule, DNS included. Raises ``EndpointRefused``."""
         scheme, host, port = self.check_syntax(url)
+        literal = _ip_literal(host)
         try:
-            addresses = tuple(self.resolver(host, port))
+            addresses = (literal,) if literal is not None else tuple(self.resolver(host, port))
         except (OSError, UnicodeError):
             raise EndpointRefused("dns", f"host {host!r} does not resolve") from None
         if not addresses:
