@@ -60,7 +60,10 @@ def build_store(settings: ControllerSettings) -> StepConfigStore:
         return LocalStepConfigStore(settings.store_root)
     from services.core.step_config_k8s import KubernetesStepConfigStore, kubernetes_core_api
 
-    return KubernetesStepConfigStore(kubernetes_core_api(settings.kubernetes_host or None))
+    from .kubernetes_driver import kubernetes_custom_api
+
+    host = settings.kubernetes_host or None  # steps found through their KafkaSources: no list on ConfigMaps
+    return KubernetesStepConfigStore(kubernetes_core_api(host), kubernetes_custom_api(host))
 
 
 def build_driver(settings: ControllerSettings) -> SourceDriver:
