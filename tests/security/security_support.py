@@ -93,6 +93,7 @@ class RecordingServer:
     headers: Mapping[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     requests: list[tuple[str, str]] = field(default_factory=list)
+    request_headers: list[dict[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         recorder = self
@@ -103,6 +104,7 @@ class RecordingServer:
                 if length:
                     self.rfile.read(length)
                 recorder.requests.append((self.command, self.path))
+                recorder.request_headers.append({k.lower(): v for k, v in self.headers.items()})
                 self.send_response(recorder.status)
                 for name, value in recorder.headers.items():
                     self.send_header(name, value)

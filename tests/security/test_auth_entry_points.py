@@ -35,7 +35,7 @@ from security_support import (
 )
 from services.controller.http_app import build_app
 from services.controller.reconciler import WorkflowController
-from services.core.auth import OidcVerifier
+from services.core.auth import AuthError, OidcVerifier
 from services.core.step_config import LocalStepConfigStore, StepConfig, StepCredentials, step_config_name
 from services.local_platform.infra import free_port
 
@@ -225,3 +225,23 @@ def test_wrapper_accepts_a_step_source_of_its_namespace(wrapper, issuer) -> None
                      {**cloudevent_headers(NAMESPACE, "sec.wrapper.in", 1000), **bearer(foreign)})
     assert status == 403
     assert token not in process.log() and CANARY not in process.log()
+
+
+def test_verifier_follows_key_rotation_and_rate_limits_refetches(issuer) -> None:
+    rotated = Issuer()
+    try:
+        verifier = OidcVerifier(rotated.url, WRAPPER_AUDIENCE, [STEP_SOURCE_PATTERN], jwks_min_refresh_s=3600)
+        assert verifier.verify(rotated.token(STEP_SOURCE_SA, WRAPPER_AUDIENCE)).subject == STEP_SOURCE_SA
+        fetches = len(rotated.requests)
+        # Tokens naming unknown keys cannot make the verifier hammer the issuer: one refetch per interval.
+        for kid in ("attacker-1", "attacker-2", "attacker-3"):
+            with pytest.raises(AuthError):
+                verifier.verify(rotated.token(STEP_SOURCE_SA, WRAPPER_AUDIENCE, key=new_rsa_key(), kid=kid))
+        assert len(rotated.requests) == fetches
+        # The issuer rotates its key: once the interval allows, the new key is fetched and accepted.
+        rotated.key, rotated.kid = new_rsa_key(), "test-key-2"
+        verifier.jwks_min_refresh_s = 0
+        assert verifier.verify(rotated.token(STEP_SOURCE_SA, WRAPPER_AUDIENCE)).subject == STEP_SOURCE_SA
+        assert len(rotated.requests) == fetches + 2  # discovery document and JWKS, once
+    finally:
+        rotated.close()
