@@ -34,7 +34,7 @@ from typing import Annotated, Any, Awaitable, Callable, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from .settings import ENV_PREFIX, ServiceSettings
+from .settings import ENV_PREFIX, ServiceSettings, comma_or_json_list
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,7 @@ class AuthSettings(ServiceSettings):
     @field_validator("allowed_subjects", mode="before")
     @classmethod
     def _pattern_list(cls, value: object) -> object:
-        if isinstance(value, str):
-            stripped = value.strip()
-            if stripped.startswith("["):
-                return json.loads(stripped)
-            return [item.strip() for item in stripped.split(",") if item.strip()]
-        return value
+        return comma_or_json_list(value)
 
     def shared_token(self) -> str:
         if self.token_file:

@@ -19,7 +19,6 @@ A refusal (``EndpointRefused``) names the rule and the host, never the URL's use
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 import socket
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from urllib.parse import SplitResult, urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from .settings import ENV_PREFIX, ServiceSettings
+from .settings import ENV_PREFIX, ServiceSettings, comma_or_json_list
 
 # Always refused, whatever the local flags: metadata services and addresses no S3 endpoint has.
 ALWAYS_DENIED = tuple(ipaddress.ip_network(cidr) for cidr in (
@@ -58,12 +57,7 @@ class EndpointPolicySettings(ServiceSettings):
     @field_validator("allowed_endpoints", "denied_cidrs", mode="before")
     @classmethod
     def _list(cls, value: object) -> object:
-        if isinstance(value, str):
-            stripped = value.strip()
-            if stripped.startswith("["):
-                return json.loads(stripped)
-            return [item.strip() for item in stripped.split(",") if item.strip()]
-        return value
+        return comma_or_json_list(value)
 
 
 class EndpointRefused(ValueError):

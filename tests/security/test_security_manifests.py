@@ -13,7 +13,7 @@ from security_support import PROJECT_ROOT
 
 sys.path.insert(0, str(PROJECT_ROOT))  # deploy.* (the render and validation helpers of make deploy-dry-run)
 
-from deploy.render import CI_VALUES, PROD_VALUES, Tools, helm_template  # noqa: E402
+from deploy.render import PROD_VALUES, Tools, helm_template  # noqa: E402
 from services.controller.settings import ControllerSettings  # noqa: E402
 from services.controller.wiring import kafka_source_body  # noqa: E402
 from services.core.crd_schema import crd_json_schema  # noqa: E402
