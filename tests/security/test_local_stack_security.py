@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -74,6 +76,16 @@ def test_entry_points_need_the_stack_token(stack: LocalStack) -> None:
     wrapper = state.wrapper_urls["uc5-cfactor"]
     assert http("POST", f"{wrapper}/{config}", body,
                 {**cloudevent_headers("eoml", "never.wired"), **token_headers(state)})[0] == 404
+
+
+def test_cli_posts_with_the_stack_token(stack: LocalStack, tmp_path: Path) -> None:
+    state = stack.state
+    message = tmp_path / "step.json"
+    message.write_text(json.dumps(step_message("in")))
+    run = subprocess.run([sys.executable, "-m", "services.local_platform.cli", "--root", state.root, "post",
+                          "uc5-cfactor", str(message), "--path", f"/{step_config_name('never.wired')}"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.stdout.startswith("404"), run.stdout + run.stderr  # past authentication: no such step
 
 
 def test_canary_secret_never_leaves_the_credentials_store(stack: LocalStack) -> None:
@@ -166,13 +178,14 @@ def _no_credential_stored(state: PlatformState) -> None:
 
 
 @FUZZ
-@given(message=workflow_messages, content_type=st.sampled_from(["application/json", "application/cloudevents+json",
-                                                                "text/plain"]))
-def test_fuzz_controller_with_workflow_messages(stack: LocalStack, message: dict, content_type: str) -> None:
+@given(message=workflow_messages, headers=cloudevent_fuzz,
+       content_type=st.sampled_from(["application/json", "application/cloudevents+json", "text/plain"]))
+def test_fuzz_controller_with_workflow_messages(stack: LocalStack, message: dict, headers: dict,
+                                                content_type: str) -> None:
     state = stack.state
     body = json.dumps({"data": message} if content_type.endswith("cloudevents+json") else message).encode()
     status, answer = http("POST", f"{state.controller_url}/", body,
-                          {"Content-Type": content_type, **token_headers(state)})
+                          {**headers, "Content-Type": content_type, **token_headers(state)})
     assert status < 500, answer[:300]
     assert CANARY not in answer.decode("utf-8", errors="replace")
     _no_credential_stored(state)
