@@ -55,6 +55,9 @@ import tritonclient.grpc as grpcclient
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
+# S3 is moto on plain http on loopback: the local platform's S3 endpoint policy (services/core/s3_endpoint_policy.py).
+os.environ.setdefault("EOML_S3_POLICY_ALLOW_HTTP", "true")
+os.environ.setdefault("EOML_S3_POLICY_ALLOW_PRIVATE", "true")
 
 from services.core.contracts import StepMessage  # noqa: E402
 from services.core.logging import configure_logging  # noqa: E402

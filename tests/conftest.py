@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import os
+
 import pytest
+
+# Every test stack runs S3 (moto) on plain http on loopback: the local platform's S3 endpoint policy
+# (services/core/s3_endpoint_policy.py). tests/security checks the production policy with explicit settings.
+os.environ.setdefault("EOML_S3_POLICY_ALLOW_HTTP", "true")
+os.environ.setdefault("EOML_S3_POLICY_ALLOW_PRIVATE", "true")
 
 from services.local_platform.infra import TansuBroker
 

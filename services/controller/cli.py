@@ -20,6 +20,7 @@ from typing import Any, Sequence
 from aiohttp import web
 from pydantic import ValidationError
 
+from services.core.auth import verifier_from_settings
 from services.core.kafka import ensure_topics, producer_config
 from services.core.logging import configure_logging
 from services.core.step_config import LocalStepConfigStore, StepConfigStore
@@ -61,7 +62,10 @@ def build_store(settings: ControllerSettings) -> StepConfigStore:
         return LocalStepConfigStore(settings.store_root)
     from services.core.step_config_k8s import KubernetesStepConfigStore, kubernetes_core_api
 
-    return KubernetesStepConfigStore(kubernetes_core_api(settings.kubernetes_host or None))
+    from .kubernetes_driver import kubernetes_custom_api
+
+    host = settings.kubernetes_host or None  # steps found through their KafkaSources: no list on ConfigMaps
+    return KubernetesStepConfigStore(kubernetes_core_api(host), kubernetes_custom_api(host))
 
 
 def build_driver(settings: ControllerSettings) -> SourceDriver:
@@ -93,7 +97,7 @@ async def run(settings: ControllerSettings, mode: str) -> int:
     controller = build_controller(settings, producer)
     dead_letter_writer = kafka_dead_letter_writer(producer)
     app = build_app(controller, dead_letter_writer if settings.source_driver == "kubernetes" else None,
-                    settings.dead_letter_suffix)
+                    settings.dead_letter_suffix, verifier_from_settings())
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port)

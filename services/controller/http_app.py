@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from services.core.auth import Verifier, auth_middleware
 from services.core.kafka import encode_json
 
 from .reconciler import WorkflowController
@@ -122,8 +123,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def build_app(controller: WorkflowController, dead_letter_writer: DeadLetterWriter | None = None,
-              dead_letter_suffix: str = ".dlq") -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+              dead_letter_suffix: str = ".dlq", verifier: Verifier | None = None) -> web.Application:
+    # ``verifier``: POST / and POST /dead-letter need a valid sender token (services/core/auth.py).
+    app = web.Application(client_max_size=MAX_BODY_BYTES,
+                          middlewares=[auth_middleware(verifier)] if verifier is not None else [])
     app[CONTROLLER_KEY] = controller
     app[READY_KEY] = asyncio.Event()
     app.router.add_post("/", post_record)

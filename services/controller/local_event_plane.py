@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit
 
+from services.core.auth import outgoing_auth_headers
 from services.core.kafka import consumer_config, encode_json, ensure_topics, poll_record, producer_config
 from services.core.step_config import StepConfig
 
@@ -138,7 +139,8 @@ def http_post(url: str, body: bytes, headers: dict[str, str], timeout_s: float) 
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        connection.request("POST", path, body=body, headers=headers)
+        # The local platform's shared token (EOML_AUTH_MODE=token), as Knative's dispatcher sends its OIDC token.
+        connection.request("POST", path, body=body, headers={**headers, **outgoing_auth_headers()})
         response = connection.getresponse()
         return response.status, response.read()
     finally:

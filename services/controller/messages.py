@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from pydantic import ValidationError
 
 from services.core.contracts import IGNORED_STATUSES, PUBLISHED, STOPPING, WorkflowMessage
+from services.core.s3_endpoint_policy import EndpointRefused, S3EndpointPolicy
 
 # What the production controller answers (contracts section 1): a DSL must see no difference.
 ANSWER_VALID = {"msg": "Received message And valid"}
@@ -93,6 +94,11 @@ def check_actionable(message: WorkflowMessage) -> None:
         return
     if message.S3_bucket is None:
         raise MessageRejected("a published workflow message needs S3_bucket")
+    if message.S3_bucket.endpoint_url is not None:
+        try:  # the Wrapper checks again, DNS included, right before it connects
+            S3EndpointPolicy.from_settings().check_without_dns(message.S3_bucket.endpoint_url)
+        except EndpointRefused as refused:
+            raise MessageRejected(str(refused)) from None
     if message.Topics.out and not _KAFKA_TOPIC.match(message.Topics.out):
         raise MessageRejected("Topics.out is not a legal Kafka topic name ([a-zA-Z0-9._-], at most 249 characters)")
     if not message.ML.ServiceName:

@@ -71,6 +71,12 @@ class ControllerSettings(ServiceSettings):
     # The sink a step is wired to: the Wrapper's Knative Service ``ML.ServiceName`` in ``ML.Namespace``.
     wrapper_api_version: str = "serving.knative.dev/v1"
     wrapper_kind: str = "Service"
+    # Knative's sender identity (feature flag authentication-oidc): a KafkaSource sends an OIDC token only to a
+    # sink with an audience, and Knative Services publish none, so the controller sets ``spec.sink.audience``:
+    # this template with {namespace} and {service} of the step (the Wrapper verifies it); "" = no token.
+    wrapper_audience_template: str = ""
+    # The audience of this controller's /dead-letter (its EOML_AUTH_AUDIENCE); "" = no token.
+    dead_letter_audience: str = ""
 
     # Optional: wait (bounded) until this KServe InferenceService ("namespace/name") is Ready before wiring a step.
     # 0 s: do not wait. Not ready in time: the step is wired anyway (deliveries are retried and the Wrapper answers

@@ -106,10 +106,19 @@ def dead_letter_sink(settings: ControllerSettings) -> dict[str, Any]:
     }
 
 
+def sink_audiences(config: StepConfig, settings: ControllerSettings) -> tuple[dict[str, str], dict[str, str]]:
+    """``audience`` of the step's sink and of its dead-letter sink ({} when not configured): with Knative's
+    ``authentication-oidc`` on, the source then sends ``Authorization: Bearer`` with its own identity."""
+    sink = settings.wrapper_audience_template.format(namespace=config.namespace, service=config.service_name)
+    return ({"audience": sink} if sink else {},
+            {"audience": settings.dead_letter_audience} if settings.dead_letter_audience else {})
+
+
 def kafka_source_body(config: StepConfig, settings: ControllerSettings) -> dict[str, Any]:
     """The KafkaSource (``sources.knative.dev/v1beta1``) that delivers a step's input topic to its Wrapper."""
     policy = DeliveryPolicy.from_settings(settings)
     bootstrap = config.bootstrap_servers or settings.bootstrap_servers
+    sink_audience, dead_letter_audience = sink_audiences(config, settings)
     body: dict[str, Any] = {
         "apiVersion": f"{KAFKA_SOURCE_API_GROUP}/{KAFKA_SOURCE_API_VERSION}",
         "kind": KAFKA_SOURCE_KIND,
@@ -130,12 +139,13 @@ def kafka_source_body(config: StepConfig, settings: ControllerSettings) -> dict[
                 "backoffPolicy": policy.backoff_policy,
                 "backoffDelay": iso8601_seconds(policy.backoff_delay_s),
                 "timeout": iso8601_seconds(policy.timeout_s),
-                "deadLetterSink": dead_letter_sink(settings),
+                "deadLetterSink": {**dead_letter_sink(settings), **dead_letter_audience},
             },
             "sink": {
                 "ref": {"apiVersion": settings.wrapper_api_version, "kind": settings.wrapper_kind,
                         "name": config.service_name, "namespace": config.namespace},
                 "uri": f"/{config.config_name}",
+                **sink_audience,
             },
         },
     }

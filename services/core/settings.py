@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "EOML_"
@@ -18,3 +20,13 @@ class ServiceSettings(BaseSettings):
 
     log_level: str = "INFO"
     log_format: str = "json"  # "json" for machines, "text" for people at a terminal
+
+
+def comma_or_json_list(value: object) -> object:
+    """A list setting from the environment: ``a,b`` or a JSON array (a ``mode="before"`` validator's body)."""
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.startswith("["):
+            return json.loads(stripped)
+        return [item.strip() for item in stripped.split(",") if item.strip()]
+    return value

@@ -13,11 +13,13 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from .contracts import WorkflowMessage
+from .logging import SECRET_KEY_PATTERN
 
 CONFIG_NAME_PREFIX = "json-config-"
 DNS1123_MAX = 63
@@ -66,17 +68,42 @@ class StepCredentials(BaseModel):
 
     aws_access_key_id: SecretStr
     aws_secret_access_key: SecretStr
+    # Every other ``S3_bucket`` field of the message (``aws_session_token``, fields a DSL adds): kept with the
+    # credentials, never in the stored settings.
+    extra: dict[str, SecretStr] = {}
+
+    def revealed_extra(self) -> dict[str, str]:
+        return {name: value.get_secret_value() for name, value in self.extra.items()}
+
+
+# What of ``S3_bucket`` may be stored in the open; everything else is treated as a credential.
+PUBLIC_S3_FIELDS = ("s3-bucket-name", "region_name", "endpoint_url")
+
+
+def without_secret_keys(value: Any) -> Any:
+    """A copy of ``value`` without the entries whose key looks like a secret (``*token*``, ``*password*``, ...)."""
+    if isinstance(value, dict):
+        return {key: without_secret_keys(item) for key, item in value.items()
+                if not (isinstance(key, str) and SECRET_KEY_PATTERN.search(key))}
+    if isinstance(value, list):
+        return [without_secret_keys(item) for item in value]
+    return value
 
 
 def step_config_from_message(message: WorkflowMessage, bootstrap_servers: str) -> tuple[StepConfig, StepCredentials]:
     """Split a ``published`` DSL message into the stored settings and the credentials."""
     if message.S3_bucket is None:
         raise ValueError("a published workflow message needs S3_bucket")
+    endpoint = message.S3_bucket.endpoint_url
+    if endpoint and "@" in urlsplit(endpoint).netloc:
+        raise ValueError("S3_bucket.endpoint_url carries credentials (user:password@); refused")
     public = message.model_dump(by_alias=True, mode="json")
     bucket = dict(public.get("S3_bucket") or {})
-    bucket.pop("aws_access_key_id", None)
-    bucket.pop("aws_secret_access_key", None)
-    public["S3_bucket"] = bucket
+    public["S3_bucket"] = {name: bucket[name] for name in PUBLIC_S3_FIELDS if name in bucket}
+    extra = {name: SecretStr(value if isinstance(value, str) else json.dumps(value))
+             for name, value in bucket.items()
+             if name not in PUBLIC_S3_FIELDS and name not in ("aws_access_key_id", "aws_secret_access_key")}
+    public = without_secret_keys(public)
     config = StepConfig(
         config_name=step_config_name(message.Topics.in_),
         workflow_name=message.workflow_name,
@@ -94,6 +121,7 @@ def step_config_from_message(message: WorkflowMessage, bootstrap_servers: str) -
     credentials = StepCredentials(
         aws_access_key_id=message.S3_bucket.aws_access_key_id,
         aws_secret_access_key=message.S3_bucket.aws_secret_access_key,
+        extra=extra,
     )
     return config, credentials
 
@@ -139,6 +167,7 @@ class LocalStepConfigStore:
         secret = {
             "aws_access_key_id": credentials.aws_access_key_id.get_secret_value(),
             "aws_secret_access_key": credentials.aws_secret_access_key.get_secret_value(),
+            "extra": credentials.revealed_extra(),
         }
         # Write-then-rename: a reader never sees a half-written file.
         tmp_secret = secret_path.with_suffix(".tmp")

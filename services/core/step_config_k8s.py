@@ -35,6 +35,8 @@ STEP_CONFIG_KEY = "stepConfig"
 ACCESS_KEY_ID_KEY = "aws_access_key_id"
 SECRET_ACCESS_KEY_KEY = "aws_secret_access_key"
 CREDENTIALS_SUFFIX = "-credentials"
+# The message's other S3_bucket fields (session token, ...) as one JSON object: their names need not be valid keys.
+EXTRA_CREDENTIALS_KEY = "s3BucketExtra"
 
 MANAGED_BY = "eoml-controller"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -46,6 +48,9 @@ ANNOTATION_WORKFLOW_NAME = "eoml.eo4eu.eu/workflow-name"
 ANNOTATION_TOPIC_IN = "eoml.eo4eu.eu/topic-in"
 ANNOTATION_CREDENTIALS_SECRET = "eoml.eo4eu.eu/credentials-secret"
 STEP_CONFIG_SELECTOR = f"{LABEL_STEP_CONFIG}=true"
+# The KafkaSource of a step names its configuration (services/controller/wiring.py).
+ANNOTATION_CONFIG_NAME = "eoml.eo4eu.eu/config-name"
+SOURCE_API = ("sources.knative.dev", "v1beta1", "kafkasources")
 
 
 def credentials_secret_name(config_name: str) -> str:
@@ -110,6 +115,7 @@ def secret_body(config: StepConfig, credentials: StepCredentials) -> dict[str, A
         "data": {
             ACCESS_KEY_ID_KEY: encoded(credentials.aws_access_key_id.get_secret_value()),
             SECRET_ACCESS_KEY_KEY: encoded(credentials.aws_secret_access_key.get_secret_value()),
+            **({EXTRA_CREDENTIALS_KEY: encoded(json.dumps(credentials.revealed_extra()))} if credentials.extra else {}),
         },
     }
 
@@ -137,9 +143,12 @@ def step_config_from_config_map(data: dict[str, str]) -> tuple[StepConfig, StepC
 class KubernetesStepConfigStore:
     """``StepConfigStore`` on the Kubernetes API (ConfigMap + Secret per step, in the step's namespace)."""
 
-    def __init__(self, core_api: Any) -> None:
+    def __init__(self, core_api: Any, custom_api: Any = None) -> None:
         # ``core_api``: a ``kubernetes.client.CoreV1Api``; injected so tests point it at a fake API server.
         self.core_api = core_api
+        # ``custom_api`` (the controller's): ``list`` finds the steps through their KafkaSources and reads each
+        # ConfigMap by name, so the controller needs no list/watch on ConfigMaps and Secrets.
+        self.custom_api = custom_api
 
     @classmethod
     def from_environment(cls) -> "KubernetesStepConfigStore":
@@ -209,6 +218,7 @@ class KubernetesStepConfigStore:
             credentials = StepCredentials(
                 aws_access_key_id=SecretStr(base64.b64decode(data[ACCESS_KEY_ID_KEY]).decode("utf-8")),
                 aws_secret_access_key=SecretStr(base64.b64decode(data[SECRET_ACCESS_KEY_KEY]).decode("utf-8")),
+                extra=json.loads(base64.b64decode(data[EXTRA_CREDENTIALS_KEY])) if EXTRA_CREDENTIALS_KEY in data else {},
             )
         except KeyError as missing:
             # Only the key name goes into the message, never a value.
@@ -216,6 +226,8 @@ class KubernetesStepConfigStore:
         return config, credentials
 
     def list(self, namespace: str | None = None) -> list[StepConfig]:
+        if self.custom_api is not None:
+            return self._list_through_sources(namespace)
         if namespace:
             items = self.core_api.list_namespaced_config_map(namespace, label_selector=STEP_CONFIG_SELECTOR).items
         else:
@@ -228,6 +240,34 @@ class KubernetesStepConfigStore:
                 log.warning("unreadable step ConfigMap skipped",
                             extra={"namespace": item.metadata.namespace, "configmap": item.metadata.name,
                                    "reason": str(error)[:300]})
+        return sorted(configs, key=lambda c: (c.namespace, c.config_name))
+
+    def _list_through_sources(self, namespace: str | None) -> list[StepConfig]:
+        """The steps whose KafkaSource exists (the controller lists those), each ConfigMap read by name: the
+        controller's Role needs no list/watch on ConfigMaps or Secrets."""
+        group, version, plural = SOURCE_API
+        if namespace:
+            sources = self.custom_api.list_namespaced_custom_object(group, version, namespace, plural,
+                                                                    label_selector=STEP_CONFIG_SELECTOR)
+        else:
+            sources = self.custom_api.list_cluster_custom_object(group, version, plural,
+                                                                 label_selector=STEP_CONFIG_SELECTOR)
+        configs = []
+        for source in sources.get("items", []):
+            metadata = source.get("metadata", {})
+            name = (metadata.get("annotations") or {}).get(ANNOTATION_CONFIG_NAME, "")
+            if not name:
+                continue
+            try:
+                config_map = self.core_api.read_namespaced_config_map(name, metadata.get("namespace", ""))
+                configs.append(step_config_from_config_map(dict(config_map.data or {}))[0])
+            except ValueError as error:
+                log.warning("unreadable step ConfigMap skipped", extra={"namespace": metadata.get("namespace"),
+                                                                        "configmap": name,
+                                                                        "reason": str(error)[:300]})
+            except Exception as error:
+                if _status(error) != 404:  # a source whose configuration is gone: nothing to resume
+                    raise
         return sorted(configs, key=lambda c: (c.namespace, c.config_name))
 
 

@@ -23,6 +23,7 @@ from typing import Sequence
 
 from services.core.logging import configure_logging
 
+from .security import platform_auth_headers
 from .stack import DEFAULT_ROOT, LocalStack, PlatformState, StackError, StackOptions, http_status, pid_alive
 
 log = logging.getLogger("services.local_platform")
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("topic")
     send.add_argument("file", nargs="?", default="-", help="JSON file, or - for stdin")
 
+    post = commands.add_parser("post", help="POST JSON to an entry point with the platform token")
+    post.add_argument("target", help="controller, or a Wrapper's task name")
+    post.add_argument("file", nargs="?", default="-", help="JSON file, or - for stdin")
+    post.add_argument("--path", default="/", help="e.g. /<config name> of a Wrapper (default /)")
     watch = commands.add_parser("watch")
     watch.add_argument("--topic", default="")
     watch.add_argument("--from-beginning", action="store_true")
@@ -92,6 +97,8 @@ def print_endpoints(state: PlatformState) -> None:
         print(f"  wrapper {task:<16} {url}  (ML.ServiceName \"{task}\")")
     print(f"  namespace (ML.Namespace) {state.namespace}")
     print(f"  logs                     {Path(state.root) / 'logs'}")
+    if state.auth_token_file:
+        print(f"  entry-point token        {state.auth_token_file}  (Authorization: Bearer; eo-platform post)")
 
 
 def command_up(arguments: argparse.Namespace) -> int:
@@ -215,6 +222,30 @@ def command_send(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def command_post(arguments: argparse.Namespace) -> int:
+    """What a KafkaSource does on a cluster, by hand: POST a JSON body to an entry point, with the stack's token."""
+    import urllib.error
+    import urllib.request
+
+    state = _running_state(arguments.root)
+    base = state.controller_url if arguments.target == "controller" else state.wrapper_urls.get(arguments.target)
+    if base is None:
+        print(f"no entry point {arguments.target!r}: controller or one of {sorted(state.wrapper_urls)}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    body = (sys.stdin.read() if arguments.file == "-" else Path(arguments.file).read_text()).encode()
+    headers = {"Content-Type": "application/json",
+               **(platform_auth_headers(state.auth_token_file) if state.auth_token_file else {})}
+    request = urllib.request.Request(base + arguments.path, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            print(response.status, response.read().decode("utf-8", errors="replace"))
+            return EXIT_OK
+    except urllib.error.HTTPError as error:
+        print(error.code, error.read().decode("utf-8", errors="replace"))
+        return EXIT_FAILED
+
+
 def command_watch(arguments: argparse.Namespace) -> int:
     from confluent_kafka import Consumer
 
@@ -240,7 +271,7 @@ def command_watch(arguments: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": command_demo, "up": command_up, "down": command_down, "status": command_status,
-            "upload": command_upload, "send": command_send, "watch": command_watch}
+            "upload": command_upload, "send": command_send, "post": command_post, "watch": command_watch}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

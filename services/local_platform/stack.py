@@ -28,6 +28,7 @@ from typing import Iterable, Literal, Mapping
 from pydantic import BaseModel, Field
 
 from .infra import free_ports, tansu_binary, wait_for_port
+from .security import security_env, write_platform_token
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class PlatformState(BaseModel):
     # "memory", or the s3:// URL tansu stores topics in (its own moto server: kafka_storage_endpoint).
     kafka_storage: str = "memory"
     kafka_storage_endpoint: str = ""
+    # The shared token every entry point of the stack requires (0600 file; see security.py).
+    auth_token_file: str = ""
     processes: list[ProcessRecord] = Field(default_factory=list)
 
     def save(self) -> Path:
@@ -217,6 +220,7 @@ class LocalStack:
         if self.options.kafka_storage == "s3":
             self.state.kafka_storage = f"s3://{KAFKA_STORAGE_BUCKET}/"
             self.state.kafka_storage_endpoint = f"http://127.0.0.1:{ports['kafka_storage']}"
+        self.state.auth_token_file = str(write_platform_token(self.root))
         try:
             self._start_infrastructure(ports, repository)
             self._start_controller(ports["controller"])
@@ -259,7 +263,10 @@ class LocalStack:
         assert self.state is not None
         log_path = self.root / "logs" / f"{name}.log"
         child_env = {**os.environ, "PYTHONUNBUFFERED": "1", "EOML_LOG_LEVEL": self.options.log_level,
-                     "EOML_LOG_FORMAT": "json", **self.options.extra_env, **(env or {})}
+                     "EOML_LOG_FORMAT": "json",
+                     **(security_env(self.state.auth_token_file, self.state.s3_endpoint)
+                        if self.state.auth_token_file else {}),
+                     **self.options.extra_env, **(env or {})}
         with open(log_path, "ab") as log_file:
             popen = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=child_env,
                                      cwd=os.getcwd(), start_new_session=True)

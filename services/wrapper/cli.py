@@ -19,6 +19,7 @@ from typing import Sequence
 from pydantic import ValidationError
 
 from services.core.logging import configure_logging
+from services.core.auth import verifier_from_settings
 from services.wrapper.http_app import create_http_app
 from services.wrapper.pipeline import StepRuntime
 from services.wrapper.service import WrapperService, make_store
@@ -88,7 +89,7 @@ async def serve(settings: WrapperSettings) -> int:
     from aiohttp import web
 
     service = WrapperService(StepRuntime.from_settings(settings), make_store(settings))
-    runner = web.AppRunner(create_http_app(service), access_log=None)
+    runner = web.AppRunner(create_http_app(service, verifier_from_settings()), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port, reuse_address=True)
     await site.start()

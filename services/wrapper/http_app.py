@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from services.core.auth import Verifier, auth_middleware
 from services.wrapper.service import (
     BadDelivery,
     DeliveryResult,
@@ -101,8 +102,10 @@ async def readyz(request: web.Request) -> web.Response:
     return _json(200 if ready else 503, ready=ready, reason=reason, model=service.runtime.model_client.model_name)
 
 
-def create_http_app(service: WrapperService) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+def create_http_app(service: WrapperService, verifier: Verifier | None = None) -> web.Application:
+    # ``verifier``: every POST needs a valid sender token (services/core/auth.py); health stays open.
+    app = web.Application(client_max_size=MAX_BODY_BYTES,
+                          middlewares=[auth_middleware(verifier)] if verifier is not None else [])
     app[SERVICE_KEY] = service
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -22,8 +22,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.core.model_card import ModelCard
+from services.core.settings import ENV_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +170,46 @@ def _int_list(values: Sequence[Any]) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
+class RestrictedApiHeader(BaseSettings):
+    """``EOML_WRAPPER_INFERENCE_RESTRICTED_HEADER=<key>=<value>``: the header of the inference server's restricted API
+    groups (Triton's ``--http-restricted-api`` / ``--grpc-restricted-protocol``). The Wrappers use only open groups
+    (health, metadata, model-config, inference), so normally it is unset."""
+
+    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}WRAPPER_", extra="ignore")
+
+    inference_restricted_header: SecretStr = SecretStr("")
+
+    def headers(self, protocol: str) -> dict[str, str]:
+        key, separator, value = self.inference_restricted_header.get_secret_value().partition("=")
+        if not separator or not key.strip():
+            return {}
+        # Triton reads a restricted gRPC protocol's key from the metadata triton-grpc-protocol-<key>.
+        name = f"triton-grpc-protocol-{key.strip()}" if protocol == "grpc" else key.strip()
+        return {name: value}
+
+
+class _WithHeaders:
+    """A tritonclient client whose calls all carry ``headers`` (every tritonclient call takes ``headers=``)."""
+
+    _CALLS = frozenset({"is_server_live", "is_server_ready", "is_model_ready", "get_server_metadata",
+                        "get_model_metadata", "get_model_config", "infer", "get_inference_statistics",
+                        "get_model_repository_index", "load_model", "unload_model"})
+
+    def __init__(self, client: Any, headers: dict[str, str]) -> None:
+        self._client = client
+        self._headers = headers
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if name not in self._CALLS:
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return attribute(*args, headers={**self._headers, **(kwargs.pop("headers", None) or {})}, **kwargs)
+
+        return call
+
+
 class ModelClient:
     """Thread-safe access to one model on one server (a tritonclient client per calling thread)."""
 
@@ -194,10 +237,15 @@ class ModelClient:
         self._clients_lock = threading.Lock()
         self._cache: dict[tuple[str, str], ServedModel] = {}
         self._cache_lock = threading.Lock()
+        self._headers = RestrictedApiHeader().headers(protocol)
 
     # ---- client pool ---------------------------------------------------------------------------------------
 
     def _new_client(self) -> Any:
+        client = self._new_tritonclient()
+        return _WithHeaders(client, self._headers) if self._headers else client
+
+    def _new_tritonclient(self) -> Any:
         if self.protocol == "grpc":
             import tritonclient.grpc as grpcclient
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from services.core import sentinel2
 from services.core.model_card import ModelCard
+from services.wrapper.inputs.decode_limits import DecodeLimitExceeded, check_npy, check_raster
 from services.wrapper.inputs.types import BAND_RESOLUTION_M, PATCH_SIZE_10M
 
 SENTINEL2_NODATA = 0  # L2A digital number of a pixel without data
@@ -85,6 +86,10 @@ def read_era5_stack(data: bytes, name: str) -> Era5Stack:
     lower = name.lower()
     if lower.endswith(".npy"):
         try:
+            check_npy(data)
+        except DecodeLimitExceeded as error:
+            raise PatchInvalid(str(error)) from None
+        try:
             array = np.load(io.BytesIO(data), allow_pickle=False)
         except (ValueError, OSError, EOFError) as error:
             raise PatchInvalid(f"is not a readable .npy array ({error})") from None
@@ -112,6 +117,10 @@ def _read_era5_geotiff(data: bytes) -> Era5Stack:
                     raise PatchInvalid(f"GeoTIFF has {count} bands; expected 8 (4 time steps x precipitation, temperature)")
                 if dtype not in ("float32", "float64"):
                     raise PatchInvalid(f"GeoTIFF bands are {dtype}; expected float32 or float64")
+                try:
+                    check_raster(dataset)
+                except DecodeLimitExceeded as error:
+                    raise PatchInvalid(str(error)) from None
                 array = dataset.read().astype(np.float32)
                 nodata = dataset.nodata
                 crs_wkt = dataset.crs.to_wkt() if dataset.crs else None

@@ -293,18 +293,23 @@ def test_workflow_namespaces_limit_what_is_touched_and_listed(kube_clients, fake
     core, custom = kube_clients
     settings = ControllerSettings(bootstrap_servers="kafka:9092", workflow_namespaces="uc5, uc6")
     assert settings.workflow_namespaces == ["uc5", "uc6"]
-    controller = WorkflowController(KubernetesStepConfigStore(core), KubernetesSourceDriver(custom, settings),
-                                    "kafka:9092", namespaces=settings.workflow_namespaces)
+    controller = WorkflowController(KubernetesStepConfigStore(core, custom),
+                                    KubernetesSourceDriver(custom, settings), "kafka:9092",
+                                    namespaces=settings.workflow_namespaces)
     assert controller.handle(publish()).action == WIRED  # uc5
     elsewhere = json.dumps(workflow_message("wf-x", "x.in", service="cfactor", namespace="other")).encode()
     result = controller.handle(elsewhere)
     assert (result.action, result.valid) == (REJECTED, False) and "not a workflow namespace" in result.reason
     assert fake_api.objects("configmaps", "other") == []
-    # Stored steps are listed per namespace (what a namespaced Role allows), never cluster-wide.
+    # Stored steps are found per namespace (what a namespaced Role allows), never cluster-wide, through the
+    # KafkaSources; ConfigMaps are read by name (the controller's Role has no list on ConfigMaps and Secrets).
     fake_api.requests.clear()
     assert controller.resume() == 1
-    listed = [r.path for r in fake_api.calls("GET", "/configmaps")]
-    assert listed == ["/api/v1/namespaces/uc5/configmaps", "/api/v1/namespaces/uc6/configmaps"]
+    assert [r.path for r in fake_api.calls("GET", "/configmaps")] == [
+        f"/api/v1/namespaces/uc5/configmaps/{fake_api.objects('configmaps', 'uc5')[0]['metadata']['name']}"]
+    listed = [r.path for r in fake_api.calls("GET", "/kafkasources")]
+    assert listed == ["/apis/sources.knative.dev/v1beta1/namespaces/uc5/kafkasources",
+                      "/apis/sources.knative.dev/v1beta1/namespaces/uc6/kafkasources"]
 
 
 def test_credentials_never_reach_the_logs(kube_clients, fake_api, caplog) -> None:

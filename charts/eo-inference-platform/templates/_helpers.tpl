@@ -193,3 +193,82 @@ names (the same ones the KafkaSources reference), certificates mounted as files.
 {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/* One service account per Wrapper task. Call with (dict "root" $ "task" "classify"). */}}
+{{- define "eoml.wrapperTaskServiceAccount" -}}
+{{- printf "%s-%s" (include "eoml.wrapperServiceAccount" .root) .task | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The OIDC audience of a Knative Service, as Knative names audiences: <group>/<kind>/<namespace>/<name>. */}}
+{{- define "eoml.serviceAudience" -}}
+{{- printf "serving.knative.dev/service/%s/%s" .namespace .name | lower -}}
+{{- end -}}
+
+{{/* The subject of a KafkaSource's OIDC identity, or (name "*") of every KafkaSource of a namespace. Knative hashes
+the head of names over 63 characters but keeps the suffix, so long names fall back to the namespace pattern. */}}
+{{- define "eoml.sourceSubject" -}}
+{{- $account := printf "%s-oidc-sources.knative.dev-kafkasource" .name -}}
+{{- if gt (len $account) 63 -}}{{- $account = "*-oidc-sources.knative.dev-kafkasource" -}}{{- end -}}
+{{- printf "system:serviceaccount:%s:%s" .namespace $account -}}
+{{- end -}}
+
+{{/* EOML_AUTH_* of a service: OIDC sender identity when auth.oidc.enabled. Call with
+(dict "root" $ "audience" "..." "subjects" (list ...)). */}}
+{{- define "eoml.authEnv" -}}
+{{- $oidc := .root.Values.auth.oidc -}}
+{{- if $oidc.enabled -}}
+- name: EOML_AUTH_MODE
+  value: oidc
+- name: EOML_AUTH_ISSUER
+  value: {{ $oidc.issuer | quote }}
+- name: EOML_AUTH_DISCOVERY_URL
+  value: {{ $oidc.discoveryUrl | quote }}
+- name: EOML_AUTH_AUDIENCE
+  value: {{ .audience | quote }}
+- name: EOML_AUTH_ALLOWED_SUBJECTS
+  value: {{ join "," .subjects | quote }}
+# The API server serves its discovery document to service accounts, over TLS signed by the cluster CA.
+- name: EOML_AUTH_CA_FILE
+  value: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt
+- name: EOML_AUTH_DISCOVERY_TOKEN_FILE
+  value: /var/run/secrets/kubernetes.io/serviceaccount/token
+{{- else -}}
+- name: EOML_AUTH_MODE
+  value: none
+{{- end -}}
+{{- end -}}
+
+{{/* EOML_S3_POLICY_*: the S3 endpoints workflow messages may name (the model store's endpoint always). */}}
+{{- define "eoml.s3PolicyEnv" -}}
+{{- $modelStore := printf "%s://%s" (ternary "https" "http" .Values.s3.useHttps) .Values.s3.endpoint -}}
+- name: EOML_S3_POLICY_ALLOWED_ENDPOINTS
+  value: {{ join "," (prepend .Values.s3EndpointPolicy.allowedEndpoints $modelStore | uniq) | quote }}
+- name: EOML_S3_POLICY_ALLOW_HTTP
+  value: {{ (not .Values.s3.useHttps) | toString | quote }}
+- name: EOML_S3_POLICY_DENIED_CIDRS
+  value: {{ join "," .Values.s3EndpointPolicy.clusterCidrs | quote }}
+{{- end -}}
+
+{{- define "eoml.restrictedApiSecretName" -}}
+{{- default (printf "%s-inference-admin-key" (include "eoml.fullname" .)) .Values.inference.restrictedApi.existingSecret -}}
+{{- end -}}
+
+{{/* Triton's restricted API options, the key from the environment (EOML_RESTRICTED_API_KEY, see below). */}}
+{{- define "eoml.restrictedApiArgs" -}}
+{{- $restricted := .Values.inference.restrictedApi -}}
+{{- if $restricted.enabled -}}
+{{- $spec := printf "%s:%s=$(EOML_RESTRICTED_API_KEY)" (join "," $restricted.apis) $restricted.headerKey -}}
+- {{ printf "--http-restricted-api=%s" $spec | quote }}
+- {{ printf "--grpc-restricted-protocol=%s" $spec | quote }}
+{{- end -}}
+{{- end -}}
+
+{{- define "eoml.restrictedApiEnv" -}}
+{{- if .Values.inference.restrictedApi.enabled -}}
+- name: EOML_RESTRICTED_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "eoml.restrictedApiSecretName" . }}
+      key: key
+{{- end -}}
+{{- end -}}

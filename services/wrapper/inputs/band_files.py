@@ -15,6 +15,7 @@ from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import MemoryFile
 
+from services.wrapper.inputs.decode_limits import MAX_BAND_FILE_PIXELS, DecodeLimitExceeded, check_raster
 from services.wrapper.inputs.types import (
     BAND_RESOLUTION_M,
     InputPatch,
@@ -74,6 +75,10 @@ def decode_band_file(data: bytes) -> DecodedBand:
                     raise BandDecodeError(f"has {dataset.count} bands, expected 1")
                 if dataset.dtypes[0] != "uint16":
                     raise BandDecodeError(f"is {dataset.dtypes[0]}, expected uint16")
+                try:
+                    check_raster(dataset, MAX_BAND_FILE_PIXELS)
+                except DecodeLimitExceeded as error:
+                    raise BandDecodeError(str(error)) from None
                 array = dataset.read(1)
                 crs = dataset.crs.to_string() if dataset.crs else None
                 transform = dataset.transform if crs is not None else None

@@ -7,6 +7,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Union
+from urllib.parse import urlsplit
 
 import boto3
 from botocore.client import BaseClient
@@ -20,6 +21,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from services.core.s3_endpoint_policy import EndpointRefused, S3EndpointPolicy, guarded_s3_client_hooks
 from services.wrapper.inputs.band_files import parse_band_file_path
 from services.wrapper.inputs.settings import InputLimits, S3Access
 from services.wrapper.inputs.types import InputError
@@ -42,8 +44,16 @@ _TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown",
 _ACCESS_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403"})
 
 
-def make_s3_client(access: S3Access) -> S3Client:
-    """A boto3 S3 client with bounded retries and timeouts, path-style addressing for non-AWS endpoints."""
+def make_s3_client(access: S3Access, policy: S3EndpointPolicy | None = None) -> S3Client:
+    """A boto3 S3 client with bounded retries and timeouts, path-style addressing for non-AWS endpoints.
+
+    The endpoint (it comes from a workflow message) passes the S3 endpoint policy first (``EOML_S3_POLICY_*``,
+    services/core/s3_endpoint_policy.py) and the client is pinned to it; a refusal is an ``InputError``."""
+    try:
+        checked = (policy or S3EndpointPolicy.from_settings()).check(access.endpoint_url) \
+            if access.endpoint_url else None
+    except EndpointRefused as refused:
+        raise InputError(str(refused)) from None
     config = Config(
         # botocore's "max_attempts" counts retries only; "total_max_attempts" counts every try, as ours does.
         retries={"total_max_attempts": access.max_attempts, "mode": "standard"},
@@ -52,19 +62,20 @@ def make_s3_client(access: S3Access) -> S3Client:
         # MinIO, Ceph and most on-premise endpoints do not serve bucket-named hosts.
         s3={"addressing_style": "path"} if access.endpoint_url else {},
     )
-    return boto3.client(
+    return guarded_s3_client_hooks(boto3.client(
         "s3",
         endpoint_url=access.endpoint_url,
         region_name=access.region_name,
         aws_access_key_id=access.aws_access_key_id.get_secret_value(),
         aws_secret_access_key=access.aws_secret_access_key.get_secret_value(),
         config=config,
-    )
+    ), checked)
 
 
 def s3_failure(error: Exception, action: str, client: S3Client, source: str = "") -> InputError:
     """Translate a boto3 failure into an ``InputError`` that says what went wrong, without credentials."""
-    endpoint = client.meta.endpoint_url
+    parts = urlsplit(client.meta.endpoint_url or "")
+    endpoint = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")  # no path, no query
     if isinstance(error, _CONNECTION_ERRORS):
         attempts = client.meta.config.retries.get("total_max_attempts", "?")
         return InputError(

@@ -28,6 +28,7 @@ from rasterio.io import DatasetReader
 from rasterio.windows import Window
 
 from services.wrapper.inputs.s3_listing import SAFE_BANDS_10M, SAFE_BANDS_20M, S3Client, SafeGranuleSource, s3_failure
+from services.wrapper.inputs.decode_limits import MAX_SAFE_BAND_PIXELS
 from services.wrapper.inputs.settings import InputLimits
 from services.wrapper.inputs.types import (
     BAND_RESOLUTION_M,
@@ -161,6 +162,8 @@ def _grid_fault(datasets: Mapping[str, DatasetReader]) -> str | None:
     for band, dataset in datasets.items():
         if dataset.count != 1 or dataset.dtypes[0] != "uint16":
             return f"band {band} has {dataset.count} band(s) of {dataset.dtypes[0]}, expected 1 of uint16"
+        if dataset.width * dataset.height > MAX_SAFE_BAND_PIXELS:
+            return f"band {band} is {dataset.height}x{dataset.width}, more than {MAX_SAFE_BAND_PIXELS} pixels"
     grid = datasets[SAFE_BANDS_10M[0]]
     for band in SAFE_BANDS_10M + SAFE_BANDS_20M:
         dataset = datasets[band]

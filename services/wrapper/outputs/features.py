@@ -24,6 +24,7 @@ from typing import IO, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from services.wrapper.inputs.decode_limits import DecodeLimitExceeded, check_npz
 from services.wrapper.outputs.types import OutputFile, OutputFormatError, PatchMetadata, check_patches, grid_positions
 
 REPRESENTATION_DIM = 2048
@@ -260,6 +261,10 @@ def _read_features_json(data: bytes, dimension: int) -> FeatureSet:
 
 def read_npz(data: bytes, required: Sequence[str]) -> dict[str, np.ndarray]:
     """Arrays of an ``.npz`` read without pickles; missing ``required`` arrays are an ``OutputFormatError``."""
+    try:
+        check_npz(data)  # sizes from the headers before anything is inflated or allocated
+    except DecodeLimitExceeded as error:
+        raise OutputFormatError(str(error)) from None
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}

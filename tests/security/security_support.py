@@ -1,0 +1,229 @@
+"""Real parts the security tests attack: an OIDC issuer (discovery document + JWKS over real HTTP, RSA keys made
+here), service processes (``eo-controller``, ``eo-wrapper``) and in-process apps on loopback, a recording HTTP
+server (an S3 endpoint or a redirect target that must never be reached), and small HTTP helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import jwt
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from services.local_platform.infra import free_port
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CANARY = "CANARY-7f3a9c1e-never-store-me"
+
+
+def new_rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+class Issuer:
+    """An OIDC issuer as the Kubernetes API server is one: ``/.well-known/openid-configuration`` and ``/openid/v1/jwks``
+    on a real HTTP server; tokens signed with its RSA key (``kid`` ``test-key-1``)."""
+
+    def __init__(self) -> None:
+        self.key = new_rsa_key()
+        self.kid = "test-key-1"
+        self.requests: list[str] = []
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        issuer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                issuer.requests.append(self.path)
+                if self.path == "/.well-known/openid-configuration":
+                    body = {"issuer": issuer.url, "jwks_uri": f"{issuer.url}/openid/v1/jwks",
+                            "response_types_supported": ["id_token"], "subject_types_supported": ["public"],
+                            "id_token_signing_alg_values_supported": ["RS256"]}
+                elif self.path == "/openid/v1/jwks":
+                    public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(issuer.key.public_key()))
+                    body = {"keys": [{**public, "kid": issuer.kid, "use": "sig", "alg": "RS256"}]}
+                else:
+                    self.send_error(404)
+                    return
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        return Handler
+
+    def token(self, subject: str, audience: str, *, expires_in_s: float = 600, issuer: str | None = None,
+              key: rsa.RSAPrivateKey | None = None, kid: str | None = None) -> str:
+        now = int(time.time())
+        claims = {"iss": issuer or self.url, "aud": [audience], "sub": subject, "iat": now - 5,
+                  "nbf": now - 5, "exp": now + int(expires_in_s)}
+        return jwt.encode(claims, key or self.key, algorithm="RS256", headers={"kid": kid or self.kid})
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@dataclass
+class RecordingServer:
+    """Answers every request with ``status`` (and ``headers``) and records it: an S3 endpoint that must stay unused,
+    or a redirect source/target."""
+
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    request_headers: list[dict[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                recorder.requests.append((self.command, self.path))
+                recorder.request_headers.append({k.lower(): v for k, v in self.headers.items()})
+                self.send_response(recorder.status)
+                for name, value in recorder.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any  # noqa: N815
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((self.host, 0), Handler)
+        self.port = self._server.server_address[1]
+        self.url = f"http://{self.host}:{self.port}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class InProcessApp:
+    """An aiohttp app served from a background thread's event loop on a free loopback port."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._runner = web.AppRunner(app, access_log=None)
+        started = threading.Event()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self._runner.setup())
+            self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
+            started.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, daemon=True)
+        self._thread.start()
+        assert started.wait(10), "app did not start"
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+class ServiceProcess:
+    """A service started as its console command would be (``python -m ...``), its log in a file."""
+
+    def __init__(self, module: str, args: list[str], env: Mapping[str, str], log_path: Path, health_url: str,
+                 timeout_s: float = 60.0) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=PROJECT_ROOT,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{module} exited: {self.log()[-3000:]}")
+            try:
+                with urllib.request.urlopen(health_url, timeout=2):
+                    return
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{module} did not answer {health_url}: {self.log()[-3000:]}")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: Mapping[str, str] | None = None,
+         timeout_s: float = 20.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def cloudevent_headers(namespace: str, topic: str, offset: int = 0) -> dict[str, str]:
+    return {"ce-specversion": "1.0", "ce-id": f"partition:0/offset:{offset}", "ce-type": "dev.knative.kafka.event",
+            "ce-source": f"/apis/v1/namespaces/{namespace}/kafkasources/src#{topic}",
+            "ce-subject": f"partition:0#{offset}", "Content-Type": "application/json"}
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"condition not met within {timeout_s} s")
+
+
+def files_text(root: Path, exclude_suffix: str = ".credentials.json") -> Iterator[tuple[Path, str]]:
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.name.endswith(exclude_suffix):
+            yield path, path.read_text(errors="replace")
