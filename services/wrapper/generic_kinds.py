@@ -107,7 +107,7 @@ def working_grid(scene: SceneBands, resolution_m: float) -> tuple[int, int, Affi
     rows, cols = scene.grid_shape()
     factor = resolution_m / NATIVE_GRID_M
     base = scene.transform if scene.transform is not None else Affine(NATIVE_GRID_M, 0, 0, 0, -NATIVE_GRID_M, 0)
-    return math.ceil(rows / factor - 1e-9), math.ceil(cols / factor - 1e-9), base * Affine.scale(factor)
+    return math.ceil(rows / factor - 1e-9), math.ceil(cols / factor - 1e-9), base @ Affine.scale(factor)
 
 
 def working_stack(scene: SceneBands, card: ModelCard) -> WorkingStack:
@@ -147,7 +147,7 @@ def _resampled_stack(scene: SceneBands, card: ModelCard) -> WorkingStack:
         band_rows, band_cols = source.shape
         if (rows10 * band_cols) != (cols10 * band_rows):
             raise InputRejected(f"band {band} of {source.shape} does not cover the footprint of the {rows10} x {cols10} 10 m grid")
-        source_transform = base * Affine.scale(cols10 / band_cols, rows10 / band_rows)
+        source_transform = base @ Affine.scale(cols10 / band_cols, rows10 / band_rows)
         source = np.where(np.isnan(source), np.float32(src_nodata if src_nodata is not None else np.nan), source)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
