@@ -16,7 +16,9 @@ message naming the fields; ``check_card_against_config`` adds the checks that ne
 from __future__ import annotations
 
 import math
+import os
 import re
+from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -407,3 +409,56 @@ def class_colour_table(card: ModelCard) -> dict[int, tuple[int, int, int, int]]:
             table[code] = (level, level, level, 255)
     table[CLASS_NODATA_CODE] = (0, 0, 0, 0)
     return table
+
+
+# ---------------------------------------------------------------------------------------------
+# ``python -m services.core.model_card <model directory>``: check a model directory before serving it
+
+
+def check_model_directory(directory: str | os.PathLike[str]) -> ModelCard:
+    """Load ``<directory>/config.pbtxt`` (Triton's proto) and check its card against its tensors and label files."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    folder = Path(directory)
+    config_path = folder / "config.pbtxt"
+    if not config_path.is_file():
+        raise CardError(f"{config_path} does not exist")
+    try:
+        config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+    except text_format.ParseError as error:
+        raise CardError(f"{config_path} is not a Triton model configuration: {error}") from None
+    if config.name and config.name != folder.name:
+        raise CardError(f"config.pbtxt names the model {config.name!r} but its directory is {folder.name!r}")
+    label_counts = {}
+    for output in config.output:
+        if output.label_filename:
+            labels = folder / output.label_filename
+            if not labels.is_file():
+                raise CardError(f"output {output.name} names label file {output.label_filename}, which does not exist")
+            label_counts[output.label_filename] = len(labels.read_text().splitlines())
+    return check_card_against_config(config, label_counts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print("usage: python -m services.core.model_card <model directory> [...]", file=sys.stderr)
+        return 2
+    failed = False
+    for directory in args:
+        try:
+            card = check_model_directory(directory)
+        except CardError as error:
+            print(f"{directory}: {error}", file=sys.stderr)
+            failed = True
+            continue
+        kind = card.output_kind or f"task {card.task}"
+        print(f"{directory}: card schema {card.schema_version} OK ({card.input_kind}, {len(card.bands)} bands, {kind})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
