@@ -314,11 +314,14 @@ def process_scene(
 
 @dataclass(frozen=True, slots=True)
 class TileRecord:
-    """One tile's result of a per-tile output kind."""
+    """One tile's result of a per-tile output kind; ``row``/``col``: the tile's origin on the working grid."""
 
     index: int
     values: list[float]
     labels: list[tuple[str, float]] = field(default_factory=list)  # (label, probability), descending
+    row: int = 0
+    col: int = 0
+    transform: Affine | None = None
 
 
 def tile_vectors(outputs: np.ndarray, card: ModelCard) -> list[TileRecord]:
@@ -343,6 +346,35 @@ def tile_class_probabilities(
         records.append(TileRecord(index=i, values=[float(v) for v in row],
                                   labels=[(names[j], float(row[j])) for j in order]))
     return records
+
+
+def process_tiles(
+    scene: SceneBands, card: ModelCard, infer: InferFn, batch_size: int = 16, labels: Sequence[str] = ()
+) -> list[TileRecord]:
+    """A per-tile card over a scene: non-overlapping tiles of ``effective_tile_size`` from the grid's origin
+    (a partial tile at the right or bottom edge is left out), tiles with any no-data pixel left out, one record
+    per tile with its origin and georeferencing."""
+    if card.output_kind not in ("tile-vector", "tile-class-probabilities"):
+        raise ValueError(f"process_tiles handles per-tile output kinds, the card says {card.output_kind!r}")
+    stack = working_stack(scene, card)
+    image = model_input(stack, card, scene.boa_add_offset)
+    size = card.effective_tile_size
+    origins = [(r, c) for r in range(0, image.shape[1] - size + 1, size) for c in range(0, image.shape[2] - size + 1, size)
+               if not stack.nodata[r:r + size, c:c + size].any()]
+    if not origins:
+        return []
+    tiles = np.stack([image[:, r:r + size, c:c + size] for r, c in origins])
+    outputs = infer_in_batches(tiles, infer, batch_size)
+    outputs = outputs.reshape(len(origins), -1)
+    if card.output_kind == "tile-vector":
+        records = tile_vectors(outputs, card)
+    else:
+        records = tile_class_probabilities(outputs, card, labels)
+    return [
+        TileRecord(index=record.index, values=record.values, labels=record.labels, row=r, col=c,
+                   transform=stack.transform @ Affine.translation(c, r) if stack.transform is not None else None)
+        for record, (r, c) in zip(records, origins)
+    ]
 
 
 def manifest_entry(result: PixelClassResult | PixelValueResult) -> dict[str, Any]:

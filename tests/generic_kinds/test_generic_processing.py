@@ -197,3 +197,22 @@ def test_true_colour_and_mask_overlay_quicklooks() -> None:
     assert overlay[5, 20, 0] == round(0.5 * picture[5, 20, 0] + 0.5 * 255)
     png = quicklook.mask_overlay_png(rgb, codes, table, [0], nodata, max_side=10)
     assert quicklook.decode_png(png).shape == (6, 10, 3)  # block means by 3 (20 x 30 -> 6 x 10)
+
+
+def test_per_tile_cards_over_a_scene_give_one_record_per_full_tile_with_its_grid() -> None:
+    source = scene(rows=60, cols=90)
+    for band in source.bands.values():
+        band[-band.shape[0] // 6:, :] = 0  # the bottom tile row has no data
+    c = card(working_resolution_m=20.0, tile_size=10, tile_overlap=0.0, output_kind="tile-class-probabilities")
+
+    def mean_water_or_land(batch: np.ndarray) -> np.ndarray:
+        return water_or_land(batch).mean(axis=(2, 3))  # [N, 2]
+
+    records = gk.process_tiles(source, c, mean_water_or_land, batch_size=2)
+    # 20 m grid: 30 x 45 -> full 10 x 10 tiles at rows 0, 10 (row 20 has no data) and cols 0, 10, 20, 30
+    assert [(r.row, r.col) for r in records] == [(row, col) for row in (0, 10) for col in (0, 10, 20, 30)]
+    assert records[1].transform == ORIGIN @ Affine.scale(2.0) @ Affine.translation(10, 0)
+    by_origin = {(r.row, r.col): r.labels[0][0] for r in records}
+    assert by_origin[(0, 0)] == "water" and by_origin[(0, 20)] == "land" and by_origin[(10, 30)] == "land"
+    with pytest.raises(ValueError, match="per-tile output kinds"):
+        gk.process_tiles(source, card(), mean_water_or_land)
