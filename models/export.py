@@ -85,12 +85,7 @@ def source_fingerprint(root: Path = PROJECT_ROOT) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+file_sha256 = packaged_files.file_sha256
 
 
 def resolve_weights(spec: ModelSpec, checkpoint_dir: Path | None) -> tuple[str, Path | None]:

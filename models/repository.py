@@ -12,6 +12,8 @@ from google.protobuf import text_format
 from google.protobuf.text_encoding import CEscape
 from tritonclient.grpc import model_config_pb2
 
+from services.core.model_card import ModelCard
+
 from .specs import ModelSpec, TensorSpec
 
 ONNX_FILENAME = "model.onnx"
@@ -74,6 +76,14 @@ def _table_row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _statistics_table(card: ModelCard, what: str, mean: str, std: str) -> list[str]:
+    """Markdown rows: channel, band (or variable), mean, std of the card."""
+    return [_table_row(["channel", what, mean, std]), _table_row(["---", "---", "---", "---"])] + [
+        _table_row([str(i), band, str(m), str(s)])
+        for i, (band, m, s) in enumerate(zip(card.bands, card.band_mean, card.band_std))
+    ]
+
+
 def render_readme(spec: ModelSpec, weights: str) -> str:
     """The human-readable model card."""
     card = spec.card(weights)
@@ -100,42 +110,21 @@ def render_readme(spec: ModelSpec, weights: str) -> str:
         "## Input and output",
         "",
     ]
-    if spec.packaged is not None:
-        pass  # the package's own conventions, below
+    if spec.packaged is not None and card.bands:
+        lines += _statistics_table(card, "band", "mean", "std")
+        lines += ["", f"Statistics from the package's `{spec.packaged.companion}`; normalised value = (x - mean) / std.", ""]
     elif card.bands and card.input_kind in ("sentinel2-l2a", "codes"):
         lines += [
             "Sentinel-2 L2A bands, in this channel order (SimCLR training order; 60 m bands B01, B09, B10 "
             "dropped, 20 m bands upsampled x2 to the 10 m grid "
             f"{'with ' + card.resampling_20m + ' interpolation (OpenCV INTER_LINEAR convention)' if card.resampling_20m else 'by the compressor'}):",
             "",
-            _table_row(["channel", "band", "mean (DN)", "std (DN)"]),
-            _table_row(["---", "---", "---", "---"]),
         ]
-        lines += [
-            _table_row([str(i), band, str(mean), str(std)])
-            for i, (band, mean, std) in enumerate(zip(card.bands, card.band_mean, card.band_std))
-        ]
+        lines += _statistics_table(card, "band", "mean (DN)", "std (DN)")
         lines += ["", "BigEarthNet per-band statistics; normalised value = (DN - mean) / std.", ""]
     elif card.bands:
-        lines += [
-            _table_row(["channel", "variable", "mean", "std"]),
-            _table_row(["---", "---", "---", "---"]),
-        ]
-        lines += [
-            _table_row([str(i), band, str(mean), str(std)])
-            for i, (band, mean, std) in enumerate(zip(card.bands, card.band_mean, card.band_std))
-        ]
+        lines += _statistics_table(card, "variable", "mean", "std")
         lines += ["", "Normalised value = (value - mean) / std.", ""]
-    if spec.packaged is not None and card.bands:
-        lines += [
-            _table_row(["channel", "band", "mean", "std"]),
-            _table_row(["---", "---", "---", "---"]),
-        ]
-        lines += [
-            _table_row([str(i), band, str(mean), str(std)])
-            for i, (band, mean, std) in enumerate(zip(card.bands, card.band_mean, card.band_std))
-        ]
-        lines += ["", f"Statistics from the package's `{spec.packaged.companion}`; normalised value = (x - mean) / std.", ""]
     lines += [
         f"- input: {card.input_units or '-'}",
         f"- output: {card.output_units or '-'}; range {card.output_range or '-'}",
