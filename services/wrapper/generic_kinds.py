@@ -81,6 +81,29 @@ class WorkingStack:
     resolution_m: float
 
 
+def product_boa_add_offset(metadata_xml: bytes) -> float:
+    """``BOA_ADD_OFFSET`` of an L2A product from its ``MTD_MSIL2A.xml`` (0 before processing baseline 04.00,
+    which has no such element). The offset is one value for every band in the products ESA publishes; a
+    product whose bands differ is refused rather than half-corrected."""
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.fromstring(metadata_xml)
+    except ElementTree.ParseError as error:
+        raise InputRejected(f"product metadata is not readable XML ({error})") from None
+    values = {element.text.strip() for element in root.iter() if element.tag.rsplit("}", 1)[-1] == "BOA_ADD_OFFSET"
+              and element.text and element.text.strip()}
+    if not values:
+        return 0.0
+    try:
+        offsets = {float(value) for value in values}
+    except ValueError:
+        raise InputRejected(f"BOA_ADD_OFFSET values {sorted(values)} are not numbers") from None
+    if len(offsets) != 1:
+        raise InputRejected(f"BOA_ADD_OFFSET differs between bands ({sorted(offsets)}); one offset per product expected")
+    return offsets.pop()
+
+
 def _check_bands(scene: SceneBands, card: ModelCard) -> None:
     if card.input_kind not in SENTINEL2_INPUT_KINDS:
         raise ValueError(f"model card input_kind is {card.input_kind!r}; the generic kinds read Sentinel-2")

@@ -216,3 +216,27 @@ def test_per_tile_cards_over_a_scene_give_one_record_per_full_tile_with_its_grid
     assert by_origin[(0, 0)] == "water" and by_origin[(0, 20)] == "land" and by_origin[(10, 30)] == "land"
     with pytest.raises(ValueError, match="per-tile output kinds"):
         gk.process_tiles(source, card(), mean_water_or_land)
+
+
+def test_the_products_boa_add_offset_is_read_from_its_metadata() -> None:
+    baseline_4 = b"""<?xml version="1.0" encoding="UTF-8"?>
+<n1:Level-2A_User_Product xmlns:n1="https://psd-14.sentinel2.eo.esa.int/PSD/User_Product_Level-2A.xsd">
+ <n1:General_Info><Product_Image_Characteristics>
+  <QUANTIFICATION_VALUES_LIST><BOA_QUANTIFICATION_VALUE unit="none">10000</BOA_QUANTIFICATION_VALUE></QUANTIFICATION_VALUES_LIST>
+  <BOA_ADD_OFFSET_VALUES_LIST>
+   <BOA_ADD_OFFSET band_id="0">-1000</BOA_ADD_OFFSET><BOA_ADD_OFFSET band_id="1">-1000</BOA_ADD_OFFSET>
+  </BOA_ADD_OFFSET_VALUES_LIST>
+ </Product_Image_Characteristics></n1:General_Info>
+</n1:Level-2A_User_Product>"""
+    assert gk.product_boa_add_offset(baseline_4) == -1000.0
+    older = baseline_4.replace(b"BOA_ADD_OFFSET_VALUES_LIST", b"OTHER_LIST").replace(b"BOA_ADD_OFFSET ", b"OTHER ").replace(b"</BOA_ADD_OFFSET>", b"</OTHER>")
+    assert gk.product_boa_add_offset(older) == 0.0
+    with pytest.raises(gk.InputRejected, match="differs between bands"):
+        gk.product_boa_add_offset(baseline_4.replace(b'"1">-1000', b'"1">-900'))
+    with pytest.raises(gk.InputRejected, match="not readable XML"):
+        gk.product_boa_add_offset(b"<unclosed")
+    # and the offset reaches the model input: reflectance = (DN - 1000) / 10000
+    source = scene(offset=-1000.0)
+    stack = gk.working_stack(source, card())
+    c = card(normalisation="none", band_mean=[], band_std=[])
+    np.testing.assert_allclose(gk.model_input(stack, c, source.boa_add_offset), (stack.values - 1000.0) * 1e-4, rtol=1e-5)
