@@ -27,7 +27,9 @@ CARD_PREFIX = "card."
 CARD_SCHEMA_VERSION = "2"
 SUPPORTED_SCHEMA_VERSIONS = ("1", "2")
 
-Task = Literal["ssl-features", "classify", "compress", "decompress", "uc5-cfactor", "uc6-locust", "generic"]
+# The task-specific Wrapper handlers (each has a production result prefix); ``generic`` cards need none.
+Task = Literal["ssl-features", "classify", "compress", "decompress", "uc5-cfactor", "uc6-locust"]
+CardTask = Task | Literal["generic"]
 InputKind = Literal["sentinel2-l2a", "sentinel2-l1c", "features", "codes", "era5-sequence"]
 Normalisation = Literal["standardise", "none"]
 OutputKind = Literal["", "pixel-classes", "pixel-values", "tile-vector", "tile-class-probabilities"]
@@ -62,7 +64,7 @@ class ModelCard(BaseModel):
 
     # --- schema version 1
     schema_version: str = CARD_SCHEMA_VERSION
-    task: Task
+    task: CardTask
     input_kind: InputKind
     bands: list[str] = Field(default_factory=list, description="band order of the input channels")
     band_mean: list[float] = Field(default_factory=list)
