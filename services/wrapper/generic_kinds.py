@@ -297,6 +297,14 @@ def class_fractions(codes: np.ndarray, card: ModelCard) -> tuple[dict[str, float
     return fractions, (1.0 - count / total) if total else 0.0
 
 
+def class_share(result: PixelClassResult, names: Sequence[str]) -> float:
+    """Share of the pixels with data in any of the classes ``names`` (e.g. cloud cover = cloud + shadow)."""
+    unknown = [name for name in names if name not in result.fractions]
+    if unknown:
+        raise ValueError(f"classes {unknown} are not among {list(result.class_names)}")
+    return float(sum(result.fractions[name] for name in names))
+
+
 def pixel_classes(blended: tiling.Blended, nodata: np.ndarray, card: ModelCard, stack: WorkingStack) -> PixelClassResult:
     """Argmax over the blended class scores -> the card's class codes; no-data pixels get ``CLASS_NODATA_CODE``."""
     if blended.sums.shape[0] != len(card.class_names):

@@ -85,6 +85,10 @@ def test_classes_follow_the_data_and_the_card_codes() -> None:
     assert set(np.unique(result.codes[:, :10]).tolist()) == {7} and set(np.unique(result.codes[:, 10:]).tolist()) == {3}
     assert result.fractions == {"water": pytest.approx(1 / 3), "land": pytest.approx(2 / 3)}
     assert result.colour_table[7] == (0, 0, 255, 255) and result.transform == ORIGIN @ Affine.scale(3.0)
+    assert gk.class_share(result, ["water", "land"]) == pytest.approx(1.0)
+    assert gk.class_share(result, ["water"]) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match=r"classes \['cloud'\] are not among"):
+        gk.class_share(result, ["cloud"])
     assert gk.manifest_entry(result)["class_fractions"] == {"water": pytest.approx(1 / 3, abs=1e-6), "land": pytest.approx(2 / 3, abs=1e-6)}
 
 
