@@ -244,3 +244,14 @@ def test_the_products_boa_add_offset_is_read_from_its_metadata() -> None:
     stack = gk.working_stack(source, card())
     c = card(normalisation="none", band_mean=[], band_std=[])
     np.testing.assert_allclose(gk.model_input(stack, c, source.boa_add_offset), (stack.values - 1000.0) * 1e-4, rtol=1e-5)
+
+
+def test_services_never_import_the_reference_package() -> None:
+    """ukis-csmask is the reference the tests compare with (dev/bench extras); a service image has no such package."""
+    import re
+    from pathlib import Path
+
+    services = Path(__file__).resolve().parents[2] / "services"
+    pattern = re.compile(r"^\s*(import|from)\s+(ukis_csmask|eodal|scipy)\b", re.M)
+    offenders = [str(path) for path in services.rglob("*.py") if pattern.search(path.read_text())]
+    assert offenders == []
