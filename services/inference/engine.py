@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2, service_pb2
@@ -50,6 +50,8 @@ from .protocol import (
 from .repository import ModelDefinition, ModelRepository, directory_fingerprint, read_label_file
 from .runtime import OnnxInstance, cuda_usable, load_instances
 from .stats import FAILURE_BACKEND, FAILURE_CANCELED, FAILURE_OTHER, FAILURE_REJECTED, VersionStatistics
+
+T = TypeVar("T")
 
 SERVER_NAME = "eo-inference-server"
 # Triton's extension names; only what the server really implements is listed.
@@ -787,10 +789,13 @@ class InferenceEngine:
 
     def model_statistics(self, name: str = "", version: str = "") -> list[service_pb2.ModelStatistics]:
         if name:
+            record = self._records.get(name)
+            if record is None or record.serving is None:
+                # Triton: INVALID_ARGUMENT (400), unlike the other per-model queries' NOT_FOUND.
+                raise invalid(f"requested model '{name}' is not available")
             if version:
                 versions = [self._serving_version(name, version)]
             else:
-                self._serving_version(name)  # NOT_FOUND when not loaded
                 served = self._records[name].serving
                 assert served is not None
                 versions = [served.versions[v] for v in sorted(served.versions)]
@@ -837,16 +842,16 @@ class InferenceEngine:
 
     # -- inference ---------------------------------------------------------------------------
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(self, request: InferRequest, encode: Callable[[InferResponse], T] | None = None) -> Any:
+        """Run ``request``; returns the response, or ``encode(response)`` when a frontend passes its encoder,
+        so that success is counted only once the wire response exists (as Triton counts it)."""
         received_ns = time.perf_counter_ns()
         loaded = self._serving_version(request.model_name, request.model_version)
         statistics = loaded.statistics
-        try:
-            feeds, rows, shape_key = loaded.prepare_inputs(request)
-            resolved = loaded.resolve_outputs(request.outputs)
-        except InferenceServerError:
-            statistics.record_failure(time.perf_counter_ns() - received_ns, FAILURE_OTHER)
-            raise
+        # A request that fails validation never reaches the scheduler: Triton does not count it as an
+        # inference failure either (nv_inference_request_failure, statistics' fail count).
+        feeds, rows, shape_key = loaded.prepare_inputs(request)
+        resolved = loaded.resolve_outputs(request.outputs)
         try:
             executed = await loaded.scheduler.submit(feeds, rows, shape_key)
         except InferenceServerError as error:
@@ -858,30 +863,33 @@ class InferenceEngine:
             raise
         try:
             response = loaded.build_response(request, executed.outputs, resolved, rows)
+            result = encode(response) if encode is not None else response
         except InferenceServerError:
             statistics.record_failure(time.perf_counter_ns() - received_ns, FAILURE_OTHER)
             raise
         statistics.record_success(rows, time.perf_counter_ns() - received_ns, executed.timings)
-        return response
+        return result
 
     # -- model control -----------------------------------------------------------------------
 
-    async def load_model(self, name: str, config_json: str | None = None) -> None:
+    def _require_explicit_mode(self) -> None:
+        # Triton answers UNAVAILABLE here (503 / UNAVAILABLE), not UNSUPPORTED.
         if self.model_control_mode != CONTROL_MODE_EXPLICIT:
-            raise unsupported(
-                f"explicit model load / unload is not allowed in model control mode '{self.model_control_mode}'"
+            raise InferenceServerError(
+                ErrorKind.UNAVAILABLE,
+                f"explicit model load / unload is not allowed in model control mode '{self.model_control_mode}'",
             )
+
+    async def load_model(self, name: str, config_json: str | None = None) -> None:
+        self._require_explicit_mode()
         await self._load(name, config_json, force=config_json is not None)
 
     async def unload_model(self, name: str, unload_dependents: bool = False) -> None:
         # No ensembles here, so no model depends on another: unload_dependents changes nothing.
-        if self.model_control_mode != CONTROL_MODE_EXPLICIT:
-            raise unsupported(
-                f"explicit model load / unload is not allowed in model control mode '{self.model_control_mode}'"
-            )
+        self._require_explicit_mode()
         record = self._records.get(name)
-        if (record is None or (record.serving is None and not record.states)) and self.repository.locate(name) is None:
-            raise not_found(f"failed to unload '{name}': no such model in the repository")
+        if record is None or (record.serving is None and not record.states):
+            return  # Triton answers success for a model it does not know or has not loaded
         await self._unload(name)
 
     async def poll_repository(self) -> None:
@@ -921,9 +929,10 @@ class InferenceEngine:
 
     async def _load(self, name: str, config_json: str | None, force: bool) -> None:
         if name not in self._records and self.repository.locate(name) is None:
-            # Nothing to remember about a name that is neither known nor in the repository.
+            # Nothing to remember about a name that is neither known nor in the repository. Triton answers
+            # INTERNAL ("failed to poll from model repository"), a load that fails later INVALID_ARGUMENT.
             raise InferenceServerError(
-                ErrorKind.INVALID_ARGUMENT, f"failed to load '{name}': no model directory '{name}' in the model repository"
+                ErrorKind.INTERNAL, f"failed to load '{name}': no model directory '{name}' in the model repository"
             )
         record = self._record(name)
         async with record.lock:

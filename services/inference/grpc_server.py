@@ -280,6 +280,18 @@ def infer_response_to_proto(response: InferResponse) -> service_pb2.ModelInferRe
     return message
 
 
+FINAL_RESPONSE_PARAMETER = "triton_final_response"
+
+
+def stream_infer_response(response: InferResponse) -> service_pb2.ModelStreamInferResponse:
+    """A stream's answer to one request; like Triton it says ``triton_final_response: true`` (each request of
+    a non-decoupled model has exactly one response)."""
+    stream_response = service_pb2.ModelStreamInferResponse()
+    fill_infer_response(stream_response.infer_response, response)
+    stream_response.infer_response.parameters[FINAL_RESPONSE_PARAMETER].bool_param = True
+    return stream_response
+
+
 def stream_error_response(request_id: str, message: str) -> service_pb2.ModelStreamInferResponse:
     """A failed request on a stream: the error text, and the request id so the client can match it."""
     stream_response = service_pb2.ModelStreamInferResponse(error_message=message)
@@ -373,7 +385,8 @@ class TritonGrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> NoReturn:
         """End the RPC with the status Triton would send; the server keeps serving."""
         if isinstance(error, InferenceServerError):
-            log.info(
+            # The client is told; at INFO a client sending bad requests would flood the log.
+            log.debug(
                 "grpc request rejected",
                 extra={"rpc": rpc, "model": model_name, "code": error.kind.grpc_code_name, "error": error.message},
             )
@@ -434,25 +447,19 @@ class TritonGrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # ---- inference -------------------------------------------------------------------------
 
-    async def _infer(self, request: service_pb2.ModelInferRequest) -> InferResponse:
-        return await self._engine.infer(infer_request_from_proto(request))
-
     async def ModelInfer(self, request, context):  # type: ignore[override]
         # The hot path: decode, engine, encode in this one coroutine (no helper coroutine in between).
         try:
-            return infer_response_to_proto(await self._engine.infer(infer_request_from_proto(request)))
+            return await self._engine.infer(infer_request_from_proto(request), infer_response_to_proto)
         except Exception as error:  # noqa: BLE001
             await self._abort(context, "ModelInfer", error, request.model_name)
 
     async def _stream_response(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelStreamInferResponse:
         """One request of a stream answered; failures become ``error_message`` and the stream goes on."""
         try:
-            response = await self._infer(request)
-            stream_response = service_pb2.ModelStreamInferResponse()
-            fill_infer_response(stream_response.infer_response, response)
-            return stream_response
+            return await self._engine.infer(infer_request_from_proto(request), stream_infer_response)
         except InferenceServerError as err:
-            log.info(
+            log.debug(
                 "grpc stream request rejected",
                 extra={"rpc": "ModelStreamInfer", "model": request.model_name, "error": err.message},
             )

@@ -11,9 +11,12 @@ header followed by the outputs' raw bytes joined once. Nothing is logged per req
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import multiprocessing
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -51,6 +54,10 @@ _BINARY_DATA = "binary_data"
 _BINARY_DATA_OUTPUT = "binary_data_output"
 _CLASSIFICATION = "classification"
 _SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+# JSON headers longer than this are decoded in a helper process, so /v2/health/* keeps answering meanwhile.
+OFFLOAD_DECODE_BYTES = 1024 * 1024
+DECODER_PROCESSES = 2
 
 _LOAD_CONFIG_PARAMETER = "config"
 _LOAD_FILE_PARAMETER_PREFIX = "file:"
@@ -274,6 +281,8 @@ def decode_infer_request(
         header = json.loads(body[:header_length] if header_length != len(body) else body)
     except (UnicodeDecodeError, ValueError) as error:
         raise invalid(f"request JSON header is not valid JSON: {error}") from None
+    except RecursionError:
+        raise invalid("request JSON header nests arrays or objects too deeply") from None
     header = _require_dict(header, "request JSON header")
 
     request_id = header.get("id", "")
@@ -577,6 +586,21 @@ class _HttpFrontend:
     def __init__(self, engine: InferenceEngine, max_body_bytes: int) -> None:
         self._engine = engine
         self._max_body_bytes = max_body_bytes
+        self._decoder_pool: ProcessPoolExecutor | None = None  # started on the first large JSON request
+
+    async def _decode_elsewhere(
+        self, name: str, version: str, body: bytes, header_length: str | None
+    ) -> DecodedInferRequest:
+        if self._decoder_pool is None:
+            # spawn: forking a process that runs ONNX Runtime and gRPC threads is not safe.
+            self._decoder_pool = ProcessPoolExecutor(DECODER_PROCESSES, mp_context=multiprocessing.get_context("spawn"))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._decoder_pool, decode_infer_request, name, version, body, header_length)
+
+    async def close(self, app: web.Application) -> None:
+        if self._decoder_pool is not None:
+            self._decoder_pool.shutdown(wait=False, cancel_futures=True)
+            self._decoder_pool = None
 
     async def _read_body(self, request: web.Request) -> bytes:
         # Refuse by Content-Length before reading anything; aiohttp's own limit (client_max_size)
@@ -663,9 +687,18 @@ class _HttpFrontend:
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _model_and_version(request)
         body = await self._read_body(request)
-        decoded = decode_infer_request(name, version, body, request.headers.get(HEADER_LENGTH))
-        response = await self._engine.infer(decoded.request)
-        encoded = encode_infer_response(response, decoded.request.outputs, decoded.binary_output_default)
+        header_length = request.headers.get(HEADER_LENGTH)
+        if _json_bytes(body, header_length) > OFFLOAD_DECODE_BYTES:
+            # Parsing megabytes of JSON holds the GIL for a second or more (json and numpy do not release
+            # it), which would stall /v2/health/* past a probe's timeout: a helper process decodes it.
+            decoded = await self._decode_elsewhere(name, version, body, header_length)
+        else:
+            decoded = decode_infer_request(name, version, body, header_length)
+
+        def encode(response: InferResponse) -> EncodedInferResponse:
+            return encode_infer_response(response, decoded.request.outputs, decoded.binary_output_default)
+
+        encoded = await self._engine.infer(decoded.request, encode)
         if encoded.header_length is None:
             return web.Response(body=encoded.body, content_type=JSON_CONTENT_TYPE)
         return web.Response(
@@ -675,9 +708,23 @@ class _HttpFrontend:
         )
 
 
+def _json_bytes(body: bytes, header_length: str | None) -> int:
+    """How much of ``body`` is JSON to parse (the header; all of it without the binary extension)."""
+    if header_length is None:
+        return len(body)
+    try:
+        return min(len(body), max(0, int(header_length)))
+    except ValueError:
+        return 0  # decode_infer_request answers the bad header at once
+
+
 def _model_and_version(request: web.Request) -> tuple[str, str]:
     match_info = request.match_info
-    return match_info.get("model", ""), match_info.get("version", "")
+    version = match_info.get("version", "")
+    if version and not version.isdigit():
+        # Triton's routes take only digits as a version: anything else is no endpoint at all (404).
+        raise HttpStatusError(404, f"no endpoint at {request.method} {request.path}: a model version is an integer")
+    return match_info.get("model", ""), version
 
 
 def create_http_app(engine: InferenceEngine, *, max_body_bytes: int) -> web.Application:
@@ -712,6 +759,7 @@ def create_http_app(engine: InferenceEngine, *, max_body_bytes: int) -> web.Appl
             web.post(prefix + "/infer", frontend.infer),
         ]
     app.add_routes(routes)
+    app.on_cleanup.append(frontend.close)
     return app
 
 
