@@ -59,7 +59,6 @@ SERVER_EXTENSIONS = (
     "classification",
     "model_repository",
     "model_repository(unload_dependents)",
-    "schedule_policy",
     "model_configuration",
     "binary_tensor_data",
     "parameters",

@@ -14,12 +14,13 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn
 
 import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from .restricted_api import Restriction, grpc_refusal
 from .protocol import (
     ErrorKind,
     InferenceServerError,
@@ -608,11 +609,38 @@ def grpc_server_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+class RestrictedProtocolInterceptor(grpc.aio.ServerInterceptor):
+    """Triton's ``--grpc-restricted-protocol``: UNAVAILABLE unless the call carries the group's
+    ``triton-grpc-protocol-<key>`` metadata; checked before the request is handled."""
+
+    def __init__(self, restrictions: Mapping[str, Restriction]) -> None:
+        self._restrictions = dict(restrictions)
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
+        refusal = grpc_refusal(
+            self._restrictions, handler_call_details.method, handler_call_details.invocation_metadata
+        )
+        if refusal is None:
+            return await continuation(handler_call_details)
+
+        async def refuse(request_or_iterator, context: grpc.aio.ServicerContext):  # noqa: ANN001
+            await context.abort(grpc.StatusCode.UNAVAILABLE, refusal)
+
+        if handler_call_details.method.endswith("/ModelStreamInfer"):
+            return grpc.stream_stream_rpc_method_handler(refuse)
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
 def bind_grpc_server(
-    engine: InferenceEngine, *, address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    engine: InferenceEngine,
+    *,
+    address: str,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    restrictions: Mapping[str, Restriction] | None = None,
 ) -> BoundGrpcServer:
     """Like :func:`create_grpc_server`, also returning the bound port (for ``address`` ending in ``:0``)."""
-    server = grpc.aio.server(options=grpc_server_options(max_message_bytes))
+    interceptors = [RestrictedProtocolInterceptor(restrictions)] if restrictions else []
+    server = grpc.aio.server(options=grpc_server_options(max_message_bytes), interceptors=interceptors)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(TritonGrpcServicer(engine), server)
     port = server.add_insecure_port(address)
     if port == 0:
@@ -622,11 +650,17 @@ def bind_grpc_server(
 
 
 def create_grpc_server(
-    engine: InferenceEngine, *, address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    engine: InferenceEngine,
+    *,
+    address: str,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    restrictions: Mapping[str, Restriction] | None = None,
 ) -> grpc.aio.Server:
     """The gRPC server over ``engine``, bound to ``address`` but not started: the caller awaits
     ``start()`` and, on shutdown, ``stop(grace)``."""
-    return bind_grpc_server(engine, address=address, max_message_bytes=max_message_bytes).server
+    return bind_grpc_server(
+        engine, address=address, max_message_bytes=max_message_bytes, restrictions=restrictions
+    ).server
 
 
 __all__ = [

@@ -18,12 +18,13 @@ import multiprocessing
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
 import numpy as np
 from aiohttp import web
 
 from . import triton_json
+from .restricted_api import Restriction, http_refusal
 from .engine import ModelMetadata, RepositoryIndexEntry, ServerMetadata
 from .protocol import (
     ErrorKind,
@@ -727,16 +728,38 @@ def _model_and_version(request: web.Request) -> tuple[str, str]:
     return match_info.get("model", ""), version
 
 
-def create_http_app(engine: InferenceEngine, *, max_body_bytes: int) -> web.Application:
+def restriction_middleware(restrictions: Mapping[str, Restriction]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Triton's ``--http-restricted-api``: 403 unless the request carries the group's header, before
+    anything of the request is read."""
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        refusal = http_refusal(restrictions, request.method, request.path, request.headers)
+        if refusal is not None:
+            return error_response(403, refusal)
+        return await handler(request)
+
+    return middleware
+
+
+def create_http_app(
+    engine: InferenceEngine, *, max_body_bytes: int, restrictions: Mapping[str, Restriction] | None = None
+) -> web.Application:
     """The Triton-compatible HTTP/REST application over ``engine``.
 
     ``max_body_bytes`` bounds every request body (413 beyond it), checked against Content-Length
-    before reading and while reading chunked or compressed bodies.
+    before reading and while reading chunked or compressed bodies. ``restrictions``: API group ->
+    required header (:func:`services.inference.restricted_api.parse_restrictions`).
     """
     if max_body_bytes <= 0:
         raise ValueError("max_body_bytes must be positive")
     frontend = _HttpFrontend(engine, max_body_bytes)
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[error_middleware])
+    middlewares = [error_middleware]
+    if restrictions:
+        middlewares.append(restriction_middleware(dict(restrictions)))
+    app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
     app[RAW_REQUEST_BODIES] = False
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"

@@ -23,12 +23,21 @@ from typing import Callable, Iterator
 
 import pytest
 
+from services.inference.real_triton import (
+    TritonInstallation,
+    TritonNotInstalled,
+    prepare_backend_directory,
+    triton_command,
+    triton_environment,
+)
 from services.local_platform.infra import free_ports
 from tiny_models import build_tiny_repository
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SERVER_START_TIMEOUT_S = 60.0
 SERVER_STOP_TIMEOUT_S = 15.0
+# make triton-install puts real Triton here; EOML_TEST_TRITON_VENV points elsewhere.
+TRITON_VENV = Path(os.environ.get("EOML_TEST_TRITON_VENV", PROJECT_ROOT / ".venv-triton"))
 
 
 @dataclass
@@ -83,6 +92,79 @@ def _wait_until(server: RunningServer, health_path: str, timeout: float) -> None
     server.stop()
     raise RuntimeError(f"inference server did not answer 200 on {health_path} within {timeout} s"
                        f"\n--- server log ---\n{server.log()}")
+
+
+def launch_server(
+    command: list[str], repository: Path, log_path: Path, ports: tuple[int, int, int],
+    *, env: dict[str, str] | None = None, wait_for: str | None = "ready", timeout: float = SERVER_START_TIMEOUT_S,
+) -> RunningServer:
+    """Start ``command`` (a server listening on ``ports``: HTTP, gRPC, metrics) and wait for its health endpoint."""
+    http_port, grpc_port, metrics_port = ports
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    server = RunningServer(
+        process=process,
+        http_url=f"127.0.0.1:{http_port}",
+        grpc_url=f"127.0.0.1:{grpc_port}",
+        metrics_url=f"127.0.0.1:{metrics_port}",
+        repository=repository,
+        log_path=log_path,
+        args=command,
+    )
+    if wait_for is not None:
+        _wait_until(server, f"/v2/health/{wait_for}", timeout)
+    return server
+
+
+def our_server_command(repository: Path, ports: tuple[int, int, int], *extra_args: str) -> list[str]:
+    http_port, grpc_port, metrics_port = ports
+    return [
+        sys.executable, "-m", "services.inference.cli",
+        "--model-repository", str(repository),
+        "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+        "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1",
+        *extra_args,
+    ]
+
+
+def real_triton_installation() -> TritonInstallation:
+    """The real Triton of ``make triton-install``; skips the test when it is not installed."""
+    try:
+        return TritonInstallation.from_venv(TRITON_VENV)
+    except TritonNotInstalled as error:
+        pytest.skip(f"real Triton is not installed: {error}")
+
+
+def start_real_triton(
+    repository: Path, work_dir: Path, *extra_args: str, wait_for: str | None = "ready"
+) -> RunningServer:
+    """NVIDIA's tritonserver (the wheel's binary, ONNX models through our Python-backend shim) on free loopback
+    ports; ``extra_args`` go to tritonserver (``--model-control-mode=explicit`` ...)."""
+    installation = real_triton_installation()
+    backends = prepare_backend_directory(installation, work_dir / "triton-backends")
+    ports = free_ports(3)
+    command = triton_command(
+        installation, repository, backends, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
+        address="127.0.0.1", extra_args=extra_args,
+    )
+    return launch_server(command, repository, work_dir / f"triton-{ports[0]}.log", ports,
+                         env=triton_environment(installation), wait_for=wait_for)
+
+
+@pytest.fixture
+def real_triton(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
+    """Factory: ``real_triton(repository, *tritonserver_args, wait_for="ready")`` -> RunningServer; stopped after
+    the test. Skips when ``make triton-install`` has not run."""
+    started: list[RunningServer] = []
+
+    def start(repository: Path, *extra_args: str, wait_for: str | None = "ready") -> RunningServer:
+        server = start_real_triton(repository, tmp_path, *extra_args, wait_for=wait_for)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture

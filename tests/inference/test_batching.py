@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from engine_harness import fp32_request, run, started_engine
-from services.inference.batching import MIN_DEFAULT_QUEUE_SIZE, BatchingPolicy, default_max_queue_size
+from services.inference.batching import BatchingPolicy
 from services.inference.model_config import parse_config_text
 from services.inference.protocol import ErrorKind, InferenceServerError, InferInput, InferRequest
 from tiny_models import SLOW_WIDTH, make_slow, make_string_identity
@@ -185,9 +185,9 @@ def test_queue_bound_comes_from_the_config_or_the_server_default() -> None:
     policy = BatchingPolicy.from_config(config, instance_count=3)
     assert policy.dynamic and policy.batch_cap == 4 and policy.preferred_batch_sizes == {2, 4}
     assert policy.max_queue_delay_s == 0.0005
-    assert policy.max_queue_size == default_max_queue_size(8, 3) == 4 * 8 * 3
+    assert policy.max_queue_size == 0  # unbounded, as Triton's max_queue_size 0
     assert BatchingPolicy.from_config(config, 3, server_default_queue_size=7).max_queue_size == 7
     config.dynamic_batching.default_queue_policy.max_queue_size = 5
     assert BatchingPolicy.from_config(config, 3, server_default_queue_size=7).max_queue_size == 5
     unbatched = BatchingPolicy.from_config(parse_config_text("max_batch_size: 0 dynamic_batching { }"), 1)
-    assert not unbatched.dynamic and unbatched.max_queue_size == MIN_DEFAULT_QUEUE_SIZE
+    assert not unbatched.dynamic and unbatched.max_queue_size == 0
