@@ -949,6 +949,7 @@ class InferenceEngine:
             if record.serving is None:
                 record.states = {"": (STATE_LOADING, "")}
             started = time.perf_counter()
+            definition = None
             try:
                 if directory is None:
                     raise ModelConfigError(f"no model directory '{name}' in the model repository")
@@ -958,7 +959,16 @@ class InferenceEngine:
                 reason = error.message if isinstance(error, InferenceServerError) else str(error)
                 record.fingerprint = fingerprint
                 if record.serving is None:
-                    record.states = {"": (STATE_UNAVAILABLE, reason)}
+                    failed_version = getattr(error, "failed_version", None)
+                    if definition is not None and failed_version is not None:
+                        # As Triton 2.51: one failing version fails the model's load; the index shows that
+                        # version's reason and the others as unloaded.
+                        record.states = {
+                            str(v): (STATE_UNAVAILABLE, reason if v == failed_version else "unloaded")
+                            for v in definition.version_paths
+                        }
+                    else:
+                        record.states = {"": (STATE_UNAVAILABLE, reason)}
                 log.error("model failed to load", extra={"model": name, "reason": reason,
                                                         "still_serving_previous": record.serving is not None})
                 raise InferenceServerError(ErrorKind.INVALID_ARGUMENT, f"failed to load '{name}': {reason}") from None
@@ -1003,7 +1013,11 @@ class InferenceEngine:
         try:
             async with self._load_slots:
                 for version, path in sorted(definition.version_paths.items(), reverse=True):
-                    versions[version] = await self._build_version(definition, version, path)
+                    try:
+                        versions[version] = await self._build_version(definition, version, path)
+                    except (ModelConfigError, InferenceServerError) as error:
+                        error.failed_version = version  # type: ignore[union-attr]
+                        raise
         except BaseException:
             await asyncio.gather(*(v.close(drain=False) for v in versions.values()), return_exceptions=True)
             raise

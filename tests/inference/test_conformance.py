@@ -30,10 +30,11 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import RunningServer, launch_server, our_server_command, start_real_triton
 from services.local_platform.infra import free_ports
-from tiny_models import CLASSIFIER_LABELS, build_tiny_repository
+from tiny_models import CLASSIFIER_LABELS, build_tiny_repository, make_versioned
 
 SERVERS = ("ours", "triton")
 LOADED = ("simple", "classifier", "versioned", "string_identity")
+BROKEN_VERSION_MODEL = "broken_version"  # versions 1 and 3 served; version 3's model file is not ONNX
 ADMIN_KEY = "admin-key"
 ADMIN_SECRET = "conformance-secret"
 RESTRICTION = f"model-repository:{ADMIN_KEY}={ADMIN_SECRET}"
@@ -53,6 +54,8 @@ def started_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
     """Both servers on the same repository; the triton entry is the skip reason when it is not installed."""
     work = tmp_path_factory.mktemp("conformance")
     repository = build_tiny_repository(work / "model_repository")
+    make_versioned(repository, name=BROKEN_VERSION_MODEL)
+    (repository / BROKEN_VERSION_MODEL / "3" / "model.onnx").write_bytes(b"not an ONNX model")
     load_args = [arg for name in LOADED for arg in ("--load-model", name)]
     ports = free_ports(3)
     servers: dict[str, RunningServer | str] = {
@@ -282,6 +285,19 @@ def test_metric_names(server: RunningServer) -> None:
     assert TRITON_INFERENCE_METRICS <= _metric_families(server)
 
 
+def settled_index_entries(server: RunningServer, name: str, timeout: float = 30.0) -> dict[str, dict]:
+    """The model's index entries by version once none is LOADING or UNLOADING (Triton answers unload and
+    failed loads before the versions settle)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, index = http(server, "POST", "/v2/repository/index", headers=ADMIN_HEADERS)
+        entries = {entry.get("version", ""): entry for entry in index if entry["name"] == name}
+        if all(entry.get("state") not in ("LOADING", "UNLOADING") for entry in entries.values()):
+            return entries
+        assert time.monotonic() < deadline, f"{name} did not settle: {entries}"
+        time.sleep(0.1)
+
+
 def test_repository_api_behind_the_restriction(server: RunningServer) -> None:
     status, document = http(server, "POST", "/v2/repository/index")
     assert (status, document) == (403, {"error": f"This API is restricted, expecting header '{ADMIN_KEY}'"})
@@ -299,11 +315,8 @@ def test_repository_api_behind_the_restriction(server: RunningServer) -> None:
     # Unload, index says why, load again; other groups stay open.
     assert http(server, "POST", "/v2/repository/models/string_identity/unload", headers=ADMIN_HEADERS)[0] == 200
     # Triton answers the unload before the model is gone (state UNLOADING meanwhile): wait for the end state.
-    unloaded = {"name": "string_identity", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}
-    deadline = time.monotonic() + 30
-    while unloaded not in http(server, "POST", "/v2/repository/index", headers=ADMIN_HEADERS)[1]:
-        assert time.monotonic() < deadline, "string_identity never reached UNAVAILABLE/unloaded"
-        time.sleep(0.1)
+    entries = settled_index_entries(server, "string_identity")
+    assert entries["1"] == {"name": "string_identity", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}
     assert http(server, "GET", "/v2/models/string_identity/ready")[0] == 400
     assert http(server, "POST", "/v2/repository/models/string_identity/load", headers=ADMIN_HEADERS)[0] == 200
     assert http(server, "GET", "/v2/models/string_identity/ready")[0] == 200
@@ -348,3 +361,15 @@ def test_repository_path_layout_is_unchanged(started_servers) -> None:
     assert len(repositories) == 1
     (repository,) = repositories
     assert sorted(path.name for path in Path(repository, "simple").iterdir()) == ["1", "config.pbtxt"]
+
+
+def test_one_failing_version_fails_the_models_load(server: RunningServer) -> None:
+    """Triton 2.51 loads a model's versions together: version 3 failing leaves version 1 unloaded too."""
+    status, document = http(server, "POST", f"/v2/repository/models/{BROKEN_VERSION_MODEL}/load",
+                            headers=ADMIN_HEADERS)
+    assert status == 400 and BROKEN_VERSION_MODEL in document["error"]
+    entries = settled_index_entries(server, BROKEN_VERSION_MODEL)
+    assert entries["1"]["state"] == "UNAVAILABLE" and entries["1"]["reason"] == "unloaded"
+    assert entries["3"]["state"] == "UNAVAILABLE" and "model.onnx" in entries["3"]["reason"]
+    assert http(server, "GET", f"/v2/models/{BROKEN_VERSION_MODEL}/versions/1/ready")[0] == 400
+    assert http(server, "GET", "/v2/health/live")[0] == 200
