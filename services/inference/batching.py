@@ -311,6 +311,10 @@ class ModelScheduler:
         if not policy.dynamic:
             return 1
         head = self._queue[0]
+        if self._timer is not None and time.monotonic_ns() >= head.deadline_ns:
+            # The oldest request has waited its queue delay (typically behind a busy instance): like Triton's
+            # dynamic batcher, the batch takes what is queued up to max_batch_size, past the preferred sizes.
+            return self._count_up_to(policy.max_batch_size, head.shape_key)
         rows = 0
         count = 0
         preferred_count = 0
@@ -335,10 +339,6 @@ class ModelScheduler:
         if not can_grow or timer is None:
             return count
         deadline_ns = head.deadline_ns
-        if time.monotonic_ns() >= deadline_ns:
-            # The queue delay is over and no preferred size formed: like Triton, the batch takes what is
-            # queued up to max_batch_size, past the largest preferred size.
-            return self._count_up_to(policy.max_batch_size, head.shape_key)
         # An armed earlier deadline stays: it belongs to a request still ahead in the queue.
         if not timer.deadline_ns or deadline_ns < timer.deadline_ns:
             timer.arm(deadline_ns)

@@ -384,3 +384,18 @@ def test_statistics_json_has_every_counter_as_numbers() -> None:
     assert stats["batch_stats"][0]["batch_size"] == 4
     assert stats["batch_stats"][0]["compute_infer"] == {"count": 1, "ns": 99}
     assert stats["batch_stats"][0]["compute_input"] == {"count": 0, "ns": 0}
+
+
+def test_deeply_nested_json_is_a_client_error() -> None:
+    body = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(InferenceServerError) as caught:
+        decode_infer_request("simple", "", body, None)
+    assert caught.value.kind is ErrorKind.INVALID_ARGUMENT and "too deeply" in caught.value.message
+
+
+def test_errors_cross_a_process_boundary_intact() -> None:
+    """Large JSON requests are decoded in a helper process: its errors must come back as they were."""
+    import pickle
+
+    error = pickle.loads(pickle.dumps(InferenceServerError(ErrorKind.NOT_FOUND, "no such model")))
+    assert (error.kind, error.message) == (ErrorKind.NOT_FOUND, "no such model")
