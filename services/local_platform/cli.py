@@ -23,6 +23,7 @@ from typing import Sequence
 
 from services.core.logging import configure_logging
 
+from .inference_backends import INFERENCE_CHOICES
 from .stack import DEFAULT_ROOT, LocalStack, PlatformState, StackError, StackOptions, http_status, pid_alive
 
 log = logging.getLogger("services.local_platform")
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--delivery-retry", type=int, default=8)
         sub.add_argument("--delivery-backoff-delay-s", type=float, default=0.25)
         sub.add_argument("--wrapper-workers", type=int, default=2)
+        sub.add_argument("--inference", choices=INFERENCE_CHOICES, default="ours",
+                         help="inference server to run: ours, or NVIDIA's real Triton (make triton-install)")
+        sub.add_argument("--inference-url", default="", metavar="HOST:PORT",
+                         help="use this running KServe v2 server (gRPC address) instead of starting one")
         if name == "demo":
             sub.add_argument("--patches", type=int, default=8, help="BigEarthNet patches per workflow (max 42)")
             sub.add_argument("--workflows", nargs="*", choices=["ssl-classify", "compress-decompress", "uc5", "uc6"],
@@ -71,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _options(arguments: argparse.Namespace) -> StackOptions:
     return StackOptions(root=arguments.root, repository=arguments.repository, delivery_retry=arguments.delivery_retry,
                         delivery_backoff_delay_s=arguments.delivery_backoff_delay_s,
-                        wrapper_workers=arguments.wrapper_workers)
+                        wrapper_workers=arguments.wrapper_workers, inference=arguments.inference,
+                        inference_url=arguments.inference_url)
 
 
 def _running_state(root: Path) -> PlatformState:
@@ -84,7 +90,8 @@ def _running_state(root: Path) -> PlatformState:
 def print_endpoints(state: PlatformState) -> None:
     print(f"  Kafka bootstrap servers  {state.bootstrap_servers}")
     print(f"  S3 endpoint              {state.s3_endpoint}  (any access key; region {state.s3_region})")
-    print(f"  inference server         http://{state.inference_http}  (gRPC {state.inference_grpc})")
+    http_part = f"http://{state.inference_http}  " if state.inference_http else ""
+    print(f"  inference server         {http_part}(gRPC {state.inference_grpc})")
     print(f"  controller               {state.controller_url}/workflows")
     for task, url in sorted(state.wrapper_urls.items()):
         print(f"  wrapper {task:<16} {url}  (ML.ServiceName \"{task}\")")

@@ -25,6 +25,7 @@ from typing import Iterable, Mapping
 
 from pydantic import BaseModel, Field
 
+from .inference_backends import external_grpc_address, inference_command, wait_until_ready
 from .infra import free_ports, tansu_binary, wait_for_port
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ class StackOptions:
     log_level: str = "INFO"
     python: str = sys.executable
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The inference server: "ours" or "triton" (inference_backends.py), or an external one's gRPC address.
+    inference: str = "ours"
+    inference_url: str = ""
 
 
 def http_status(url: str, timeout_s: float = 2.0) -> int | None:
@@ -206,6 +210,9 @@ class LocalStack:
             wrapper_urls={task: f"http://127.0.0.1:{port}" for task, port in wrapper_ports.items()},
             store_root=str(store_root),
         )
+        if self.options.inference_url:
+            self.state.inference_grpc = external_grpc_address(self.options.inference_url)
+            self.state.inference_http = ""
         try:
             self._start_infrastructure(ports, repository)
             self._start_controller(ports["controller"])
@@ -264,11 +271,11 @@ class LocalStack:
         self._spawn("kafka", [str(tansu_binary()), "broker", "--listener-url", kafka_url,
                               "--advertised-listener-url", kafka_url, "--storage-engine", "memory://tansu/"])
         self._spawn("s3", [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])])
-        self._spawn("inference", [
-            python, "-m", "services.inference.cli", "--model-repository", str(repository),
-            "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1", "--http-port", str(ports["http"]),
-            "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"])],
-            health_url=f"http://127.0.0.1:{ports['http']}/v2/health/ready")
+        if self.options.inference_url:
+            wait_until_ready(self.state.inference_grpc, self.options.start_timeout_s)
+        else:
+            self._spawn("inference", inference_command(self.options.inference, python, repository, ports, self.root),
+                        health_url=f"http://127.0.0.1:{ports['http']}/v2/health/ready")
         self._wait_port("kafka", ports["kafka"])
         self._wait_port("s3", ports["s3"])
 

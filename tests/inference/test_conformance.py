@@ -28,7 +28,7 @@ import tritonclient.http as triton_http
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import RunningServer, launch_server, our_server_command, start_real_triton
+from inference_servers import RunningServer, launch_server, our_server_command, start_real_triton
 from services.local_platform.infra import free_ports
 from tiny_models import CLASSIFIER_LABELS, build_tiny_repository, make_versioned
 

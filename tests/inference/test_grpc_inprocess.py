@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from services.inference.engine import InferenceEngine
 from services.inference.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, bind_grpc_server, create_grpc_server
-from services.inference.protocol import InferRequest, InferResponse
+from services.inference.protocol import InferRequest
 from tiny_models import build_tiny_repository
 
 BUG_REQUEST_ID = "trigger-engine-bug"

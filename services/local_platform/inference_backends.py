@@ -1,0 +1,74 @@
+"""Which inference server the local platform runs: ours, NVIDIA's real Triton, or an external KServe v2 server.
+
+- ``ours`` (default): ``services.inference.cli`` on the repository.
+- ``triton``: real Triton from ``make triton-install`` (``.venv-triton``), on the same repository with the
+  configs unchanged (``services.inference.real_triton``; ONNX models through the Python-backend shim).
+- ``--inference-url HOST:PORT``: a KServe v2 server that is already running (its gRPC address, what the
+  Wrappers call); nothing is started for it, the stack waits until it is ready.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Mapping
+
+import grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+INFERENCE_CHOICES = ("ours", "triton")
+DEFAULT_TRITON_VENV = Path(".venv-triton")
+
+
+def inference_command(
+    kind: str, python: str, repository: Path, ports: Mapping[str, int], root: Path,
+    triton_venv: Path = DEFAULT_TRITON_VENV,
+) -> list[str]:
+    """The command line of the inference server process for ``kind`` on loopback ``ports`` (http, grpc, metrics)."""
+    if kind == "ours":
+        return [
+            python, "-m", "services.inference.cli", "--model-repository", str(repository),
+            "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1", "--http-port", str(ports["http"]),
+            "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"]),
+        ]
+    if kind == "triton":
+        from services.inference.real_triton import TritonInstallation, TritonNotInstalled
+
+        try:
+            TritonInstallation.from_venv(triton_venv)
+        except TritonNotInstalled as error:
+            raise ValueError(f"{error}; run 'make triton-install' first") from None
+        # real_triton replaces itself with tritonserver: the recorded PID is Triton's own.
+        return [
+            python, "-m", "services.inference.real_triton", "--venv", str(triton_venv),
+            "--model-repository", str(repository), "--backend-directory", str(root / "triton-backends"),
+            "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
+            "--metrics-port", str(ports["metrics"]), "--address", "127.0.0.1",
+        ]
+    raise ValueError(f"unknown inference server '{kind}' (one of {', '.join(INFERENCE_CHOICES)})")
+
+
+def external_grpc_address(url: str) -> str:
+    """``HOST:PORT`` from ``--inference-url`` (``grpc://`` accepted; the Wrappers speak gRPC to it)."""
+    address = url.removeprefix("grpc://").rstrip("/")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--inference-url must be the gRPC address HOST:PORT of a KServe v2 server, got '{url}'")
+    return address
+
+
+def wait_until_ready(grpc_address: str, timeout_s: float) -> None:
+    """Wait until the v2 server at ``grpc_address`` says ServerReady; TimeoutError with the last error otherwise."""
+    deadline = time.monotonic() + timeout_s
+    last_error = "no answer"
+    with grpc.insecure_channel(grpc_address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=2).ready:
+                    return
+                last_error = "not ready"
+            except grpc.RpcError as error:
+                last_error = f"{error.code().name}: {error.details()}"
+            time.sleep(0.5)
+    raise TimeoutError(f"inference server at {grpc_address} not ready within {timeout_s:.0f} s ({last_error})")
