@@ -22,6 +22,8 @@ METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 # make demo / platform-up: extra options for eo-platform, e.g. DEMO_ARGS="--patches 20 --workflows uc5"
 DEMO_ARGS ?=
+# make demo / platform-up INFERENCE=triton: the platform on NVIDIA's real Triton instead of our server
+INFERENCE ?= ours
 PLATFORM_ARGS ?=
 # Deployment (make tools / deploy / deploy-dry-run / upload-models)
 TOOLS_BIN ?= tools/bin
@@ -107,11 +109,11 @@ $(TRITON_VENV)/.installed: $(VENV)/.installed
 
 # Kafka (tansu), S3 (moto), the inference server, the controller and one Wrapper per task on loopback; runs the
 # D3.4 3.2.3 workflows plus UC5/UC6, prints a summary, stops everything; non-zero exit if a workflow failed.
-demo: install models
-	$(PY) -m services.local_platform.cli demo --repository $(REPOSITORY) $(DEMO_ARGS)
+demo: install models $(if $(filter triton,$(INFERENCE)),triton-install)
+	$(PY) -m services.local_platform.cli demo --repository $(REPOSITORY) --inference $(INFERENCE) $(DEMO_ARGS)
 
-platform-up: install models
-	$(PY) -m services.local_platform.cli up --repository $(REPOSITORY) $(PLATFORM_ARGS)
+platform-up: install models $(if $(filter triton,$(INFERENCE)),triton-install)
+	$(PY) -m services.local_platform.cli up --repository $(REPOSITORY) --inference $(INFERENCE) $(PLATFORM_ARGS)
 
 platform-down:
 	@if [ -x $(PY) ]; then $(PY) -m services.local_platform.cli down; else echo "nothing to stop"; fi
