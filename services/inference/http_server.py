@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import multiprocessing
+import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ _SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", 
 # JSON headers longer than this are decoded in a helper process, so /v2/health/* keeps answering meanwhile.
 OFFLOAD_DECODE_BYTES = 1024 * 1024
 DECODER_PROCESSES = 2
+DECODER_NICENESS = 10
 
 _LOAD_CONFIG_PARAMETER = "config"
 _LOAD_FILE_PARAMETER_PREFIX = "file:"
@@ -594,7 +596,11 @@ class _HttpFrontend:
     ) -> DecodedInferRequest:
         if self._decoder_pool is None:
             # spawn: forking a process that runs ONNX Runtime and gRPC threads is not safe.
-            self._decoder_pool = ProcessPoolExecutor(DECODER_PROCESSES, mp_context=multiprocessing.get_context("spawn"))
+            # Niced: the event loop (health probes, small requests) wins the CPU over a large decode.
+            self._decoder_pool = ProcessPoolExecutor(
+                DECODER_PROCESSES, mp_context=multiprocessing.get_context("spawn"),
+                initializer=os.nice, initargs=(DECODER_NICENESS,),
+            )
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._decoder_pool, decode_infer_request, name, version, body, header_length)
 
