@@ -118,11 +118,12 @@ platform-up: install models $(if $(filter triton,$(INFERENCE)),triton-install)
 platform-down:
 	@if [ -x $(PY) ]; then $(PY) -m services.local_platform.cli down; else echo "nothing to stop"; fi
 
-# Our server vs the in-process ONNX Runtime ceiling vs the KServe ModelServer, plus perf_analyzer;
+# Our server vs the in-process ONNX Runtime ceiling vs real Triton vs the KServe ModelServer, plus perf_analyzer;
 # see bench/README.md. BENCH_ARGS passes options through, e.g. BENCH_ARGS="--duration 4".
-bench: install models perf-analyzer $(KSERVE_VENV)/.installed $(BENCH_VENV)/.installed
+bench: install models perf-analyzer triton-install $(KSERVE_VENV)/.installed $(BENCH_VENV)/.installed
 	PERF_VENV=$(PERF_VENV) $(PY) bench/inference_bench.py --repository $(REPOSITORY) \
-	  --kserve-python $(KSERVE_VENV)/bin/python --plot-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
+	  --kserve-python $(KSERVE_VENV)/bin/python --triton-venv $(TRITON_VENV) \
+	  --plot-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
 	$(PY) bench/wrapper_bench.py --repository $(REPOSITORY) $(WRAPPER_BENCH_ARGS)
 
 # KServe pins its own dependencies, so it gets its own venv, with the ONNX Runtime version ours runs.
