@@ -251,6 +251,9 @@ def _decode_input(entry: Any, index: int, binary: memoryview, offset: int) -> tu
 
     if not has_json_data:
         raise invalid(f"{where}: has neither 'data' nor '{_BINARY_DATA_SIZE}'")
+    if datatype == "BF16":
+        # Triton's rule and wording: JSON numbers cannot say which bfloat16 they mean.
+        raise invalid(f"receiving BF16 data via JSON is not supported. Please use the binary data format for input {name}")
     data = _array_from_json_data(entry["data"], datatype, shape, where)
     return InferInput(name=name, datatype=datatype, shape=shape, data=data, parameters=parameters), offset
 

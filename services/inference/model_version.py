@@ -19,6 +19,7 @@ from tritonclient.grpc import model_config_pb2
 from .batching import ModelScheduler
 from .model_config import ModelConfigError, config_datatype, full_shape
 from .protocol import (
+    BF16_DTYPE,
     InferenceServerError,
     InferOutput,
     InferRequest,
@@ -83,7 +84,7 @@ def classify(
     rows = array.reshape(array.shape[0], -1) if batched else array.reshape(1, -1)
     count = min(class_count, rows.shape[1])
     order = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :count]
-    is_float = rows.dtype.kind == "f"
+    is_float = rows.dtype.kind == "f" or rows.dtype == BF16_DTYPE
     result = np.empty((rows.shape[0], count), dtype=np.object_)
     for row_index in range(rows.shape[0]):
         for column, class_index in enumerate(order[row_index]):

@@ -29,6 +29,13 @@ TRITON_TO_NUMPY: dict[str, np.dtype] = {
     "FP64": np.dtype(np.float64),
     "BYTES": np.dtype(np.object_),
 }
+try:  # numpy has no bfloat16; ml_dtypes (a dependency of tritonclient and onnx) does, as Triton's clients use it
+    import ml_dtypes
+
+    BF16_DTYPE: np.dtype | None = np.dtype(ml_dtypes.bfloat16)
+    TRITON_TO_NUMPY["BF16"] = BF16_DTYPE
+except ImportError:  # pragma: no cover - BF16 is then an unsupported datatype
+    BF16_DTYPE = None
 NUMPY_TO_TRITON: dict[np.dtype, str] = {v: k for k, v in TRITON_TO_NUMPY.items()}
 NUMPY_TO_TRITON[np.dtype(np.bytes_)] = "BYTES"
 
