@@ -12,6 +12,7 @@ Real Triton comes from ``make triton-install``; without it the ``triton`` cases 
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import time
@@ -30,10 +31,10 @@ from tritonclient.utils import InferenceServerException
 
 from inference_servers import RunningServer, launch_server, our_server_command, start_real_triton
 from services.local_platform.infra import free_ports
-from tiny_models import CLASSIFIER_LABELS, build_tiny_repository, make_versioned
+from tiny_models import CLASSIFIER_LABELS, SLOW_WIDTH, build_tiny_repository, make_versioned
 
 SERVERS = ("ours", "triton")
-LOADED = ("simple", "classifier", "versioned", "string_identity")
+LOADED = ("simple", "classifier", "versioned", "string_identity", "slow")
 BROKEN_VERSION_MODEL = "broken_version"  # versions 1 and 3 served; version 3's model file is not ONNX
 ADMIN_KEY = "admin-key"
 ADMIN_SECRET = "conformance-secret"
@@ -386,3 +387,24 @@ def test_large_json_request(server: RunningServer) -> None:
     status, document = http(server, "POST", "/v2/models/string_identity/infer",
                             {**body, "inputs": [{**body["inputs"][0], "datatype": "FP32"}]})
     assert status in (400, 500)  # strings as FP32 data: Triton answers 500, ours 400 (README: differences)
+
+
+def test_dynamic_batching_merges_concurrent_requests(server: RunningServer) -> None:
+    """``slow`` (~20 ms a batch, 2 ms queue delay): 16 requests at once run in fewer executions, on Triton too
+    (its Python-backend shim runs the requests Triton hands it as one batch)."""
+    def stats() -> tuple[int, int]:
+        entry = http(server, "GET", "/v2/models/slow/stats")[1]["model_stats"][0]
+        return entry["inference_count"], entry["execution_count"]
+
+    before = stats()
+    rows = [np.full(SLOW_WIDTH, float(index), dtype=np.float32) for index in range(16)]
+    with concurrent.futures.ThreadPoolExecutor(len(rows)) as pool:
+        answers = list(pool.map(
+            lambda row: http(server, "POST", "/v2/models/slow/infer", _simple_body(row.tolist(), [1, SLOW_WIDTH])),
+            rows,
+        ))
+    for row, (status, document) in zip(rows, answers):
+        assert status == 200 and document["outputs"][0]["data"] == row.tolist()
+    after = stats()
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert inferences == 16 and executions < inferences, (inferences, executions)
