@@ -345,12 +345,18 @@ def test_grpc_restricted_protocol(server: RunningServer) -> None:
 def test_grpc_stream_responses_are_final(server: RunningServer) -> None:
     channel = grpc.insecure_channel(server.grpc_url)
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    bad = service_pb2.ModelInferRequest(model_name="simple", id="bad")
+    bad.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 5]).contents.fp32_contents.extend([1, 2, 3, 4, 5])
     request = service_pb2.ModelInferRequest(model_name="simple", id="r1")
     tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])
     tensor.contents.fp32_contents.extend([1, 2, 3, 4])
-    responses = list(stub.ModelStreamInfer(iter([request]), timeout=30))
-    assert len(responses) == 1 and not responses[0].error_message
-    answer = responses[0].infer_response
+    responses = list(stub.ModelStreamInfer(iter([bad, request]), timeout=30))
+    assert len(responses) == 2
+    # A failed request: its error and id, no final-response flag (as Triton); the stream goes on.
+    assert "unexpected shape" in responses[0].error_message and responses[0].infer_response.id == "bad"
+    assert "triton_final_response" not in responses[0].infer_response.parameters
+    assert not responses[1].error_message
+    answer = responses[1].infer_response
     assert answer.id == "r1" and answer.parameters["triton_final_response"].bool_param is True
     assert np.frombuffer(answer.raw_output_contents[0], np.float32).tolist() == [2, 3, 4, 5]
     channel.close()
