@@ -23,7 +23,7 @@ from typing import Sequence
 
 from services.core.logging import configure_logging
 
-from .inference_backends import INFERENCE_CHOICES
+from .inference_backends import add_inference_arguments
 from .stack import DEFAULT_ROOT, LocalStack, PlatformState, StackError, StackOptions, http_status, pid_alive
 
 log = logging.getLogger("services.local_platform")
@@ -45,16 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--delivery-retry", type=int, default=8)
         sub.add_argument("--delivery-backoff-delay-s", type=float, default=0.25)
         sub.add_argument("--wrapper-workers", type=int, default=2)
-        sub.add_argument("--inference", choices=INFERENCE_CHOICES, default="ours",
-                         help="inference server to run: ours, or NVIDIA's real Triton (make triton-install)")
-        sub.add_argument("--inference-url", default="", metavar="HOST:PORT",
-                         help="use this running KServe v2 server (gRPC address) instead of starting one")
         if name == "demo":
             sub.add_argument("--patches", type=int, default=8, help="BigEarthNet patches per workflow (max 42)")
             sub.add_argument("--workflows", nargs="*", choices=["ssl-classify", "compress-decompress", "uc5", "uc6"],
                              help="which sample workflows (default: all)")
             sub.add_argument("--timeout-s", type=float, default=900.0)
             sub.add_argument("--keep-running", action="store_true", help="leave the stack up afterwards")
+        add_inference_arguments(sub)
     commands.add_parser("down")
     commands.add_parser("status")
 
@@ -76,8 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _options(arguments: argparse.Namespace) -> StackOptions:
     return StackOptions(root=arguments.root, repository=arguments.repository, delivery_retry=arguments.delivery_retry,
                         delivery_backoff_delay_s=arguments.delivery_backoff_delay_s,
-                        wrapper_workers=arguments.wrapper_workers, inference=arguments.inference,
-                        inference_url=arguments.inference_url)
+                        wrapper_workers=arguments.wrapper_workers)
 
 
 def _running_state(root: Path) -> PlatformState:
@@ -99,10 +95,17 @@ def print_endpoints(state: PlatformState) -> None:
     print(f"  logs                     {Path(state.root) / 'logs'}")
 
 
+def _stack_options(arguments: argparse.Namespace) -> StackOptions:
+    """The stack's options with the inference server chosen on the command line."""
+    options = _options(arguments)
+    options.inference, options.inference_url = arguments.inference, arguments.inference_url
+    return options
+
+
 def command_up(arguments: argparse.Namespace) -> int:
     print("starting the local platform (Kafka, S3, inference server, controller, wrappers) ...")
     started = time.monotonic()
-    state = LocalStack(_options(arguments)).start()
+    state = LocalStack(_stack_options(arguments)).start()
     print(f"ready in {time.monotonic() - started:.0f} s:")
     print_endpoints(state)
     print("stop it with: eo-platform down")
@@ -117,7 +120,7 @@ def command_demo(arguments: argparse.Namespace) -> int:
     if not 1 <= arguments.patches <= len(names):
         print(f"--patches must be 1..{len(names)}", file=sys.stderr)
         return EXIT_USAGE
-    stack = LocalStack(_options(arguments))
+    stack = LocalStack(_stack_options(arguments))
     print("starting the local platform (Kafka, S3, inference server, controller, wrappers) ...")
     started = time.monotonic()
     try:

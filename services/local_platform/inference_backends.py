@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 from typing import Mapping
@@ -18,6 +19,14 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 INFERENCE_CHOICES = ("ours", "triton")
 DEFAULT_TRITON_VENV = Path(".venv-triton")
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--inference`` and ``--inference-url`` of ``eo-platform up|demo``."""
+    parser.add_argument("--inference", choices=INFERENCE_CHOICES, default="ours",
+                        help="inference server to run: ours, or NVIDIA's real Triton (make triton-install)")
+    parser.add_argument("--inference-url", default="", metavar="HOST:PORT",
+                        help="use this running KServe v2 server (its gRPC address) instead of starting one")
 
 
 def inference_command(

@@ -210,9 +210,6 @@ class LocalStack:
             wrapper_urls={task: f"http://127.0.0.1:{port}" for task, port in wrapper_ports.items()},
             store_root=str(store_root),
         )
-        if self.options.inference_url:
-            self.state.inference_grpc = external_grpc_address(self.options.inference_url)
-            self.state.inference_http = ""
         try:
             self._start_infrastructure(ports, repository)
             self._start_controller(ports["controller"])
@@ -271,11 +268,8 @@ class LocalStack:
         self._spawn("kafka", [str(tansu_binary()), "broker", "--listener-url", kafka_url,
                               "--advertised-listener-url", kafka_url, "--storage-engine", "memory://tansu/"])
         self._spawn("s3", [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])])
-        if self.options.inference_url:
-            wait_until_ready(self.state.inference_grpc, self.options.start_timeout_s)
-        else:
-            self._spawn("inference", inference_command(self.options.inference, python, repository, ports, self.root),
-                        health_url=f"http://127.0.0.1:{ports['http']}/v2/health/ready")
+        self._start_inference(python, repository, ports,
+            health_url=f"http://127.0.0.1:{ports['http']}/v2/health/ready")
         self._wait_port("kafka", ports["kafka"])
         self._wait_port("s3", ports["s3"])
 
@@ -316,6 +310,18 @@ class LocalStack:
             port = int(self.state.wrapper_urls[task].rsplit(":", 1)[1])
         return self._spawn(f"wrapper-{task}", [self.options.python, "-m", "services.wrapper.cli"],
                            self.wrapper_env(task, port), health_url=f"http://127.0.0.1:{port}/readyz")
+
+    def _start_inference(self, python: str, repository: Path, ports: dict[str, int], health_url: str) -> None:
+        """Ours or real Triton on ``ports``; with ``inference_url``, nothing is started: the stack waits for that
+        server and the Wrappers call it."""
+        assert self.state is not None
+        if self.options.inference_url:
+            self.state.inference_grpc = external_grpc_address(self.options.inference_url)
+            self.state.inference_http = ""
+            wait_until_ready(self.state.inference_grpc, self.options.start_timeout_s)
+            return
+        self._spawn("inference", inference_command(self.options.inference, python, repository, ports, self.root),
+                    health_url=health_url)
 
     def process(self, name: str) -> ProcessRecord:
         assert self.state is not None
