@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import shared_memory
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
@@ -330,6 +331,18 @@ def decode_infer_request(
     return DecodedInferRequest(request=request, binary_output_default=binary_output_default)
 
 
+def decode_shared_infer_request(model_name: str, model_version: str, shared_name: str, size: int) -> DecodedInferRequest:
+    """:func:`decode_infer_request` of a JSON body the server wrote into shared memory (runs in a helper process)."""
+    # The server creates and unlinks the block. (Attaching registers it again with the resource tracker this
+    # process shares with the server: a no-op for a name the tracker already holds.)
+    shared = shared_memory.SharedMemory(name=shared_name)
+    try:
+        body = bytes(shared.buf[:size])
+    finally:
+        shared.close()
+    return decode_infer_request(model_name, model_version, body, None)
+
+
 # --------------------------------------------------------------------------------------------
 # Response encoding
 # --------------------------------------------------------------------------------------------
@@ -598,14 +611,45 @@ class _HttpFrontend:
         self, name: str, version: str, body: bytes, header_length: str | None
     ) -> DecodedInferRequest:
         if self._decoder_pool is None:
-            # spawn: forking a process that runs ONNX Runtime and gRPC threads is not safe.
-            # Niced: the event loop (health probes, small requests) wins the CPU over a large decode.
-            self._decoder_pool = ProcessPoolExecutor(
-                DECODER_PROCESSES, mp_context=multiprocessing.get_context("spawn"),
-                initializer=os.nice, initargs=(DECODER_NICENESS,),
-            )
+            self._decoder_pool = self._start_decoder_pool()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._decoder_pool, decode_infer_request, name, version, body, header_length)
+
+    async def _decode_shared(self, request: web.Request, name: str, version: str, size: int) -> DecodedInferRequest:
+        shared = shared_memory.SharedMemory(create=True, size=size)
+        try:
+            offset = 0
+            try:
+                async for chunk in request.content.iter_any():
+                    end = offset + len(chunk)
+                    if end > size:
+                        raise invalid(f"request body is longer than its Content-Length of {size} bytes")
+                    shared.buf[offset:end] = chunk
+                    offset = end
+            except (InferenceServerError, asyncio.CancelledError):
+                raise
+            except Exception as error:  # a broken stream: as _read_body answers it
+                request.content.feed_eof()
+                raise HttpStatusError(400, f"could not read the request body: {error}", close_connection=True) from None
+            if offset != size:
+                raise invalid(f"request body ended after {offset} of its Content-Length of {size} bytes")
+            if self._decoder_pool is None:
+                self._decoder_pool = self._start_decoder_pool()
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._decoder_pool, decode_shared_infer_request, name, version, shared.name, size
+            )
+        finally:
+            shared.close()
+            shared.unlink()
+
+    def _start_decoder_pool(self) -> ProcessPoolExecutor:
+        # spawn: forking a process that runs ONNX Runtime and gRPC threads is not safe. Niced: the event loop
+        # (health probes, small requests) wins the CPU over a large decode.
+        return ProcessPoolExecutor(
+            DECODER_PROCESSES, mp_context=multiprocessing.get_context("spawn"),
+            initializer=os.nice, initargs=(DECODER_NICENESS,),
+        )
 
     async def close(self, app: web.Application) -> None:
         if self._decoder_pool is not None:
@@ -696,14 +740,21 @@ class _HttpFrontend:
 
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _model_and_version(request)
-        body = await self._read_body(request)
         header_length = request.headers.get(HEADER_LENGTH)
-        if _json_bytes(body, header_length) > OFFLOAD_DECODE_BYTES:
-            # Parsing megabytes of JSON holds the GIL for a second or more (json and numpy do not release
-            # it), which would stall /v2/health/* past a probe's timeout: a helper process decodes it.
-            decoded = await self._decode_elsewhere(name, version, body, header_length)
+        declared = request.content_length
+        # Parsing megabytes of JSON holds the GIL for a second or more (json and numpy do not release it),
+        # which would stall /v2/health/* past a probe's timeout: a helper process decodes large JSON.
+        if (header_length is None and "Content-Encoding" not in request.headers and declared is not None
+                and OFFLOAD_DECODE_BYTES < declared <= self._max_body_bytes):
+            # A large plain JSON body goes into shared memory a chunk at a time: not even a copy of it is
+            # made on the event loop's thread.
+            decoded = await self._decode_shared(request, name, version, declared)
         else:
-            decoded = decode_infer_request(name, version, body, header_length)
+            body = await self._read_body(request)
+            if _json_bytes(body, header_length) > OFFLOAD_DECODE_BYTES:
+                decoded = await self._decode_elsewhere(name, version, body, header_length)
+            else:
+                decoded = decode_infer_request(name, version, body, header_length)
 
         def encode(response: InferResponse) -> EncodedInferResponse:
             return encode_infer_response(response, decoded.request.outputs, decoded.binary_output_default)

@@ -399,3 +399,22 @@ def test_errors_cross_a_process_boundary_intact() -> None:
 
     error = pickle.loads(pickle.dumps(InferenceServerError(ErrorKind.NOT_FOUND, "no such model")))
     assert (error.kind, error.message) == (ErrorKind.NOT_FOUND, "no such model")
+
+
+def test_a_large_body_is_decoded_from_shared_memory() -> None:
+    """The helper process's side of the large-JSON path: the body the server wrote into shared memory."""
+    from multiprocessing import shared_memory
+
+    from services.inference.http_server import decode_shared_infer_request
+
+    body = json.dumps({"id": "big", "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [2, 2],
+                                                "data": [1, 2, 3, 4]}]}).encode()
+    shared = shared_memory.SharedMemory(create=True, size=len(body) + 16)  # the block may be larger than the body
+    try:
+        shared.buf[:len(body)] = body
+        decoded = decode_shared_infer_request("simple", "1", shared.name, len(body))
+    finally:
+        shared.close()
+        shared.unlink()
+    assert decoded.request.id == "big" and decoded.request.model_version == "1"
+    np.testing.assert_array_equal(decoded.request.inputs[0].data, np.array([[1, 2], [3, 4]], np.float32))
