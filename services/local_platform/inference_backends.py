@@ -32,28 +32,33 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 def inference_command(
     kind: str, python: str, repository: Path, ports: Mapping[str, int], root: Path,
     triton_venv: Path = DEFAULT_TRITON_VENV,
-) -> list[str]:
-    """The command line of the inference server process for ``kind`` on loopback ``ports`` (http, grpc, metrics)."""
+) -> tuple[list[str], dict[str, str]]:
+    """The inference server process for ``kind`` on loopback ``ports`` (http, grpc, metrics): its command line and
+    the environment it needs beyond the stack's. Real Triton is started directly (not through a launcher that
+    replaces itself), so the recorded command line is the running process's and ``eo-platform down`` stops it."""
     if kind == "ours":
         return [
             python, "-m", "services.inference.cli", "--model-repository", str(repository),
             "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1", "--http-port", str(ports["http"]),
             "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"]),
-        ]
+        ], {}
     if kind == "triton":
-        from services.inference.real_triton import TritonInstallation, TritonNotInstalled
+        from services.inference.real_triton import (
+            TritonInstallation,
+            TritonNotInstalled,
+            prepare_backend_directory,
+            triton_command,
+            triton_environment,
+        )
 
         try:
-            TritonInstallation.from_venv(triton_venv)
+            installation = TritonInstallation.from_venv(triton_venv)
         except TritonNotInstalled as error:
             raise ValueError(f"{error}; run 'make triton-install' first") from None
-        # real_triton replaces itself with tritonserver: the recorded PID is Triton's own.
-        return [
-            python, "-m", "services.inference.real_triton", "--venv", str(triton_venv),
-            "--model-repository", str(repository), "--backend-directory", str(root / "triton-backends"),
-            "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
-            "--metrics-port", str(ports["metrics"]), "--address", "127.0.0.1",
-        ]
+        backends = prepare_backend_directory(installation, root / "triton-backends")
+        command = triton_command(installation, repository, backends, http_port=ports["http"],
+                                 grpc_port=ports["grpc"], metrics_port=ports["metrics"], address="127.0.0.1")
+        return command, triton_environment(installation)
     raise ValueError(f"unknown inference server '{kind}' (one of {', '.join(INFERENCE_CHOICES)})")
 
 

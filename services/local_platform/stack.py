@@ -320,8 +320,8 @@ class LocalStack:
             self.state.inference_http = ""
             wait_until_ready(self.state.inference_grpc, self.options.start_timeout_s)
             return
-        self._spawn("inference", inference_command(self.options.inference, python, repository, ports, self.root),
-                    health_url=health_url)
+        argv, env = inference_command(self.options.inference, python, repository, ports, self.root)
+        self._spawn("inference", argv, env, health_url=health_url)
 
     def process(self, name: str) -> ProcessRecord:
         assert self.state is not None

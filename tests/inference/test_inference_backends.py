@@ -17,8 +17,8 @@ PORTS = {"http": 18000, "grpc": 18001, "metrics": 18002}
 
 
 def test_ours_and_triton_serve_the_same_repository_on_the_same_ports(tmp_path: Path) -> None:
-    ours = inference_command("ours", "python", Path("/repo"), PORTS, tmp_path)
-    assert ours[:3] == ["python", "-m", "services.inference.cli"]
+    ours, ours_env = inference_command("ours", "python", Path("/repo"), PORTS, tmp_path)
+    assert ours_env == {} and ours[:3] == ["python", "-m", "services.inference.cli"]
     for option, value in (("--model-repository", "/repo"), ("--http-port", "18000"), ("--grpc-port", "18001"),
                           ("--metrics-port", "18002")):
         assert ours[ours.index(option) + 1] == value
@@ -32,10 +32,12 @@ def test_triton_command_when_installed(tmp_path: Path) -> None:
     venv = Path(__file__).resolve().parents[2] / ".venv-triton"
     if not (venv / ".installed").exists():
         pytest.skip("real Triton is not installed (make triton-install)")
-    triton = inference_command("triton", "python", Path("/repo"), PORTS, tmp_path, triton_venv=venv)
-    assert triton[:3] == ["python", "-m", "services.inference.real_triton"]
-    assert triton[triton.index("--grpc-port") + 1] == "18001"
-    assert triton[triton.index("--backend-directory") + 1] == str(tmp_path / "triton-backends")
+    triton, env = inference_command("triton", "python", Path("/repo"), PORTS, tmp_path, triton_venv=venv)
+    # tritonserver itself, so that the PID the stack records runs the command it records (eo-platform down).
+    assert Path(triton[0]).name == "tritonserver" and "--grpc-port=18001" in triton
+    assert f"--backend-directory={tmp_path / 'triton-backends'}" in triton
+    assert (tmp_path / "triton-backends" / "onnxruntime" / "model.py").is_file()
+    assert env["PATH"].startswith(str(venv / "bin")) and "nvidia_pytriton.libs" in env["LD_LIBRARY_PATH"]
 
 
 def test_external_url_is_a_grpc_address() -> None:
