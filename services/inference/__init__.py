@@ -5,7 +5,11 @@ Layers, each usable without the ones above it:
 - ``repository`` / ``model_config``: the Triton model-repository layout and ``config.pbtxt``.
 - ``runtime``: ONNX Runtime sessions, one per instance.
 - ``batching``: Triton-style dynamic batching over the instances of one model version.
-- ``engine``: the server's state (models, versions, control mode, statistics): what frontends call.
-- ``http_server``, ``grpc_server``, ``metrics``: thin transports over the engine.
+- ``model_version``: one served version: request validation, outputs, classification, warm-up.
+- ``engine``: model lifecycle (repository, load/unload, polling, readiness) and the entry point frontends call.
+- ``http_server``, ``grpc_server``, ``metrics``: thin transports over the engine; ``restricted_api``: Triton's
+  ``--http-restricted-api`` / ``--grpc-restricted-protocol`` checks they apply.
 - ``cli``: the ``eo-inference-server`` command.
+- ``real_triton``, ``triton_onnx_shim``: NVIDIA's real Triton on this machine (``make triton``) with a
+  Python-backend ONNX Runtime shim; not used by our server.
 """

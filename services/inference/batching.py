@@ -10,17 +10,18 @@ Dynamic batching (``dynamic_batching { ... }`` and max_batch_size > 0), as Trito
 - the batch is sent at once when it reaches the cap, cannot grow (the next request does not fit),
   or when a preferred size was formed (the largest one formed is sent);
 - otherwise the batcher waits until the oldest request has been queued for
-  ``max_queue_delay_microseconds``, then sends what it has (0 = send at once);
+  ``max_queue_delay_microseconds``, then sends what it has, up to max_batch_size (0 = send at once);
 - batches run concurrently, one per free instance.
 Without dynamic batching (or with max_batch_size 0), each request runs alone on the next free instance.
 
 The queue delay is kept to the microsecond (:class:`DeadlineTimer`): the event loop's own timers
 round up to whole milliseconds, ten times the 100 us a tiny model's config asks for.
 
-The queue is bounded: ``dynamic_batching.default_queue_policy.max_queue_size`` when set, else the
-server default (``--default-max-queue-size``; 0 = ``max(64, 4 x max(1, max_batch_size) x instances)``,
-enough for every instance to have a few full batches waiting while memory stays bounded). A request
-that finds the queue full is rejected at once with UNAVAILABLE (HTTP 503) and never waits.
+The queue is bounded by ``dynamic_batching.default_queue_policy.max_queue_size`` when set, else by the
+server default (``--default-max-queue-size``); 0 is unbounded, as in Triton. A request that finds a
+bounded queue full is rejected at once with UNAVAILABLE (HTTP 503) and never waits. When the queue
+delay runs out before a preferred size forms, the batch takes the queued requests up to
+max_batch_size, past the largest preferred size, as Triton's dynamic batcher does.
 """
 
 from __future__ import annotations
@@ -46,13 +47,6 @@ from .stats import RequestTimings, VersionStatistics
 
 log = logging.getLogger(__name__)
 
-MIN_DEFAULT_QUEUE_SIZE = 64
-
-
-def default_max_queue_size(max_batch_size: int, instance_count: int) -> int:
-    return max(MIN_DEFAULT_QUEUE_SIZE, 4 * max(1, max_batch_size) * max(1, instance_count))
-
-
 @dataclass(frozen=True, slots=True)
 class BatchingPolicy:
     max_batch_size: int  # 0: requests carry no batch dimension
@@ -60,7 +54,7 @@ class BatchingPolicy:
     preferred_batch_sizes: frozenset[int]
     batch_cap: int  # largest batch the batcher forms: max preferred size, else max_batch_size
     max_queue_delay_s: float
-    max_queue_size: int
+    max_queue_size: int  # 0: unbounded
 
     @classmethod
     def from_config(
@@ -71,7 +65,7 @@ class BatchingPolicy:
         preferred = frozenset(size for size in settings.preferred_batch_size if size > 0) if dynamic else frozenset()
         queue_size = settings.default_queue_policy.max_queue_size if dynamic else 0
         if queue_size <= 0:
-            queue_size = server_default_queue_size or default_max_queue_size(config.max_batch_size, instance_count)
+            queue_size = server_default_queue_size  # 0: unbounded, as Triton's max_queue_size 0 is
         return cls(
             max_batch_size=config.max_batch_size,
             dynamic=dynamic,
@@ -289,7 +283,7 @@ class ModelScheduler:
         """Queue a validated request and wait for its outputs; UNAVAILABLE at once when the queue is full."""
         if self._closed:
             raise unavailable(f"model '{self.model_name}' is unloading")
-        if len(self._queue) >= self.policy.max_queue_size:
+        if self.policy.max_queue_size and len(self._queue) >= self.policy.max_queue_size:
             raise unavailable(
                 f"exceeds maximum queue size: model '{self.model_name}' already has "
                 f"{len(self._queue)} requests waiting (max_queue_size {self.policy.max_queue_size})"
@@ -308,6 +302,7 @@ class ModelScheduler:
                 self._queue.remove(request)
             except ValueError:
                 pass
+            self._wake_drain_waiters()  # an unload may be waiting for exactly this request
             raise
 
     def _ready_batch_size(self) -> int:
@@ -316,6 +311,10 @@ class ModelScheduler:
         if not policy.dynamic:
             return 1
         head = self._queue[0]
+        if self._timer is not None and time.monotonic_ns() >= head.deadline_ns:
+            # The oldest request has waited its queue delay (typically behind a busy instance): like Triton's
+            # dynamic batcher, the batch takes what is queued up to max_batch_size, past the preferred sizes.
+            return self._count_up_to(policy.max_batch_size, head.shape_key)
         rows = 0
         count = 0
         preferred_count = 0
@@ -340,12 +339,20 @@ class ModelScheduler:
         if not can_grow or timer is None:
             return count
         deadline_ns = head.deadline_ns
-        if time.monotonic_ns() >= deadline_ns:
-            return count
         # An armed earlier deadline stays: it belongs to a request still ahead in the queue.
         if not timer.deadline_ns or deadline_ns < timer.deadline_ns:
             timer.arm(deadline_ns)
         return 0
+
+    def _count_up_to(self, max_rows: int, shape_key: Any) -> int:
+        rows = 0
+        count = 0
+        for request in self._queue:
+            if rows + request.rows > max_rows or request.shape_key != shape_key:
+                break
+            rows += request.rows
+            count += 1
+        return max(1, count)
 
     def _dispatch(self) -> None:
         while self._idle and self._queue:
@@ -402,11 +409,15 @@ class ModelScheduler:
                     request.future.set_exception(error or InferenceServerError(ErrorKind.INTERNAL, "inference failed"))
         if not self._closed:
             self._dispatch()
-        if not self._queue and self._executing == 0:
-            for waiter in self._drain_waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-            self._drain_waiters.clear()
+        self._wake_drain_waiters()
+
+    def _wake_drain_waiters(self) -> None:
+        if self._queue or self._executing:
+            return
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
 
     def release_timer(self) -> None:
         """Give the queue-delay timer back to the system (a scheduler that is never closed, e.g. when its

@@ -26,6 +26,7 @@ from services.core.logging import configure_logging
 
 from .engine import EngineStartupError, InferenceEngine
 from .repository import RepositoryError
+from .restricted_api import parse_restrictions
 from .settings import InferenceServerSettings
 
 log = logging.getLogger("services.inference.server")
@@ -79,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--strict-readiness", type=_boolean, nargs="?", const=True, metavar="BOOL",
         help="ready only when every model that should be loaded is (default true)")
     add("--default-max-queue-size", type=int, metavar="N",
-        help="queue bound for models whose config sets none (0 = max(64, 4 x max_batch_size x instances))")
+        help="queue bound for models whose config sets none (default 0 = unbounded, as Triton)")
+    add("--http-restricted-api", dest="http_restricted_api", action="append", metavar="<API>[,<API>...]:<KEY>=<VALUE>",
+        help="HTTP API groups answering only requests with header KEY: VALUE (repeatable; Triton's option)")
+    add("--grpc-restricted-protocol", dest="grpc_restricted_protocol", action="append",
+        metavar="<API>[,<API>...]:<KEY>=<VALUE>",
+        help="gRPC API groups answering only calls with metadata triton-grpc-protocol-KEY: VALUE (repeatable)")
     return parser
 
 
@@ -136,7 +142,10 @@ class ServerProcess:
         if settings.allow_http:
             create_http_app = _frontend_factory("http_server", "create_http_app")
             if create_http_app is not None:
-                app = create_http_app(self.engine, max_body_bytes=settings.http_max_body_size)
+                app = create_http_app(
+                    self.engine, max_body_bytes=settings.http_max_body_size,
+                    restrictions=parse_restrictions(settings.http_restricted_api, "--http-restricted-api"),
+                )
                 self.http_runner = await self._start_site(
                     web, app, settings.http_address, settings.http_port, "http", raw_request_bodies=True
                 )
@@ -145,7 +154,8 @@ class ServerProcess:
             if create_grpc_server is not None:
                 address = f"{settings.grpc_address}:{settings.grpc_port}"
                 self.grpc_server = create_grpc_server(
-                    self.engine, address=address, max_message_bytes=settings.grpc_max_message_size
+                    self.engine, address=address, max_message_bytes=settings.grpc_max_message_size,
+                    restrictions=parse_restrictions(settings.grpc_restricted_protocol, "--grpc-restricted-protocol"),
                 )
                 await self.grpc_server.start()
                 log.info("grpc frontend listening", extra={"address": address})

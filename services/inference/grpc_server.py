@@ -14,12 +14,13 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn
 
 import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from .restricted_api import Restriction, grpc_refusal
 from .protocol import (
     ErrorKind,
     InferenceServerError,
@@ -280,6 +281,18 @@ def infer_response_to_proto(response: InferResponse) -> service_pb2.ModelInferRe
     return message
 
 
+FINAL_RESPONSE_PARAMETER = "triton_final_response"
+
+
+def stream_infer_response(response: InferResponse) -> service_pb2.ModelStreamInferResponse:
+    """A stream's answer to one request; like Triton it says ``triton_final_response: true`` (each request of
+    a non-decoupled model has exactly one response)."""
+    stream_response = service_pb2.ModelStreamInferResponse()
+    fill_infer_response(stream_response.infer_response, response)
+    stream_response.infer_response.parameters[FINAL_RESPONSE_PARAMETER].bool_param = True
+    return stream_response
+
+
 def stream_error_response(request_id: str, message: str) -> service_pb2.ModelStreamInferResponse:
     """A failed request on a stream: the error text, and the request id so the client can match it."""
     stream_response = service_pb2.ModelStreamInferResponse(error_message=message)
@@ -373,7 +386,8 @@ class TritonGrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> NoReturn:
         """End the RPC with the status Triton would send; the server keeps serving."""
         if isinstance(error, InferenceServerError):
-            log.info(
+            # The client is told; at INFO a client sending bad requests would flood the log.
+            log.debug(
                 "grpc request rejected",
                 extra={"rpc": rpc, "model": model_name, "code": error.kind.grpc_code_name, "error": error.message},
             )
@@ -434,25 +448,19 @@ class TritonGrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # ---- inference -------------------------------------------------------------------------
 
-    async def _infer(self, request: service_pb2.ModelInferRequest) -> InferResponse:
-        return await self._engine.infer(infer_request_from_proto(request))
-
     async def ModelInfer(self, request, context):  # type: ignore[override]
         # The hot path: decode, engine, encode in this one coroutine (no helper coroutine in between).
         try:
-            return infer_response_to_proto(await self._engine.infer(infer_request_from_proto(request)))
+            return await self._engine.infer(infer_request_from_proto(request), infer_response_to_proto)
         except Exception as error:  # noqa: BLE001
             await self._abort(context, "ModelInfer", error, request.model_name)
 
     async def _stream_response(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelStreamInferResponse:
         """One request of a stream answered; failures become ``error_message`` and the stream goes on."""
         try:
-            response = await self._infer(request)
-            stream_response = service_pb2.ModelStreamInferResponse()
-            fill_infer_response(stream_response.infer_response, response)
-            return stream_response
+            return await self._engine.infer(infer_request_from_proto(request), stream_infer_response)
         except InferenceServerError as err:
-            log.info(
+            log.debug(
                 "grpc stream request rejected",
                 extra={"rpc": "ModelStreamInfer", "model": request.model_name, "error": err.message},
             )
@@ -601,11 +609,38 @@ def grpc_server_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+class RestrictedProtocolInterceptor(grpc.aio.ServerInterceptor):
+    """Triton's ``--grpc-restricted-protocol``: UNAVAILABLE unless the call carries the group's
+    ``triton-grpc-protocol-<key>`` metadata; checked before the request is handled."""
+
+    def __init__(self, restrictions: Mapping[str, Restriction]) -> None:
+        self._restrictions = dict(restrictions)
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
+        refusal = grpc_refusal(
+            self._restrictions, handler_call_details.method, handler_call_details.invocation_metadata
+        )
+        if refusal is None:
+            return await continuation(handler_call_details)
+
+        async def refuse(request_or_iterator, context: grpc.aio.ServicerContext):  # noqa: ANN001
+            await context.abort(grpc.StatusCode.UNAVAILABLE, refusal)
+
+        if handler_call_details.method.endswith("/ModelStreamInfer"):
+            return grpc.stream_stream_rpc_method_handler(refuse)
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
 def bind_grpc_server(
-    engine: InferenceEngine, *, address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    engine: InferenceEngine,
+    *,
+    address: str,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    restrictions: Mapping[str, Restriction] | None = None,
 ) -> BoundGrpcServer:
     """Like :func:`create_grpc_server`, also returning the bound port (for ``address`` ending in ``:0``)."""
-    server = grpc.aio.server(options=grpc_server_options(max_message_bytes))
+    interceptors = [RestrictedProtocolInterceptor(restrictions)] if restrictions else []
+    server = grpc.aio.server(options=grpc_server_options(max_message_bytes), interceptors=interceptors)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(TritonGrpcServicer(engine), server)
     port = server.add_insecure_port(address)
     if port == 0:
@@ -615,11 +650,17 @@ def bind_grpc_server(
 
 
 def create_grpc_server(
-    engine: InferenceEngine, *, address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    engine: InferenceEngine,
+    *,
+    address: str,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    restrictions: Mapping[str, Restriction] | None = None,
 ) -> grpc.aio.Server:
     """The gRPC server over ``engine``, bound to ``address`` but not started: the caller awaits
     ``start()`` and, on shutdown, ``stop(grace)``."""
-    return bind_grpc_server(engine, address=address, max_message_bytes=max_message_bytes).server
+    return bind_grpc_server(
+        engine, address=address, max_message_bytes=max_message_bytes, restrictions=restrictions
+    ).server
 
 
 __all__ = [

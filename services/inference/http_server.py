@@ -11,16 +11,22 @@ header followed by the outputs' raw bytes joined once. Nothing is logged per req
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import multiprocessing
+import os
 import zlib
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import shared_memory
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
 import numpy as np
 from aiohttp import web
 
 from . import triton_json
+from .restricted_api import Restriction, http_refusal
 from .engine import ModelMetadata, RepositoryIndexEntry, ServerMetadata
 from .protocol import (
     ErrorKind,
@@ -51,6 +57,11 @@ _BINARY_DATA = "binary_data"
 _BINARY_DATA_OUTPUT = "binary_data_output"
 _CLASSIFICATION = "classification"
 _SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+# JSON headers longer than this are decoded in a helper process, so /v2/health/* keeps answering meanwhile.
+OFFLOAD_DECODE_BYTES = 1024 * 1024
+DECODER_PROCESSES = 2
+DECODER_NICENESS = 10
 
 _LOAD_CONFIG_PARAMETER = "config"
 _LOAD_FILE_PARAMETER_PREFIX = "file:"
@@ -241,6 +252,9 @@ def _decode_input(entry: Any, index: int, binary: memoryview, offset: int) -> tu
 
     if not has_json_data:
         raise invalid(f"{where}: has neither 'data' nor '{_BINARY_DATA_SIZE}'")
+    if datatype == "BF16":
+        # Triton's rule and wording: JSON numbers cannot say which bfloat16 they mean.
+        raise invalid(f"receiving BF16 data via JSON is not supported. Please use the binary data format for input {name}")
     data = _array_from_json_data(entry["data"], datatype, shape, where)
     return InferInput(name=name, datatype=datatype, shape=shape, data=data, parameters=parameters), offset
 
@@ -274,6 +288,8 @@ def decode_infer_request(
         header = json.loads(body[:header_length] if header_length != len(body) else body)
     except (UnicodeDecodeError, ValueError) as error:
         raise invalid(f"request JSON header is not valid JSON: {error}") from None
+    except RecursionError:
+        raise invalid("request JSON header nests arrays or objects too deeply") from None
     header = _require_dict(header, "request JSON header")
 
     request_id = header.get("id", "")
@@ -313,6 +329,18 @@ def decode_infer_request(
         parameters=parameters,
     )
     return DecodedInferRequest(request=request, binary_output_default=binary_output_default)
+
+
+def decode_shared_infer_request(model_name: str, model_version: str, shared_name: str, size: int) -> DecodedInferRequest:
+    """:func:`decode_infer_request` of a JSON body the server wrote into shared memory (runs in a helper process)."""
+    # The server creates and unlinks the block. (Attaching registers it again with the resource tracker this
+    # process shares with the server: a no-op for a name the tracker already holds.)
+    shared = shared_memory.SharedMemory(name=shared_name)
+    try:
+        body = bytes(shared.buf[:size])
+    finally:
+        shared.close()
+    return decode_infer_request(model_name, model_version, body, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,6 +605,56 @@ class _HttpFrontend:
     def __init__(self, engine: InferenceEngine, max_body_bytes: int) -> None:
         self._engine = engine
         self._max_body_bytes = max_body_bytes
+        self._decoder_pool: ProcessPoolExecutor | None = None  # started on the first large JSON request
+
+    async def _decode_elsewhere(
+        self, name: str, version: str, body: bytes, header_length: str | None
+    ) -> DecodedInferRequest:
+        if self._decoder_pool is None:
+            self._decoder_pool = self._start_decoder_pool()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._decoder_pool, decode_infer_request, name, version, body, header_length)
+
+    async def _decode_shared(self, request: web.Request, name: str, version: str, size: int) -> DecodedInferRequest:
+        shared = shared_memory.SharedMemory(create=True, size=size)
+        try:
+            offset = 0
+            try:
+                async for chunk in request.content.iter_any():
+                    end = offset + len(chunk)
+                    if end > size:
+                        raise invalid(f"request body is longer than its Content-Length of {size} bytes")
+                    shared.buf[offset:end] = chunk
+                    offset = end
+            except (InferenceServerError, asyncio.CancelledError):
+                raise
+            except Exception as error:  # a broken stream: as _read_body answers it
+                request.content.feed_eof()
+                raise HttpStatusError(400, f"could not read the request body: {error}", close_connection=True) from None
+            if offset != size:
+                raise invalid(f"request body ended after {offset} of its Content-Length of {size} bytes")
+            if self._decoder_pool is None:
+                self._decoder_pool = self._start_decoder_pool()
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._decoder_pool, decode_shared_infer_request, name, version, shared.name, size
+            )
+        finally:
+            shared.close()
+            shared.unlink()
+
+    def _start_decoder_pool(self) -> ProcessPoolExecutor:
+        # spawn: forking a process that runs ONNX Runtime and gRPC threads is not safe. Niced: the event loop
+        # (health probes, small requests) wins the CPU over a large decode.
+        return ProcessPoolExecutor(
+            DECODER_PROCESSES, mp_context=multiprocessing.get_context("spawn"),
+            initializer=os.nice, initargs=(DECODER_NICENESS,),
+        )
+
+    async def close(self, app: web.Application) -> None:
+        if self._decoder_pool is not None:
+            self._decoder_pool.shutdown(wait=False, cancel_futures=True)
+            self._decoder_pool = None
 
     async def _read_body(self, request: web.Request) -> bytes:
         # Refuse by Content-Length before reading anything; aiohttp's own limit (client_max_size)
@@ -662,10 +740,26 @@ class _HttpFrontend:
 
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _model_and_version(request)
-        body = await self._read_body(request)
-        decoded = decode_infer_request(name, version, body, request.headers.get(HEADER_LENGTH))
-        response = await self._engine.infer(decoded.request)
-        encoded = encode_infer_response(response, decoded.request.outputs, decoded.binary_output_default)
+        header_length = request.headers.get(HEADER_LENGTH)
+        declared = request.content_length
+        # Parsing megabytes of JSON holds the GIL for a second or more (json and numpy do not release it),
+        # which would stall /v2/health/* past a probe's timeout: a helper process decodes large JSON.
+        if (header_length is None and "Content-Encoding" not in request.headers and declared is not None
+                and OFFLOAD_DECODE_BYTES < declared <= self._max_body_bytes):
+            # A large plain JSON body goes into shared memory a chunk at a time: not even a copy of it is
+            # made on the event loop's thread.
+            decoded = await self._decode_shared(request, name, version, declared)
+        else:
+            body = await self._read_body(request)
+            if _json_bytes(body, header_length) > OFFLOAD_DECODE_BYTES:
+                decoded = await self._decode_elsewhere(name, version, body, header_length)
+            else:
+                decoded = decode_infer_request(name, version, body, header_length)
+
+        def encode(response: InferResponse) -> EncodedInferResponse:
+            return encode_infer_response(response, decoded.request.outputs, decoded.binary_output_default)
+
+        encoded = await self._engine.infer(decoded.request, encode)
         if encoded.header_length is None:
             return web.Response(body=encoded.body, content_type=JSON_CONTENT_TYPE)
         return web.Response(
@@ -675,21 +769,57 @@ class _HttpFrontend:
         )
 
 
+def _json_bytes(body: bytes, header_length: str | None) -> int:
+    """How much of ``body`` is JSON to parse (the header; all of it without the binary extension)."""
+    if header_length is None:
+        return len(body)
+    try:
+        return min(len(body), max(0, int(header_length)))
+    except ValueError:
+        return 0  # decode_infer_request answers the bad header at once
+
+
 def _model_and_version(request: web.Request) -> tuple[str, str]:
     match_info = request.match_info
-    return match_info.get("model", ""), match_info.get("version", "")
+    version = match_info.get("version", "")
+    if version and not version.isdigit():
+        # Triton's routes take only digits as a version: anything else is no endpoint at all (404).
+        raise HttpStatusError(404, f"no endpoint at {request.method} {request.path}: a model version is an integer")
+    return match_info.get("model", ""), version
 
 
-def create_http_app(engine: InferenceEngine, *, max_body_bytes: int) -> web.Application:
+def restriction_middleware(restrictions: Mapping[str, Restriction]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Triton's ``--http-restricted-api``: 403 unless the request carries the group's header, before
+    anything of the request is read."""
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        refusal = http_refusal(restrictions, request.method, request.path, request.headers)
+        if refusal is not None:
+            return error_response(403, refusal)
+        return await handler(request)
+
+    return middleware
+
+
+def create_http_app(
+    engine: InferenceEngine, *, max_body_bytes: int, restrictions: Mapping[str, Restriction] | None = None
+) -> web.Application:
     """The Triton-compatible HTTP/REST application over ``engine``.
 
     ``max_body_bytes`` bounds every request body (413 beyond it), checked against Content-Length
-    before reading and while reading chunked or compressed bodies.
+    before reading and while reading chunked or compressed bodies. ``restrictions``: API group ->
+    required header (:func:`services.inference.restricted_api.parse_restrictions`).
     """
     if max_body_bytes <= 0:
         raise ValueError("max_body_bytes must be positive")
     frontend = _HttpFrontend(engine, max_body_bytes)
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[error_middleware])
+    middlewares = [error_middleware]
+    if restrictions:
+        middlewares.append(restriction_middleware(dict(restrictions)))
+    app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
     app[RAW_REQUEST_BODIES] = False
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
@@ -712,6 +842,7 @@ def create_http_app(engine: InferenceEngine, *, max_body_bytes: int) -> web.Appl
             web.post(prefix + "/infer", frontend.infer),
         ]
     app.add_routes(routes)
+    app.on_cleanup.append(frontend.close)
     return app
 
 

@@ -34,6 +34,7 @@ ORT_TYPE_TO_TRITON: dict[str, str] = {
     "tensor(int32)": "INT32",
     "tensor(int64)": "INT64",
     "tensor(float16)": "FP16",
+    "tensor(bfloat16)": "BF16",
     "tensor(float)": "FP32",
     "tensor(double)": "FP64",
     "tensor(string)": "BYTES",
@@ -178,8 +179,39 @@ def complete_config(
         if not completed.output:
             _complete_tensors(completed, onnx_outputs, completed.output, "output")
 
+    reject_queue_policies(completed)
+    # Triton serves every config with these optimization defaults filled in.
+    optimization = completed.optimization
+    if not optimization.HasField("input_pinned_memory"):
+        optimization.input_pinned_memory.enable = True
+    if not optimization.HasField("output_pinned_memory"):
+        optimization.output_pinned_memory.enable = True
+
     resolve_instance_groups(completed, gpu_available=gpu_available)
     return completed
+
+
+def reject_queue_policies(config: model_config_pb2.ModelConfig) -> None:
+    """Refuse the scheduling policies this server does not implement (request timeouts, REJECT/DELAY timeout
+    actions, priority levels), rather than accept and ignore them; only ``max_queue_size`` is honoured."""
+    batching = config.dynamic_batching
+    policy = batching.default_queue_policy
+    unsupported = []
+    if policy.default_timeout_microseconds:
+        unsupported.append("default_queue_policy.default_timeout_microseconds")
+    if policy.allow_timeout_override:
+        unsupported.append("default_queue_policy.allow_timeout_override")
+    if policy.timeout_action != model_config_pb2.ModelQueuePolicy.REJECT:
+        unsupported.append("default_queue_policy.timeout_action")
+    if batching.priority_levels or batching.default_priority_level:
+        unsupported.append("priority_levels / default_priority_level")
+    if batching.priority_queue_policy:
+        unsupported.append("priority_queue_policy")
+    if unsupported:
+        raise ModelConfigError(
+            "dynamic_batching sets scheduling policies this server does not implement: "
+            + ", ".join(unsupported) + " (only default_queue_policy.max_queue_size is supported)"
+        )
 
 
 def resolve_instance_groups(config: model_config_pb2.ModelConfig, *, gpu_available: bool) -> None:

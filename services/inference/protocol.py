@@ -29,6 +29,13 @@ TRITON_TO_NUMPY: dict[str, np.dtype] = {
     "FP64": np.dtype(np.float64),
     "BYTES": np.dtype(np.object_),
 }
+try:  # numpy has no bfloat16; ml_dtypes (a dependency of tritonclient and onnx) does, as Triton's clients use it
+    import ml_dtypes
+
+    BF16_DTYPE: np.dtype | None = np.dtype(ml_dtypes.bfloat16)
+    TRITON_TO_NUMPY["BF16"] = BF16_DTYPE
+except ImportError:  # pragma: no cover - BF16 is then an unsupported datatype
+    BF16_DTYPE = None
 NUMPY_TO_TRITON: dict[np.dtype, str] = {v: k for k, v in TRITON_TO_NUMPY.items()}
 NUMPY_TO_TRITON[np.dtype(np.bytes_)] = "BYTES"
 
@@ -38,14 +45,15 @@ CONFIG_TYPE_TO_TRITON = {CONFIG_TYPE_PREFIX + ("STRING" if k == "BYTES" else k):
 
 
 class ErrorKind(enum.Enum):
-    """Error categories with their HTTP status and gRPC status-code name, as Triton maps them."""
+    """Error categories with their HTTP status and gRPC status-code name, as Triton 2.51 maps them
+    (``HttpCodeFromError`` / ``ToGrpcStatus``): UNSUPPORTED is 501 on HTTP, ALREADY_EXISTS is 400."""
 
     INVALID_ARGUMENT = (400, "INVALID_ARGUMENT")
     NOT_FOUND = (404, "NOT_FOUND")
     UNAVAILABLE = (503, "UNAVAILABLE")
     INTERNAL = (500, "INTERNAL")
-    ALREADY_EXISTS = (409, "ALREADY_EXISTS")
-    UNSUPPORTED = (400, "UNIMPLEMENTED")
+    ALREADY_EXISTS = (400, "ALREADY_EXISTS")
+    UNSUPPORTED = (501, "UNIMPLEMENTED")
 
     @property
     def http_status(self) -> int:
@@ -63,6 +71,10 @@ class InferenceServerError(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
+
+    def __reduce__(self) -> tuple:
+        # Decoding may run in a helper process: the error must cross back intact.
+        return (type(self), (self.kind, self.message))
 
 
 def invalid(message: str) -> InferenceServerError:

@@ -34,6 +34,7 @@ import onnxruntime as ort
 from tritonclient.grpc import model_config_pb2
 
 from .model_config import ORT_TYPE_TO_TRITON, ModelConfigError, OnnxTensorInfo
+from .protocol import BF16_DTYPE
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,20 @@ def execution_providers(
     return providers
 
 
+ORT_BF16_TYPE = "tensor(bfloat16)"
+ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
+
+
+def _ort_value_array(value: ort.OrtValue) -> np.ndarray:
+    """A CPU OrtValue as a numpy array (a copy); bfloat16 read from its buffer as ml_dtypes.bfloat16."""
+    if value.data_type() != ORT_BF16_TYPE:
+        return value.numpy()
+    shape = tuple(value.shape())
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = (ctypes.c_uint16 * count).from_address(value.data_ptr()) if count else b""
+    return np.frombuffer(raw, dtype=np.uint16).copy().view(BF16_DTYPE).reshape(shape)
+
+
 def describe_tensors(args: list) -> list[OnnxTensorInfo]:
     described: list[OnnxTensorInfo] = []
     for arg in args:
@@ -339,6 +354,14 @@ class OnnxInstance:
     def __post_init__(self) -> None:
         self.worker = InstanceWorker(f"instance-{self.placement.name}")
         self._run_options = ort.RunOptions()
+        # ONNX Runtime's numpy bridge has no bfloat16: models with BF16 tensors go through OrtValues.
+        session = self.session
+        self._bf16_inputs = (
+            {arg.name for arg in session.get_inputs() if arg.type == ORT_BF16_TYPE} if session is not None else set()
+        )
+        self._uses_bf16 = session is not None and (
+            bool(self._bf16_inputs) or any(arg.type == ORT_BF16_TYPE for arg in session.get_outputs())
+        )
 
     @property
     def name(self) -> str:
@@ -353,7 +376,19 @@ class OnnxInstance:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run the session on the calling thread (meant to be this instance's worker thread)."""
+        if self._uses_bf16:
+            return self._run_with_ort_values(feeds)
         return self.session.run(self.output_names, feeds, self._run_options)
+
+    def _run_with_ort_values(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        values = {
+            name: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                np.ascontiguousarray(array).view(np.uint16), ONNX_BFLOAT16
+            ) if name in self._bf16_inputs else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+            for name, array in feeds.items()
+        }
+        outputs = self.session.run_with_ort_values(self.output_names, values, self._run_options)
+        return [_ort_value_array(value) for value in outputs]
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)

@@ -53,14 +53,38 @@ class InferenceServerSettings(ServiceSettings):
     exit_timeout_secs: float = Field(30.0, ge=0)
     exit_on_error: bool = True
     strict_readiness: bool = True
-    # 0: per model max(64, 4 x max(1, max_batch_size) x instances); a config's
-    # dynamic_batching.default_queue_policy.max_queue_size wins over both.
+    # Queue bound for models whose config sets none; 0 = unbounded, as in Triton. A config's
+    # dynamic_batching.default_queue_policy.max_queue_size wins.
     default_max_queue_size: int = Field(0, ge=0)
+    # Triton's restricted APIs, "<api>[,<api>...]:<key>=<value>" each (services.inference.restricted_api).
+    # From the environment: a JSON list, or specs separated by ';' (a spec itself holds commas).
+    http_restricted_api: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    grpc_restricted_protocol: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     @field_validator("model_repository", "load_model", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("http_restricted_api", "grpc_restricted_protocol", mode="before")
+    @classmethod
+    def _restriction_lists(cls, value: object) -> object:
+        if isinstance(value, str):
+            stripped = value.strip()
+            if stripped.startswith("["):
+                import json
+
+                return json.loads(stripped)
+            return [item.strip() for item in stripped.split(";") if item.strip()]
+        return value
+
+    @field_validator("http_restricted_api", "grpc_restricted_protocol", mode="after")
+    @classmethod
+    def _valid_restrictions(cls, value: list[str], info) -> list[str]:  # noqa: ANN001 - pydantic's ValidationInfo
+        from .restricted_api import parse_restrictions
+
+        parse_restrictions(value, "--" + info.field_name.replace("_", "-"))
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "InferenceServerSettings":

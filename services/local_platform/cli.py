@@ -23,6 +23,7 @@ from typing import Sequence
 
 from services.core.logging import configure_logging
 
+from .inference_backends import add_inference_arguments
 from .security import platform_auth_headers
 from .stack import DEFAULT_ROOT, LocalStack, PlatformState, StackError, StackOptions, http_status, pid_alive
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="which sample workflows (default: all)")
             sub.add_argument("--timeout-s", type=float, default=900.0)
             sub.add_argument("--keep-running", action="store_true", help="leave the stack up afterwards")
+        add_inference_arguments(sub)
     commands.add_parser("down")
     commands.add_parser("status")
 
@@ -91,7 +93,8 @@ def _running_state(root: Path) -> PlatformState:
 def print_endpoints(state: PlatformState) -> None:
     print(f"  Kafka bootstrap servers  {state.bootstrap_servers}")
     print(f"  S3 endpoint              {state.s3_endpoint}  (any access key; region {state.s3_region})")
-    print(f"  inference server         http://{state.inference_http}  (gRPC {state.inference_grpc})")
+    http_part = f"http://{state.inference_http}  " if state.inference_http else ""
+    print(f"  inference server         {http_part}(gRPC {state.inference_grpc})")
     print(f"  controller               {state.controller_url}/workflows")
     for task, url in sorted(state.wrapper_urls.items()):
         print(f"  wrapper {task:<16} {url}  (ML.ServiceName \"{task}\")")
@@ -101,10 +104,17 @@ def print_endpoints(state: PlatformState) -> None:
         print(f"  entry-point token        {state.auth_token_file}  (Authorization: Bearer; eo-platform post)")
 
 
+def _stack_options(arguments: argparse.Namespace) -> StackOptions:
+    """The stack's options with the inference server chosen on the command line."""
+    options = _options(arguments)
+    options.inference, options.inference_url = arguments.inference, arguments.inference_url
+    return options
+
+
 def command_up(arguments: argparse.Namespace) -> int:
     print("starting the local platform (Kafka, S3, inference server, controller, wrappers) ...")
     started = time.monotonic()
-    state = LocalStack(_options(arguments)).start()
+    state = LocalStack(_stack_options(arguments)).start()
     print(f"ready in {time.monotonic() - started:.0f} s:")
     print_endpoints(state)
     print("stop it with: eo-platform down")
@@ -119,7 +129,7 @@ def command_demo(arguments: argparse.Namespace) -> int:
     if not 1 <= arguments.patches <= len(names):
         print(f"--patches must be 1..{len(names)}", file=sys.stderr)
         return EXIT_USAGE
-    stack = LocalStack(_options(arguments))
+    stack = LocalStack(_stack_options(arguments))
     print("starting the local platform (Kafka, S3, inference server, controller, wrappers) ...")
     started = time.monotonic()
     try:

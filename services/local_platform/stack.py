@@ -27,6 +27,7 @@ from typing import Iterable, Literal, Mapping
 
 from pydantic import BaseModel, Field
 
+from .inference_backends import external_grpc_address, inference_command, wait_until_ready
 from .infra import free_ports, tansu_binary, wait_for_port
 from .security import security_env, write_platform_token
 
@@ -113,6 +114,9 @@ class StackOptions:
     log_level: str = "INFO"
     python: str = sys.executable
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The inference server: "ours" or "triton" (inference_backends.py), or an external one's gRPC address.
+    inference: str = "ours"
+    inference_url: str = ""
 
 
 def http_status(url: str, timeout_s: float = 2.0) -> int | None:
@@ -290,10 +294,7 @@ class LocalStack:
             self._create_kafka_bucket()
         self.start_kafka()
         self._spawn("s3", [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])])
-        self._spawn("inference", [
-            python, "-m", "services.inference.cli", "--model-repository", str(repository),
-            "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1", "--http-port", str(ports["http"]),
-            "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"])],
+        self._start_inference(python, repository, ports,
             health_url=f"http://127.0.0.1:{ports['http']}/v2/health/ready")
         self._wait_port("s3", ports["s3"])
 
@@ -380,6 +381,18 @@ class LocalStack:
             port = int(self.state.wrapper_urls[task].rsplit(":", 1)[1])
         return self._spawn(f"wrapper-{task}", [self.options.python, "-m", "services.wrapper.cli"],
                            self.wrapper_env(task, port), health_url=f"http://127.0.0.1:{port}/readyz")
+
+    def _start_inference(self, python: str, repository: Path, ports: dict[str, int], health_url: str) -> None:
+        """Ours or real Triton on ``ports``; with ``inference_url``, nothing is started: the stack waits for that
+        server and the Wrappers call it."""
+        assert self.state is not None
+        if self.options.inference_url:
+            self.state.inference_grpc = external_grpc_address(self.options.inference_url)
+            self.state.inference_http = ""
+            wait_until_ready(self.state.inference_grpc, self.options.start_timeout_s)
+            return
+        argv, env = inference_command(self.options.inference, python, repository, ports, self.root)
+        self._spawn("inference", argv, env, health_url=health_url)
 
     def process(self, name: str) -> ProcessRecord:
         assert self.state is not None

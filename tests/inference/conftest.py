@@ -11,78 +11,37 @@ ports and waits until it answers ``/v2/health/ready`` (or ``/live``) with 200::
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
+from inference_servers import (
+    SERVER_START_TIMEOUT_S,
+    RunningServer,
+    launch_server,
+    wait_until_healthy,
+    our_server_command,
+    start_real_triton,
+)
 from services.local_platform.infra import free_ports
 from tiny_models import build_tiny_repository
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-SERVER_START_TIMEOUT_S = 60.0
-SERVER_STOP_TIMEOUT_S = 15.0
 
+@pytest.fixture
+def real_triton(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
+    """Factory: ``real_triton(repository, *tritonserver_args, wait_for="ready")`` -> RunningServer; stopped after
+    the test. Skips when ``make triton-install`` has not run."""
+    started: list[RunningServer] = []
 
-@dataclass
-class RunningServer:
-    """One server subprocess: its addresses (``host:port``, as tritonclient wants them) and its log."""
+    def start(repository: Path, *extra_args: str, wait_for: str | None = "ready") -> RunningServer:
+        server = start_real_triton(repository, tmp_path, *extra_args, wait_for=wait_for)
+        started.append(server)
+        return server
 
-    process: subprocess.Popen
-    http_url: str
-    grpc_url: str
-    metrics_url: str
-    repository: Path
-    log_path: Path
-    args: list[str] = field(default_factory=list)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def http_get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=timeout) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = SERVER_STOP_TIMEOUT_S) -> int:
-        """Send ``sig`` and wait for the exit status; kills the process if it does not exit in time."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-
-def _wait_until(server: RunningServer, health_path: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(
-                f"inference server exited with status {server.process.returncode} before {health_path} answered 200"
-                f"\n--- server log ---\n{server.log()}"
-            )
-        try:
-            status, _ = server.http_get(health_path, timeout=1.0)
-            if status == 200:
-                return
-        except (OSError, urllib.error.URLError):
-            pass
-        time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"inference server did not answer 200 on {health_path} within {timeout} s"
-                       f"\n--- server log ---\n{server.log()}")
+    yield start
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture
@@ -107,35 +66,14 @@ def running_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
         env: dict[str, str] | None = None,
         timeout: float = SERVER_START_TIMEOUT_S,
     ) -> RunningServer:
-        http_port, grpc_port, metrics_port = free_ports(3)
-        args = [
-            sys.executable, "-m", "services.inference.cli",
-            "--model-repository", str(repository),
-            "--http-port", str(http_port),
-            "--grpc-port", str(grpc_port),
-            "--metrics-port", str(metrics_port),
-            "--http-address", "127.0.0.1",
-            "--grpc-address", "127.0.0.1",
-            *extra_args,
-        ]
-        log_path = tmp_path / f"server-{len(started)}.log"
-        process_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(
-                args, cwd=PROJECT_ROOT, env=process_env, stdout=log_file, stderr=subprocess.STDOUT
-            )
-        server = RunningServer(
-            process=process,
-            http_url=f"127.0.0.1:{http_port}",
-            grpc_url=f"127.0.0.1:{grpc_port}",
-            metrics_url=f"127.0.0.1:{metrics_port}",
-            repository=repository,
-            log_path=log_path,
-            args=args,
+        ports = free_ports(3)
+        server = launch_server(
+            our_server_command(repository, ports, *extra_args), repository, tmp_path / f"server-{len(started)}.log",
+            ports, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, wait_for=None,
         )
         started.append(server)
         if wait_for is not None:
-            _wait_until(server, f"/v2/health/{wait_for}", timeout)
+            wait_until_healthy(server, wait_for, timeout)
         return server
 
     yield start

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from engine_harness import fp32_request, run, started_engine
-from services.inference.batching import MIN_DEFAULT_QUEUE_SIZE, BatchingPolicy, default_max_queue_size
+from services.inference.batching import BatchingPolicy
 from services.inference.model_config import parse_config_text
 from services.inference.protocol import ErrorKind, InferenceServerError, InferInput, InferRequest
 from tiny_models import SLOW_WIDTH, make_slow, make_string_identity
@@ -185,9 +185,62 @@ def test_queue_bound_comes_from_the_config_or_the_server_default() -> None:
     policy = BatchingPolicy.from_config(config, instance_count=3)
     assert policy.dynamic and policy.batch_cap == 4 and policy.preferred_batch_sizes == {2, 4}
     assert policy.max_queue_delay_s == 0.0005
-    assert policy.max_queue_size == default_max_queue_size(8, 3) == 4 * 8 * 3
+    assert policy.max_queue_size == 0  # unbounded, as Triton's max_queue_size 0
     assert BatchingPolicy.from_config(config, 3, server_default_queue_size=7).max_queue_size == 7
     config.dynamic_batching.default_queue_policy.max_queue_size = 5
     assert BatchingPolicy.from_config(config, 3, server_default_queue_size=7).max_queue_size == 5
     unbatched = BatchingPolicy.from_config(parse_config_text("max_batch_size: 0 dynamic_batching { }"), 1)
-    assert not unbatched.dynamic and unbatched.max_queue_size == MIN_DEFAULT_QUEUE_SIZE
+    assert not unbatched.dynamic and unbatched.max_queue_size == 0
+
+
+def test_after_the_queue_delay_a_batch_goes_past_the_largest_preferred_size(tmp_path: Path) -> None:
+    # One request keeps the only instance busy (~20 ms) while seven more queue up; by the time it is free
+    # their 1 ms delay is long over, so like Triton they leave as one batch up to max_batch_size instead
+    # of preferred-size pieces of 2.
+    make_slow(tmp_path, max_batch_size=8, preferred_batch_size=[2], max_queue_delay_microseconds=1000)
+    inputs = distinct_inputs(8, seed=6)
+
+    async def scenario() -> None:
+        async with started_engine(tmp_path) as engine:
+            first = asyncio.ensure_future(engine.infer(fp32_request("slow", inputs[0])))
+            await asyncio.sleep(0.005)
+            rest = [engine.infer(fp32_request("slow", x)) for x in inputs[1:]]
+            responses = await asyncio.gather(first, *rest)
+            for x, response in zip(inputs, responses):
+                np.testing.assert_array_equal(response.outputs[0].data, x)
+            sizes = batch_sizes(engine, "slow")
+            assert sum(size * count for size, count in sizes.items()) == 8
+            assert max(sizes) > 2, sizes
+
+    run(scenario)
+
+
+def test_default_queue_is_unbounded_like_tritons(tmp_path: Path) -> None:
+    make_slow(tmp_path, max_batch_size=8)  # no max_queue_size in the config, no server default
+    inputs = distinct_inputs(300, seed=7)
+
+    async def scenario() -> None:
+        async with started_engine(tmp_path) as engine:
+            results = await asyncio.gather(*(engine.infer(fp32_request("slow", x)) for x in inputs),
+                                           return_exceptions=True)
+            assert [r for r in results if isinstance(r, BaseException)] == []
+
+    run(scenario)
+
+
+def test_cancelling_the_last_queued_request_lets_a_waiting_unload_finish(tmp_path: Path) -> None:
+    # A minute of queue delay: the request sits in the queue, the unload waits for it to drain.
+    make_slow(tmp_path, max_batch_size=8, max_queue_delay_microseconds=60_000_000)
+
+    async def scenario() -> None:
+        async with started_engine(tmp_path, model_control_mode="explicit", startup_models=["slow"]) as engine:
+            queued = asyncio.ensure_future(engine.infer(fp32_request("slow", distinct_inputs(1)[0])))
+            await asyncio.sleep(0.05)
+            unloading = asyncio.ensure_future(engine.unload_model("slow"))
+            await asyncio.sleep(0.05)
+            assert not unloading.done()
+            queued.cancel()
+            await asyncio.wait_for(unloading, timeout=10)  # without the wake-up it would wait a minute
+            assert not engine.model_ready("slow")
+
+    run(scenario)

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from services.inference.engine import InferenceEngine
 from services.inference.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, bind_grpc_server, create_grpc_server
-from services.inference.protocol import InferRequest, InferResponse
+from services.inference.protocol import InferRequest
 from tiny_models import build_tiny_repository
 
 BUG_REQUEST_ID = "trigger-engine-bug"
@@ -33,10 +33,10 @@ def free_port() -> int:
 class EngineWithABug(InferenceEngine):
     """The real engine, except that one request id hits a bug (an exception no code path expects)."""
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(self, request: InferRequest, encode=None):  # noqa: ANN001 - the engine's signature
         if request.id == BUG_REQUEST_ID:
             raise ZeroDivisionError("simulated bug in the engine")
-        return await super().infer(request)
+        return await super().infer(request, encode)
 
 
 def fp32_input(array: np.ndarray) -> aioclient.InferInput:

@@ -384,3 +384,37 @@ def test_statistics_json_has_every_counter_as_numbers() -> None:
     assert stats["batch_stats"][0]["batch_size"] == 4
     assert stats["batch_stats"][0]["compute_infer"] == {"count": 1, "ns": 99}
     assert stats["batch_stats"][0]["compute_input"] == {"count": 0, "ns": 0}
+
+
+def test_deeply_nested_json_is_a_client_error() -> None:
+    body = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(InferenceServerError) as caught:
+        decode_infer_request("simple", "", body, None)
+    assert caught.value.kind is ErrorKind.INVALID_ARGUMENT and "too deeply" in caught.value.message
+
+
+def test_errors_cross_a_process_boundary_intact() -> None:
+    """Large JSON requests are decoded in a helper process: its errors must come back as they were."""
+    import pickle
+
+    error = pickle.loads(pickle.dumps(InferenceServerError(ErrorKind.NOT_FOUND, "no such model")))
+    assert (error.kind, error.message) == (ErrorKind.NOT_FOUND, "no such model")
+
+
+def test_a_large_body_is_decoded_from_shared_memory() -> None:
+    """The helper process's side of the large-JSON path: the body the server wrote into shared memory."""
+    from multiprocessing import shared_memory
+
+    from services.inference.http_server import decode_shared_infer_request
+
+    body = json.dumps({"id": "big", "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [2, 2],
+                                                "data": [1, 2, 3, 4]}]}).encode()
+    shared = shared_memory.SharedMemory(create=True, size=len(body) + 16)  # the block may be larger than the body
+    try:
+        shared.buf[:len(body)] = body
+        decoded = decode_shared_infer_request("simple", "1", shared.name, len(body))
+    finally:
+        shared.close()
+        shared.unlink()
+    assert decoded.request.id == "big" and decoded.request.model_version == "1"
+    np.testing.assert_array_equal(decoded.request.inputs[0].data, np.array([[1, 2], [3, 4]], np.float32))

@@ -30,14 +30,29 @@ pytestmark = [
 ]
 
 
+UNSTABLE = "Failed to obtain stable measurement"
+
+
 def run_perf_analyzer(url: str, protocol: str, csv_path: Path) -> subprocess.CompletedProcess[str]:
+    """perf_analyzer's run; on a busy shared machine its windows may disagree even at 100 % tolerance, so an
+    unstable run is repeated (up to twice) with longer windows. Any other failure is returned at once."""
+    for interval_ms in (300, 600, 1200):
+        completed = _perf_analyzer_once(url, protocol, csv_path, interval_ms)
+        unstable = UNSTABLE in completed.stdout + completed.stderr
+        measured_all = completed.returncode == 0 and csv_path.exists() and sorted(read_csv(csv_path)) == list(CONCURRENCY)
+        if measured_all or not unstable:
+            return completed
+    return completed
+
+
+def _perf_analyzer_once(url: str, protocol: str, csv_path: Path, interval_ms: int) -> subprocess.CompletedProcess[str]:
     command = [
         str(PERF_ANALYZER),
         "-m", MODEL,
         "-u", url,
         "-i", protocol,
         "--concurrency-range", f"{CONCURRENCY[0]}:{CONCURRENCY[-1]}",
-        "--measurement-interval", "300",
+        "--measurement-interval", str(interval_ms),
         # The test checks that the tool gets through, not how steady a shared CI machine is: any
         # three windows count as stable, and a run is bounded by the trial count and the timeout.
         "--stability-percentage", "100",

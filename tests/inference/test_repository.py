@@ -201,3 +201,21 @@ def test_instance_groups_and_ort_options_follow_the_config() -> None:
     assert defaults.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     with pytest.raises(ModelConfigError, match="integer"):
         session_options(parse_config_text('parameters { key: "intra_op_thread_count" value { string_value: "many" } }'), 1)
+
+
+@pytest.mark.parametrize(
+    ("batching", "named"),
+    [
+        ("default_queue_policy { default_timeout_microseconds: 1000 }", "default_timeout_microseconds"),
+        ("default_queue_policy { allow_timeout_override: true }", "allow_timeout_override"),
+        ("default_queue_policy { timeout_action: DELAY }", "timeout_action"),
+        ("priority_levels: 2 default_priority_level: 1", "priority_levels"),
+        ("priority_levels: 2 priority_queue_policy { key: 1 value { max_queue_size: 4 } }", "priority_queue_policy"),
+    ],
+)
+def test_scheduling_policies_the_server_does_not_implement_are_refused(batching: str, named: str) -> None:
+    config = parse_config_text(f"max_batch_size: 8 dynamic_batching {{ {batching} }}")
+    with pytest.raises(ModelConfigError, match=named):
+        complete_config(config, "", [], [], gpu_available=False)
+    bounded = parse_config_text("max_batch_size: 8 dynamic_batching { default_queue_policy { max_queue_size: 4 } }")
+    assert complete_config(bounded, "", [], [], gpu_available=False).dynamic_batching.default_queue_policy.max_queue_size == 4

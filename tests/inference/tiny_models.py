@@ -376,3 +376,25 @@ def build_tiny_repository(repository: Path, models: Iterable[str] | None = None)
     for name in models if models is not None else TINY_MODEL_BUILDERS:
         TINY_MODEL_BUILDERS[name](repository)
     return repository
+
+
+def make_bf16_square(repository: Path, name: str = "bf16_square") -> Path:
+    """BF16 INPUT0 [3] -> OUTPUT0 = x * x (computed in FP32, cast back to BF16); max_batch_size 8."""
+    model_dir = repository / name
+    nodes = [
+        helper.make_node("Cast", ["INPUT0"], ["as_float"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["as_float", "as_float"], ["squared"]),
+        helper.make_node("Cast", ["squared"], ["OUTPUT0"], to=TensorProto.BFLOAT16),
+    ]
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("INPUT0", TensorProto.BFLOAT16, ["batch", 3])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.BFLOAT16, ["batch", 3])],
+    )
+    write_onnx(model_dir, 1, graph)
+    write_config(model_dir, make_config(
+        name, max_batch_size=8, dynamic_batching=True,
+        inputs=[_tensor_config("INPUT0", model_config_pb2.TYPE_BF16, [3])],
+        outputs=[_tensor_config("OUTPUT0", model_config_pb2.TYPE_BF16, [3])],
+    ))
+    return model_dir
