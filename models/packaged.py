@@ -23,7 +23,6 @@ DEFAULT_CACHE = PROJECT_ROOT / "build" / "packages"
 EODAL_REQUIREMENT = "eodal==0.2.1"
 EODAL_SCENE_MEMBER = "data/20190530_T32TMT_MSIL2A_S2A_pixel_division_10m.tiff"
 EODAL_SCENE_SHA256 = "40641ec801ccf2c47d9233f99bc045467ac463ddd59339ac8cf8e04e6c67954f"
-EODAL_SCENE_BANDS = ("B02", "B03", "B04", "B05", "B06", "B07", "B8A", "B08", "B11", "B12")
 
 
 class PackageFetchError(RuntimeError):
