@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from services.core.settings import ENV_PREFIX, ServiceSettings
+from services.core.settings import ENV_PREFIX, ServiceSettings, comma_or_json_list
 
 
 class ControllerSettings(ServiceSettings):
@@ -109,12 +109,7 @@ class ControllerSettings(ServiceSettings):
     @field_validator("workflow_namespaces", mode="before")
     @classmethod
     def _name_list(cls, value: object) -> object:
-        if isinstance(value, str):
-            stripped = value.strip()
-            if stripped.startswith("["):
-                return json.loads(stripped)
-            return [item.strip() for item in stripped.split(",") if item.strip()]
-        return value
+        return comma_or_json_list(value)
 
     @field_validator("inference_service")
     @classmethod

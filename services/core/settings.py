@@ -22,11 +22,12 @@ class ServiceSettings(BaseSettings):
     log_format: str = "json"  # "json" for machines, "text" for people at a terminal
 
 
-def comma_or_json_list(value: object) -> object:
-    """A list setting from the environment: ``a,b`` or a JSON array (a ``mode="before"`` validator's body)."""
+def comma_or_json_list(value: object, separator: str = ",") -> object:
+    """A list setting from the environment: ``a,b`` (or another ``separator``) or a JSON array (a ``mode="before"``
+    validator's body)."""
     if isinstance(value, str):
         stripped = value.strip()
         if stripped.startswith("["):
             return json.loads(stripped)
-        return [item.strip() for item in stripped.split(",") if item.strip()]
+        return [item.strip() for item in stripped.split(separator) if item.strip()]
     return value

@@ -11,22 +11,11 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from services.core.settings import ENV_PREFIX, ServiceSettings
+from services.core.settings import ENV_PREFIX, ServiceSettings, comma_or_json_list
 
 MIB = 1024 * 1024
 # gRPC's own default (4 MiB) is too small for a batch of Sentinel-2 tiles (576 KB each).
 MIN_GRPC_MESSAGE_BYTES = 64 * MIB
-
-
-def _split_list(value: object) -> object:
-    if isinstance(value, str):
-        stripped = value.strip()
-        if stripped.startswith("["):
-            import json
-
-            return json.loads(stripped)
-        return [item.strip() for item in stripped.split(",") if item.strip()]
-    return value
 
 
 class InferenceServerSettings(ServiceSettings):
@@ -64,19 +53,13 @@ class InferenceServerSettings(ServiceSettings):
     @field_validator("model_repository", "load_model", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
-        return _split_list(value)
+        return comma_or_json_list(value)
 
     @field_validator("http_restricted_api", "grpc_restricted_protocol", mode="before")
     @classmethod
     def _restriction_lists(cls, value: object) -> object:
-        if isinstance(value, str):
-            stripped = value.strip()
-            if stripped.startswith("["):
-                import json
-
-                return json.loads(stripped)
-            return [item.strip() for item in stripped.split(";") if item.strip()]
-        return value
+        # ";" between specs: a spec itself lists API groups with commas.
+        return comma_or_json_list(value, ";")
 
     @field_validator("http_restricted_api", "grpc_restricted_protocol", mode="after")
     @classmethod
