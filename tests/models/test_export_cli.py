@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models import export, repository
-from models.specs import get_spec
+from models.specs import ALL_SPECS, get_spec
 from services.core.model_card import ModelCard
 
 LOCUST = "uc6-locust"
@@ -23,7 +23,7 @@ def test_write_configs_renders_every_model_and_is_idempotent(tmp_path: Path, cap
         assert (tmp_path / relative).read_text() == text
     capsys.readouterr()
     assert export.main(["--repository", str(tmp_path), "--write-configs"]) == 0
-    assert "0 file(s) changed for 7 model(s)" in capsys.readouterr().out
+    assert f"0 file(s) changed for {len(ALL_SPECS)} model(s)" in capsys.readouterr().out
 
 
 def test_unknown_model_name_is_a_usage_error(tmp_path: Path, capsys) -> None:
