@@ -200,3 +200,57 @@ def test_cloud_filter_flags_without_skipping_and_a_bad_filter_fails_clearly(
     assert len(dead) == 1
     assert_no_secrets(dead, bad.reason)
     assert not [k for k in list_keys(step.s3, s3_access.bucket_name, bad.output_folder) if k.endswith(MANIFEST_SUFFIX)]
+
+
+def test_eo_wrapper_process_serves_the_cloud_mask_through_task_generic(
+    server: InferenceServer, s3_access: Any, kafka_broker: Any, tmp_path: Path
+) -> None:
+    """The real ``eo-wrapper`` process, configured on its command line as the chart's ``cloud-mask`` deployment is
+    through the environment, answers a KafkaSource-style delivery once the mask results are announced."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from services.local_platform.infra import free_port
+    from test_service_http import cloudevent_headers, get, post
+
+    step = make_step("generic", s3_access, kafka_broker, tmp_path)
+    port = free_port()
+    env = {**os.environ, "EOML_WRAPPER_STORE_ROOT": str(step.store_root), "EOML_WRAPPER_NAMESPACE": step.namespace,
+           "EOML_WRAPPER_NOTIFY_TOPIC": step.notify_topic, "EOML_WRAPPER_LOG_FORMAT": "json"}
+    log_path = tmp_path / "wrapper.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.wrapper.cli", "--task", "generic", "--model-name", MASK_MODEL,
+             "--inference-url", server.grpc_url, "--http-host", "127.0.0.1", "--http-port", str(port),
+             "--quicklook-max-side", "64"],
+            cwd=PROJECT_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if get(f"http://127.0.0.1:{port}/healthz")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        body = json.dumps({"previous_component_end": "True", "S3_bucket_desc": {"folder": "scenes/t33uup",
+                                                                                 "filename": ""},
+                           "meta_information": {}}).encode()
+        status, answer, _ = post(f"http://127.0.0.1:{port}/{step.config.config_name}", body, cloudevent_headers(step))
+        assert status == 200, answer
+        (record,) = step.records([step.topic_out], until=lambda r: len(r) >= 1)
+        folder = record["value"]["S3_bucket_desc"]["folder"]
+        assert folder.startswith("result-s2-cloud-mask/t33uup-")
+        manifest = json.loads(object_bytes(step.s3, s3_access.bucket_name, folder + MANIFEST_SUFFIX))
+        assert manifest["task"] == "generic" and manifest["patches"] == len(PATCHES)
+        assert len(manifest["stats"]["quicklooks"]) == len(PATCHES)
+        # --quicklook-max-side 64: the 120 x 120 pictures are block-averaged by 2.
+        picture = decode_png(object_bytes(step.s3, s3_access.bucket_name, manifest["stats"]["quicklooks"][0]))
+        assert picture.shape == (60, 60, 3)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    assert code == 0
+    assert_no_secrets(log_path.read_text())
