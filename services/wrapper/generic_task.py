@@ -143,8 +143,9 @@ class CloudMeter:
 
 
 def scene_bands(patch: InputPatch) -> generic_kinds.SceneBands:
-    """An input patch as the generic kinds read it (BOA_ADD_OFFSET 0: BigEarthNet and pre-04.00 products)."""
-    return generic_kinds.SceneBands(bands=patch.bands, transform=patch.transform, crs=patch.crs)
+    """An input patch as the generic kinds read it (SAFE tiles carry their product's BOA_ADD_OFFSET)."""
+    return generic_kinds.SceneBands(bands=patch.bands, transform=patch.transform, crs=patch.crs,
+                                    boa_add_offset=patch.boa_add_offset)
 
 
 def true_colour_bands(patch: InputPatch) -> dict[str, np.ndarray] | None:

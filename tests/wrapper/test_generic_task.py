@@ -165,6 +165,7 @@ def test_cloud_filter_skips_cloudy_patches_of_a_features_step(
     assert set(features.patch_ids) == set(PATCHES) - skipped
     assert {r["patch_id"] for r in manifest["rejections"]} == skipped
     assert all("above the workflow's max_cloud_fraction 0.2" in r["reason"] for r in manifest["rejections"])
+    assert "quicklooks" not in manifest["stats"]  # QUICKLOOKS=auto: production tasks write what they always wrote
     cloud = manifest["stats"]["cloud_filter"]
     assert (cloud["model"], cloud["action"], cloud["measured"], cloud["skipped"]) == (MASK_MODEL, "skip", len(PATCHES), len(skipped))
     for record in cloud["patches"]:
@@ -180,7 +181,7 @@ def test_cloud_filter_flags_without_skipping_and_a_bad_filter_fails_clearly(
     from services.wrapper.outputs import read_features
 
     step = make_step("ssl-features", s3_access, kafka_broker, tmp_path)
-    runtime = step.runtime(server.grpc_url)
+    runtime = step.runtime(server.grpc_url, quicklooks="always")
     meta = {"cloud_filter": {"max_cloud_fraction": 0.01, "action": "flag"}}
     outcome = step.run(runtime, "scenes/t33uup", meta=meta)
     assert outcome.status == "SUCCESS", outcome.reason
@@ -192,6 +193,11 @@ def test_cloud_filter_flags_without_skipping_and_a_bad_filter_fails_clearly(
     cloud = manifest["stats"]["cloud_filter"]
     assert {r["patch_id"] for r in cloud["patches"] if r.get("flagged")} == flagged
     assert cloud["flagged"] == len(flagged) and cloud["skipped"] == 0
+    # QUICKLOOKS=always: a true-colour picture per patch next to the features, listed in the manifest.
+    assert sorted(manifest["stats"]["quicklooks"]) == sorted(
+        f"{outcome.output_folder}/t33uup/{patch}.quicklook.png" for patch in PATCHES)
+    for key in manifest["stats"]["quicklooks"]:
+        assert decode_png(object_bytes(step.s3, s3_access.bucket_name, key)).shape == (120, 120, 3)
 
     bad = step.run(runtime, "scenes/t33uup", meta={"cloud_filter": {"max_cloud_fraction": 1.5}})
     assert bad.status == "CRITICAL"
