@@ -22,6 +22,7 @@ DEFAULT_CACHE = PROJECT_ROOT / "build" / "packages"
 # T32TMT 2019-05-30. Used as test/benchmark input only, never committed.
 EODAL_REQUIREMENT = "eodal==0.2.1"
 EODAL_SCENE_MEMBER = "data/20190530_T32TMT_MSIL2A_S2A_pixel_division_10m.tiff"
+EODAL_SCENE_SHA256 = "40641ec801ccf2c47d9233f99bc045467ac463ddd59339ac8cf8e04e6c67954f"
 EODAL_SCENE_BANDS = ("B02", "B03", "B04", "B05", "B06", "B07", "B8A", "B08", "B11", "B12")
 
 
@@ -109,4 +110,4 @@ def fetch_file(
 def fetch_eodal_scene(cache: Path = DEFAULT_CACHE) -> Path:
     """eodal 0.2.1's L2A scene (GeoTIFF, uint16 DN, band names in the band descriptions), cached outside git."""
     return fetch_file(EODAL_REQUIREMENT, EODAL_SCENE_MEMBER, cache / "eodal-0.2.1" / Path(EODAL_SCENE_MEMBER).name,
-                      cache=cache, sdist=True)
+                      EODAL_SCENE_SHA256, cache=cache, sdist=True)

@@ -29,7 +29,7 @@ from .notifications import KafkaNotifier
 from .reconciler import SourceDriver, WorkflowController
 from .settings import ControllerSettings
 from .system_consumer import SystemTopicConsumer
-from .wiring import DeliveryPolicy
+from .wiring import DeliveryPolicy, dead_letter_topic
 
 log = logging.getLogger("services.controller")
 
@@ -113,6 +113,13 @@ async def run(settings: ControllerSettings, mode: str) -> int:
             return EXIT_OK
         log.info("controller ready", extra={"resumed_steps": resumed})
         if mode == "consume":
+            # The topic it reads (so that the subscription finds it at once) and its own dead-letter topic,
+            # created explicitly (on Kubernetes the chart's KafkaTopics do it).
+            own_topics = [settings.system_topic, dead_letter_topic(settings.system_topic, settings.dead_letter_suffix)]
+            try:
+                await asyncio.to_thread(ensure_topics, settings.bootstrap_servers, own_topics)
+            except RuntimeError as error:  # the subscription finds the topic at a metadata refresh
+                log.warning("topics not created", extra={"topics": own_topics, "error": str(error)})
             consumer = SystemTopicConsumer(controller, settings.bootstrap_servers, settings.system_topic,
                                            settings.consumer_group, DeliveryPolicy.from_settings(settings),
                                            dead_letter_writer=dead_letter_writer).start()

@@ -55,7 +55,10 @@ class SystemTopicConsumer:
         from confluent_kafka import Consumer
 
         consumer = Consumer(consumer_config(self.bootstrap_servers, self.group_id,
-                                            **{"client.id": "eoml-controller"}))
+                                            # A topic created after the subscription is found at the next
+                                            # metadata refresh (librdkafka's default: 5 min).
+                                            **{"client.id": "eoml-controller",
+                                               "topic.metadata.refresh.interval.ms": 5000}))
         consumer.subscribe([self.topic])
         log.info("consuming workflow messages", extra={"topic": self.topic, "consumer_group": self.group_id})
         try:

@@ -227,7 +227,7 @@ class LocalStack:
             for task, port in wrapper_ports.items():
                 self.start_wrapper(task, port)
             self._wait_ready()
-            create_topics(self.state.bootstrap_servers, [SYSTEM_TOPIC, NOTIFY_TOPIC])
+            create_topics(self.state.bootstrap_servers, [SYSTEM_TOPIC, f"{SYSTEM_TOPIC}.dlq", NOTIFY_TOPIC])
         except BaseException:
             self.stop()
             raise

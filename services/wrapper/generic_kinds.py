@@ -13,8 +13,12 @@ and tests call them directly:
 4. per output kind: ``pixel_classes`` (class raster + colour table, class fractions), ``pixel_values``
    (value raster, NaN where no data), ``tile_vectors`` / ``tile_class_probabilities`` (one record per tile).
 
-``process_scene`` runs 1-4 for a per-pixel card. The reference for the cloud-mask card is
-``ukis_csmask.CSmask``: same tiling, softmax, Tukey blending and argmax (``tests/generic_kinds``).
+``process_scene`` runs 1-4 for a per-pixel card, ``process_tiles`` for a per-tile card (full, non-overlapping
+tiles with data). ``class_share`` gives e.g. the cloud cover (cloud + shadow) of a class result,
+``manifest_entry`` what a manifest records, ``product_boa_add_offset`` the offset from ``MTD_MSIL2A.xml``,
+``triton_infer`` / ``served_card`` the served model as an ``infer`` callable and its checked card. The reference
+for the cloud-mask card is ``ukis_csmask.CSmask``: same tiling, softmax, Tukey blending and argmax
+(``tests/generic_kinds``).
 """
 
 from __future__ import annotations
@@ -295,6 +299,14 @@ def class_fractions(codes: np.ndarray, card: ModelCard) -> tuple[dict[str, float
         for name, code in zip(card.class_names, card.codes)
     }
     return fractions, (1.0 - count / total) if total else 0.0
+
+
+def class_share(result: PixelClassResult, names: Sequence[str]) -> float:
+    """Share of the pixels with data in any of the classes ``names`` (e.g. cloud cover = cloud + shadow)."""
+    unknown = [name for name in names if name not in result.fractions]
+    if unknown:
+        raise ValueError(f"classes {unknown} are not among {list(result.class_names)}")
+    return float(sum(result.fractions[name] for name in names))
 
 
 def pixel_classes(blended: tiling.Blended, nodata: np.ndarray, card: ModelCard, stack: WorkingStack) -> PixelClassResult:

@@ -85,6 +85,10 @@ def test_classes_follow_the_data_and_the_card_codes() -> None:
     assert set(np.unique(result.codes[:, :10]).tolist()) == {7} and set(np.unique(result.codes[:, 10:]).tolist()) == {3}
     assert result.fractions == {"water": pytest.approx(1 / 3), "land": pytest.approx(2 / 3)}
     assert result.colour_table[7] == (0, 0, 255, 255) and result.transform == ORIGIN @ Affine.scale(3.0)
+    assert gk.class_share(result, ["water", "land"]) == pytest.approx(1.0)
+    assert gk.class_share(result, ["water"]) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match=r"classes \['cloud'\] are not among"):
+        gk.class_share(result, ["cloud"])
     assert gk.manifest_entry(result)["class_fractions"] == {"water": pytest.approx(1 / 3, abs=1e-6), "land": pytest.approx(2 / 3, abs=1e-6)}
 
 
@@ -240,3 +244,14 @@ def test_the_products_boa_add_offset_is_read_from_its_metadata() -> None:
     stack = gk.working_stack(source, card())
     c = card(normalisation="none", band_mean=[], band_std=[])
     np.testing.assert_allclose(gk.model_input(stack, c, source.boa_add_offset), (stack.values - 1000.0) * 1e-4, rtol=1e-5)
+
+
+def test_services_never_import_the_reference_package() -> None:
+    """ukis-csmask is the reference the tests compare with (dev/bench extras); a service image has no such package."""
+    import re
+    from pathlib import Path
+
+    services = Path(__file__).resolve().parents[2] / "services"
+    pattern = re.compile(r"^\s*(import|from)\s+(ukis_csmask|eodal|scipy)\b", re.M)
+    offenders = [str(path) for path in services.rglob("*.py") if pattern.search(path.read_text())]
+    assert offenders == []

@@ -32,6 +32,31 @@ def wait_for(collector: EventCollector, predicate: Callable[[], bool], timeout_s
         raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
+def count_records(bootstrap_servers: str, topics: list[str], idle_s: float = 3.0, timeout_s: float = 60.0) -> dict[str, int]:
+    """How many records each topic holds, read from the beginning by partition assignment (no consumer group)."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    from services.core.kafka import consumer_config
+
+    consumer = Consumer(consumer_config(bootstrap_servers, f"test-count-{secrets.token_hex(4)}"))
+    counts = dict.fromkeys(topics, 0)
+    try:
+        metadata = consumer.list_topics(timeout=10)
+        consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING) for topic in topics
+                         if topic in metadata.topics for partition in metadata.topics[topic].partitions])
+        deadline = time.monotonic() + timeout_s
+        last = time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - last < idle_s:
+            message = consumer.poll(0.2)
+            if message is None or message.error():
+                continue
+            counts[message.topic()] += 1
+            last = time.monotonic()
+    finally:
+        consumer.close()
+    return counts
+
+
 def keys_under(state: PlatformState, bucket: str, prefix: str) -> list[str]:
     client = s3_client(state)
     keys: list[str] = []

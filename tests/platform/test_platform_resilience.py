@@ -9,7 +9,7 @@ import signal
 
 from confluent_kafka import Producer
 
-from platform_support import collector_for, keys_under, plans, records_on, wait_for, wait_until
+from platform_support import collector_for, count_records, keys_under, plans, records_on, wait_for, wait_until
 from services.core.kafka import producer_config, publish_json
 from services.core.step_config import step_config_name
 from services.local_platform.demo import (
@@ -219,11 +219,27 @@ def _kill(pid: int) -> None:
 
 def test_twenty_workflows_submitted_at_once_all_complete(platform) -> None:
     state = platform.state
-    workflows = [plans(["ssl-classify"], patches=1, offset=n % 42)[0] for n in range(20)]
+    # Ten inputs, each in two workflows: twins must produce byte-identical results, however the load falls.
+    workflows = [plans(["ssl-classify"], patches=1, offset=n % 10)[0] for n in range(20)]
     reports = run_workflows(state, workflows, timeout_s=900, write=lambda _line: None, read_results=False)
+    next_step_messages = count_records(state.bootstrap_servers,
+                                       [step.topic_out for plan in workflows for step in plan.steps])
     failed = {r.plan.name: (r.status, r.reason) for r in reports if r.status != "succeeded"}
     assert failed == {}
     assert all(len(r.steps) == 2 and all(s.status == "SUCCESS" for s in r.steps) for r in reports)
+    assert set(next_step_messages.values()) == {1}  # one next-step message per step and workflow
+    client = s3_client(state)
+
+    def results(report, index: int) -> dict[str, bytes]:
+        folder = report.steps[index].output_folder
+        return {key[len(folder):]: client.get_object(Bucket=report.plan.bucket, Key=key)["Body"].read()
+                for key in keys_under(state, report.plan.bucket, folder + "/")}
+
+    by_name = {r.plan.name: r for r in reports}
+    for n in range(10):
+        first, twin = by_name[workflows[n].name], by_name[workflows[n + 10].name]
+        for index in (0, 1):
+            assert results(first, index) == results(twin, index) != {}
     assert stop_workflows(state, workflows) == []
 
 

@@ -25,7 +25,7 @@ import tifffile
 
 from services.wrapper.inputs import S3Access
 from services.wrapper.outputs import read_features
-from services.wrapper.results import FAILED_SUFFIX, MANIFEST_SUFFIX
+from services.wrapper.results import ANNOUNCED_SUFFIX, FAILED_SUFFIX, MANIFEST_SUFFIX
 from wrapper_input_data import (
     add_bytes,
     add_sample_patch,
@@ -171,10 +171,43 @@ def test_every_patch_rejected_is_a_failure(server: InferenceServer, ssl: StepFix
         add_sample_patch(archive, GOOD[0], skip_bands=["B02"])
     ssl.s3.put_object(Bucket=ssl.access.bucket_name, Key="in/bad.tar.gz", Body=buffer.getvalue())
 
-    outcome = ssl.run(ssl.runtime(server.grpc_url), "in")
+    runtime = ssl.runtime(server.grpc_url)
+    outcome = ssl.run(runtime, "in", event_id="partition:0/offset:4")
 
     assert_failed_cleanly(ssl, outcome, "No usable input", "in")
     assert "missing band B02" in outcome.reason
+    # Delivered again: the failure is on record already (failed marker): no second run, no second record.
+    again = ssl.run(runtime, "in", event_id="partition:0/offset:4")
+    assert (again.status, again.earlier, again.output_folder) == ("DUPLICATE", "failed", outcome.output_folder)
+    assert len(ssl.records([ssl.dlq_topic], timeout_s=3)) == 1
+    assert [n["status"] for n in ssl.notifications(final=False)].count("START") == 1
+
+
+def test_a_run_stopped_between_manifest_and_announcement_is_announced_on_redelivery(
+    server: InferenceServer, ssl: StepFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    ssl.s3.put_object(Bucket=ssl.access.bucket_name, Key="in/ok.tar.gz", Body=sample_tar_gz(GOOD[:1]))
+    # Kafka unreachable for this Wrapper: the manifest is written, the next-step message cannot be published.
+    cut_off = ssl.runtime(server.grpc_url, bootstrap_servers=f"127.0.0.1:{free_port()}", kafka_timeout_s=2)
+    first = ssl.run(cut_off, "in", event_id="partition:0/offset:9")
+    assert first.status == "RETRY" and "Publishing the next step message" in first.reason
+    keys = list_keys(ssl.s3, ssl.access.bucket_name, "result-")
+    assert first.output_folder + MANIFEST_SUFFIX in keys and first.output_folder + ANNOUNCED_SUFFIX not in keys
+    results = {k: object_bytes(ssl.s3, ssl.access.bucket_name, k) for k in keys}
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = ssl.run(ssl.runtime(server.grpc_url), "in", event_id="partition:0/offset:9")
+
+    assert again.status == "SUCCESS" and again.resumed_announcement and again.output_folder == first.output_folder
+    assert not [r for r in caplog.records if r.getMessage() == "step started"]  # announced, not run again
+    (message,) = [r["value"] for r in ssl.records([ssl.topic_out], timeout_s=4)]
+    assert message["S3_bucket_desc"]["folder"] == first.output_folder
+    assert message["meta_information"] == step_message("in")["meta_information"]
+    marker = json.loads(object_bytes(ssl.s3, ssl.access.bucket_name, first.output_folder + ANNOUNCED_SUFFIX))
+    assert (marker["event_id"], marker["topic"]) == ("partition:0/offset:9", ssl.topic_out)
+    assert {k: object_bytes(ssl.s3, ssl.access.bucket_name, k) for k in keys} == results  # nothing rewritten
+    assert [n["status"] for n in ssl.notifications()] == ["SUCCESS"]  # the first run's went to no broker
 
 
 def test_empty_folder_fails_the_step(server: InferenceServer, ssl: StepFixture) -> None:
