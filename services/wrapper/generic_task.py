@@ -118,7 +118,7 @@ class CloudMeter:
         assert isinstance(result, generic_kinds.PixelClassResult)
         cloud = result.fractions.get("cloud", 0.0)
         shadow = result.fractions.get("shadow", 0.0)
-        measured = cloud + shadow if self.rule.include_shadow else cloud
+        measured = generic_kinds.class_share(result, ["cloud", "shadow"] if self.rule.include_shadow else ["cloud"])
         above = measured > self.rule.max_cloud_fraction
         record: dict[str, Any] = {"patch_id": patch.patch_id, "cloud_fraction": round(cloud, 6),
                                   "shadow_fraction": round(shadow, 6)}
