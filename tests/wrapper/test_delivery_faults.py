@@ -242,6 +242,39 @@ def test_wrapper_sigkilled_mid_step_then_restarted_completes_the_redelivered_ste
     assert_no_secrets(wrapper.log_path.read_text())
 
 
+@pytest.mark.slow
+def test_sigterm_refuses_new_deliveries_and_lets_the_running_step_finish(
+    clean: dict[str, bytes], s3_access: S3Access, kafka_broker: Any, tmp_path: Path
+) -> None:
+    step = make_step(s3_access, kafka_broker, tmp_path / "store")
+    late_server = InferenceServer(tmp_path / "server.log", models=[MODEL])  # the step waits for it
+    wrapper = WrapperProcess(step, late_server.grpc_url, tmp_path / "wrapper.log")
+    wrapper.env["EOML_WRAPPER_WORKERS"] = "2"
+    answers: list[Any] = []
+    try:
+        wrapper.start()
+        running = threading.Thread(target=lambda: answers.append(_post_once(wrapper.url, step, 70)))
+        running.start()
+        wait_until(lambda: any(n["status"] == "START" for n in step.notifications(final=False)), 60, "START")
+        assert wrapper.process is not None
+        wrapper.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: get(f"{wrapper.url}/readyz")[0] == 503, 10, "readiness to turn off")
+        refused, body, headers = post(f"{wrapper.url}/{step.config.config_name}",
+                                      json.dumps(step_message("in", meta={"offset": 71})).encode(),
+                                      headers_for(step, 71))
+        late_server.start()
+        running.join(120)
+        code = wrapper.process.wait(timeout=60)
+    finally:
+        if wrapper.process is not None and wrapper.process.poll() is None:
+            wrapper.process.kill()
+        late_server.stop()
+    assert refused == 503 and "stopping" in body["error"] and headers["Retry-After"] == "5"
+    assert answers == [200] and code == 0  # the running step finished and was answered before the exit
+    (message,) = next_step_messages(step)
+    assert_complete(step, message["S3_bucket_desc"]["folder"], clean)
+
+
 def inference_count(server: InferenceServer, model: str) -> int:
     """Requests the server has answered for ``model`` (its statistics endpoint, as Triton's)."""
     _, stats = get(f"http://{server.http_url}/v2/models/{model}/stats")
