@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="s3: Kafka keeps its data in a bucket of its own moto server (survives a broker restart)")
         if name == "demo":
             sub.add_argument("--patches", type=int, default=8, help="BigEarthNet patches per workflow (max 42)")
-            sub.add_argument("--workflows", nargs="*", choices=["ssl-classify", "compress-decompress", "uc5", "uc6"],
+            sub.add_argument("--workflows", nargs="*", choices=["ssl-classify", "compress-decompress", "uc5", "uc6", "cloud-mask"],
                              help="which sample workflows (default: all)")
             sub.add_argument("--timeout-s", type=float, default=900.0)
             sub.add_argument("--keep-running", action="store_true", help="leave the stack up afterwards")

@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -355,7 +356,35 @@ def read_workflow_results(state: PlatformState, report: WorkflowReport) -> dict[
         results.update(_compression_results(client, plan, folders[0], folders[1]))
     elif plan.kind in ("uc5", "uc6"):
         results.update(_raster_results(client, plan.bucket, folders[0]))
+    elif plan.kind == "cloud-mask":
+        results.update(_mask_results(client, plan.bucket, folders[0], Path(state.root) / "quicklooks" / plan.name))
     return results
+
+
+def _mask_results(client: Any, bucket: str, folder: str | None, quicklook_dir: Path) -> dict[str, Any]:
+    """Class fractions of the mask run (pooled over the patches with data, and the cloudiest patches) and the
+    quicklooks, copied from S3 to ``quicklook_dir`` so they can be opened."""
+    if not folder:
+        return {}
+    manifest = _manifest(client, bucket, folder)
+    entries = [entry for unit in manifest.get("stats", {}).get("per_input", []) for entry in unit.get("patches", [])]
+    pixels = sum(e["shape"][0] * e["shape"][1] * (1 - e.get("nodata_fraction", 0.0)) for e in entries)
+    pooled: dict[str, float] = {}
+    for entry in entries:
+        weight = entry["shape"][0] * entry["shape"][1] * (1 - entry.get("nodata_fraction", 0.0))
+        for name, value in entry.get("class_fractions", {}).items():
+            pooled[name] = pooled.get(name, 0.0) + value * weight / pixels if pixels else 0.0
+    cloudiest = sorted(entries, key=lambda e: -(1.0 - e.get("class_fractions", {}).get("clear", 1.0)))[:3]
+    quicklook_dir.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for key in manifest.get("stats", {}).get("quicklooks", []):
+        path = quicklook_dir / key.rsplit("/", 1)[-1]
+        path.write_bytes(_get(client, bucket, key))
+        saved.append(str(path))
+    return {"mask": {"patches": len(entries), "class_fractions": pooled,
+                     "cloudiest": [(e["patch_id"], e.get("class_fractions", {})) for e in cloudiest],
+                     "quicklooks_s3": len(manifest.get("stats", {}).get("quicklooks", [])),
+                     "quicklook_dir": str(quicklook_dir) if saved else "", "quicklook_example": saved[:1]}}
 
 
 def _classification_results(client: Any, plan: WorkflowPlan, features_folder: str | None,
@@ -505,6 +534,16 @@ def format_summary(reports: Sequence[WorkflowReport]) -> str:
             stats = ", ".join(f"{k} {results[k]:.3f}" for k in ("min", "mean", "max") if k in results)
             lines.append(f"    {results['rasters']} raster(s), {results['valid_cells']} valid cells"
                          f" ({results.get('nodata_cells', 0)} nodata){': ' + stats if stats else ''}")
+        if "mask" in results:
+            mask = results["mask"]
+            shares = ", ".join(f"{name} {value:.1%}" for name, value in mask["class_fractions"].items())
+            lines.append(f"    mask of {mask['patches']} patches (30 m): {shares}")
+            for patch, fractions in mask["cloudiest"]:
+                shares = ", ".join(f"{name} {value:.1%}" for name, value in fractions.items())
+                lines.append(f"      {patch}: {shares}")
+            if mask["quicklook_dir"]:
+                lines.append(f"    quicklooks ({mask['quicklooks_s3']} PNGs, true colour + mask overlay): "
+                             f"{mask['quicklook_dir']}/")
     failed = [r for r in reports if r.status != "succeeded"]
     lines.append("=" * 100)
     lines.append(f"{len(reports) - len(failed)}/{len(reports)} workflows succeeded")

@@ -39,8 +39,12 @@ NAMESPACE = "eoml"
 SYSTEM_TOPIC = "system.ML"
 NOTIFY_TOPIC = "monitoring.notify"
 KAFKA_STORAGE_BUCKET = "tansu"
-# ``ML.ServiceName`` of each Wrapper = its task (DNS-1123 labels, as Knative Service names must be).
-DEMO_TASKS: tuple[str, ...] = ("ssl-features", "classify", "compress", "decompress", "uc5-cfactor", "uc6-locust")
+# ``ML.ServiceName`` of each Wrapper (DNS-1123 labels, as Knative Service names must be): its task, or a name in
+# GENERIC_SERVICES for a Wrapper of task ``generic`` serving one card-driven model (as in the chart).
+DEMO_TASKS: tuple[str, ...] = (
+    "ssl-features", "classify", "compress", "decompress", "uc5-cfactor", "uc6-locust", "cloud-mask",
+)
+GENERIC_SERVICES: Mapping[str, tuple[str, str]] = {"cloud-mask": ("generic", "s2-cloud-mask")}
 
 
 class StackError(RuntimeError):
@@ -362,10 +366,13 @@ class LocalStack:
                     health_url=f"http://127.0.0.1:{port}/readyz")
 
     def wrapper_env(self, task: str, port: int) -> dict[str, str]:
+        """Environment of the Wrapper behind service name ``task`` (its task, or a GENERIC_SERVICES entry)."""
         assert self.state is not None
         options = self.options
+        wrapper_task, model = GENERIC_SERVICES.get(task, (task, ""))
         return {
-            "EOML_WRAPPER_TASK": task, "EOML_WRAPPER_HTTP_HOST": "127.0.0.1", "EOML_WRAPPER_HTTP_PORT": str(port),
+            "EOML_WRAPPER_TASK": wrapper_task, "EOML_WRAPPER_MODEL_NAME": model,
+            "EOML_WRAPPER_HTTP_HOST": "127.0.0.1", "EOML_WRAPPER_HTTP_PORT": str(port),
             "EOML_WRAPPER_INFERENCE_URL": self.state.inference_grpc, "EOML_WRAPPER_INFERENCE_PROTOCOL": "grpc",
             "EOML_WRAPPER_STORE": "local", "EOML_WRAPPER_STORE_ROOT": self.state.store_root,
             "EOML_WRAPPER_NAMESPACE": self.state.namespace, "EOML_WRAPPER_NOTIFY_TOPIC": NOTIFY_TOPIC,

@@ -39,7 +39,7 @@ class WorkflowPlan:
 
     name: str
     title: str
-    kind: str  # ssl-classify | compress-decompress | uc5 | uc6
+    kind: str  # ssl-classify | compress-decompress | uc5 | uc6 | cloud-mask
     steps: list[StepPlan]
     bucket: str
     input_folder: str
@@ -146,8 +146,8 @@ def step_message(folder: str, meta: dict[str, Any] | None = None) -> dict[str, A
 
 def demo_workflows(run_id: str, bucket: str, patches: Sequence[str], kinds: Sequence[str] | None = None
                    ) -> list[WorkflowPlan]:
-    """The integration workflows of D3.4 3.2.3 (SSL -> classifier, compression -> decompression) plus UC5 and UC6,
-    with topic names unique to this run."""
+    """The integration workflows of D3.4 3.2.3 (SSL -> classifier, compression -> decompression) plus UC5, UC6 and
+    the cloud mask, with topic names unique to this run."""
     def topic(*parts: str) -> str:
         return ".".join(("eoml", "demo", run_id, *parts))
 
@@ -167,6 +167,10 @@ def demo_workflows(run_id: str, bucket: str, patches: Sequence[str], kinds: Sequ
             f"demo-{run_id}-uc5", "UC5 soil erosion: C-factor", "uc5",
             [StepPlan("uc5-cfactor", "C-factor regressor", topic("uc5", "in"), topic("uc5", "out"))],
             bucket, f"inputs/{run_id}/uc5", chosen),
+        "cloud-mask": WorkflowPlan(
+            f"demo-{run_id}-cloud-mask", "Cloud / shadow mask (ukis-csmask, trained) with quicklooks", "cloud-mask",
+            [StepPlan("cloud-mask", "Cloud mask", topic("cloud-mask", "in"), topic("cloud-mask", "out"))],
+            bucket, f"inputs/{run_id}/cloud-mask", chosen),
         "uc6": WorkflowPlan(
             f"demo-{run_id}-uc6", "UC6 locust breeding suitability (synthetic ERA5-like input)", "uc6",
             [StepPlan("uc6-locust", "Locust classifier", topic("uc6", "in"), topic("uc6", "out"))],

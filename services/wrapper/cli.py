@@ -36,7 +36,7 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("http-host", str, "listen address (default 0.0.0.0)"),
     ("http-port", int, "listen port (default 8080)"),
     ("inference-url", str, "inference server host:port (default 127.0.0.1:8001, gRPC)"),
-    ("model-name", str, "served model (default: the task's)"),
+    ("model-name", str, "served model (default: the task's; task generic: any model whose card says task generic)"),
     ("model-version", str, "model version (default: newest ready)"),
     ("batch-size", int, "rows per request (default: the model's max_batch_size)"),
     ("requests-in-flight", int, "inference requests in flight per step (default 3)"),
@@ -50,6 +50,8 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("result-prefix", str, "bucket prefix of the results (default: the task's production prefix)"),
     ("shutdown-timeout-s", float, "how long shutdown waits for running steps (default 120)"),
     ("spool-dir", str, "where results are spooled before upload (default: the temp dir)"),
+    ("quicklook-max-side", int, "longest side of a quicklook PNG in pixels (default 512)"),
+    ("cloud-mask-model", str, "served model a workflow's cloud_filter measures with (default s2-cloud-mask)"),
     ("log-level", str, "DEBUG, INFO, WARNING or ERROR"),
     ("log-format", str, "json or text"),
 )
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", choices=TASK_NAMES)
     parser.add_argument("--inference-protocol", choices=["grpc", "http"])
     parser.add_argument("--store", choices=["local", "kubernetes"])
+    parser.add_argument("--quicklooks", choices=["auto", "always", "never"],
+                        help="PNG quicklooks of Sentinel-2 steps (default auto: generic per-pixel models)")
     for option, kind, help_text in _OPTIONS:
         parser.add_argument(f"--{option}", type=kind, help=help_text, metavar=option.split("-")[-1].upper())
     return parser

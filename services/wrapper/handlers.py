@@ -81,6 +81,20 @@ from services.wrapper.outputs.features import (
     stream_features_json,
     stream_features_npz,
 )
+from services.wrapper.generic_task import (
+    QUICKLOOK_SUFFIX,
+    CloudMeter,
+    GenericPatch,
+    check_generic_model,
+    generic_patch_work,
+    patch_outputs,
+    pooled_fractions,
+    spool_bytes,
+    true_colour_bands,
+    true_colour_quicklook,
+)
+from services.wrapper.generic_kinds import InputRejected
+from services.wrapper.outputs.quicklook import PNG_CONTENT_TYPE
 from services.wrapper.settings import WrapperSettings
 from services.wrapper.spool import ArraySpool, spooled_output
 from services.wrapper.tasks import TaskSpec
@@ -124,6 +138,10 @@ class StepContext:
     settings: WrapperSettings
     limits: InputLimits
     spool_dir: str = ""  # where a unit's results are spooled (the run's temporary directory)
+    # The workflow's cloud filter, measuring with the served cloud-mask model (Sentinel-2 tasks; None = no filter).
+    cloud_meter: CloudMeter | None = None
+    # Results written while reading (quicklooks), per unit index; the pipeline uploads them with the unit's.
+    side_objects: dict[int, list["ResultObject"]] = field(default_factory=dict)
 
     def key(self, unit: InputUnit, suffix: str) -> str:
         return f"{self.output_folder}/{unit.name}{suffix}"
@@ -293,10 +311,29 @@ class Sentinel2Handler(TaskHandler):
                 yield Rejection(unit, item.patch_id, item.source, "a patch with this id was already read from this input")
                 continue
             ids.add(item.patch_id)
+            if ctx.cloud_meter is not None:
+                reason = ctx.cloud_meter.judge(item)
+                if reason is not None:
+                    yield Rejection(unit, item.patch_id, item.source, reason)
+                    continue
             try:
-                yield self.patch_work(ctx, unit, item)
+                work = self.patch_work(ctx, unit, item)
             except (PatchInvalid, OutputFormatError) as error:
                 yield Rejection(unit, item.patch_id, item.source, str(error))
+                continue
+            if ctx.settings.quicklooks == "always":
+                self.add_quicklook(ctx, unit, item)
+            yield work
+
+    def add_quicklook(self, ctx: StepContext, unit: InputUnit, patch: InputPatch) -> None:
+        """A true-colour PNG of the patch at ``<unit>/<patch>.quicklook.png`` (none without B02-B04 data)."""
+        bands = true_colour_bands(patch)
+        data = true_colour_quicklook(bands, ctx.settings.quicklook_max_side) if bands is not None else None
+        if data is None:
+            return
+        file = spool_bytes(ctx.spool_dir, data, QUICKLOOK_SUFFIX, PNG_CONTENT_TYPE)
+        key = ctx.key(unit, f"/{_patch_name(patch.patch_id)}{QUICKLOOK_SUFFIX}")
+        ctx.side_objects.setdefault(unit.index, []).append(ResultObject(key, file, 0))
 
     def patch_work(self, ctx: StepContext, unit: InputUnit, patch: InputPatch) -> Work[PatchContext]:
         rows = sentinel2_input(patch.bands, ctx.served.card)[None]
@@ -692,6 +729,47 @@ class LocustHandler(TaskHandler):
         return UnitResult([ResultObject(ctx.key(unit, file.suffix), file, windows)], windows, {"windows": windows})
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Task ``generic``: whatever the model card says (services.wrapper.generic_task)
+
+
+class GenericHandler(Sentinel2Handler):
+    """Per-pixel card-driven models: per patch a class or value GeoTIFF and a quicklook (see generic_task)."""
+
+    def check_model(self, served: ServedModel) -> None:
+        TaskHandler.check_model(self, served)
+        check_generic_model(served)
+
+    def patch_work(self, ctx: StepContext, unit: InputUnit, patch: InputPatch) -> Work[GenericPatch]:
+        try:
+            tiles, context = generic_patch_work(ctx.served.card, unit, patch)
+        except InputRejected as error:
+            raise PatchInvalid(str(error)) from None
+        return Work(tiles, context)
+
+    def add_quicklook(self, ctx: StepContext, unit: InputUnit, patch: InputPatch) -> None:
+        """The generic task's quicklooks come with its results (an overlay for classes), not from the input."""
+
+    def keep(self, ctx: StepContext, work: Work[Any], outputs: np.ndarray) -> Any:
+        context: GenericPatch = work.context
+        max_side = ctx.settings.quicklook_max_side if ctx.settings.quicklooks != "never" else None
+        files, entry = patch_outputs(ctx.served, context, outputs, ctx.spool_dir, ctx.created, max_side)
+        return context.patch.patch_id, files, entry
+
+    def write_unit(self, ctx: StepContext, unit: InputUnit, kept: list[Any]) -> UnitResult:
+        names = unique_names([patch_id for patch_id, _, _ in kept], _patch_name)
+        objects = [
+            ResultObject(ctx.key(unit, f"/{name}{file.suffix}"), file, 1 if index == 0 else 0)
+            for (_, files, _), name in zip(kept, names) for index, file in enumerate(files)
+        ]
+        entries = [entry for _, _, entry in kept]
+        stats: dict[str, Any] = {"patches": entries}
+        pooled = pooled_fractions(entries)
+        if pooled:
+            stats["class_fractions"] = pooled
+        return UnitResult(objects, len(kept), stats)
+
+
 def handler_for(spec: TaskSpec) -> TaskHandler:
     handlers: dict[str, type[TaskHandler]] = {
         "ssl-features": SslFeaturesHandler,
@@ -701,6 +779,7 @@ def handler_for(spec: TaskSpec) -> TaskHandler:
         "decompress": DecompressHandler,
         "uc5-cfactor": CFactorHandler,
         "uc6-locust": LocustHandler,
+        "generic": GenericHandler,
     }
     return handlers[spec.name](spec)
 

@@ -47,6 +47,7 @@ from services.wrapper.handlers import (
     bits_per_pixel,
     handler_for,
 )
+from services.wrapper.generic_task import CLOUD_FILTER_FIELD, QUICKLOOK_SUFFIX, CloudMeter, cloud_filter_of
 from services.wrapper.inference_client import (
     InferenceError,
     InferenceUnavailable,
@@ -84,7 +85,8 @@ from services.wrapper.results import (
     run_id,
 )
 from services.wrapper.settings import WrapperSettings
-from services.wrapper.tasks import TaskSpec, task_spec
+from services.wrapper.outputs.keys import sanitise_name
+from services.wrapper.tasks import GENERIC_RESULT_PREFIX, GENERIC_TASK, TaskSpec, task_spec
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +188,24 @@ class StepRuntime:
             ),
         )
 
+    # The served s2-cloud-mask model for workflows that ask for a cloud filter (made on first use).
+    cloud_mask_client: ModelClient | None = None
+
     @property
     def result_prefix(self) -> str:
-        return self.settings.result_prefix or self.spec.result_prefix
+        if self.settings.result_prefix:
+            return self.settings.result_prefix
+        if self.spec.name == GENERIC_TASK:
+            return f"{GENERIC_RESULT_PREFIX}{sanitise_name(self.model_client.model_name)}"
+        return self.spec.result_prefix
+
+    def cloud_mask(self) -> ModelClient:
+        if self.cloud_mask_client is None:
+            self.cloud_mask_client = ModelClient(
+                self.settings.inference_url, self.settings.inference_protocol, self.settings.cloud_mask_model, "",
+                retry=self.model_client.retry, request_timeout_s=self.settings.infer_timeout_s,
+            )
+        return self.cloud_mask_client
 
     def batch_size(self, served: ServedModel) -> int:
         if served.max_batch_size < 1:
@@ -217,6 +234,8 @@ class StepRuntime:
     def close(self) -> None:
         self.inference_pool.shutdown(wait=True)
         self.model_client.close()
+        if self.cloud_mask_client is not None:
+            self.cloud_mask_client.close()
         close = getattr(self.publisher, "close", None)
         if close is not None:
             close()
@@ -394,11 +413,12 @@ def run_step(
         outcome.model_version = served.version
         batch_size = runtime.batch_size(served)
         created = (request.event_time or datetime.now(timezone.utc)).astimezone(timezone.utc).replace(microsecond=0)
+        cloud_meter = open_cloud_meter(runtime, message)
         with tempfile.TemporaryDirectory(prefix="eoml-run-", dir=settings.spool_dir or None) as spool:
             ctx = StepContext(
                 served=served, client=client, bucket=config.bucket, folder=folder, filename=filename,
                 output_folder=outcome.output_folder, created=created, settings=settings, limits=runtime.limits,
-                spool_dir=spool,
+                spool_dir=spool, cloud_meter=cloud_meter,
             )
             planned = runtime.handler.open(ctx)
             store = ResultStore(client, config.bucket, outcome.output_folder)
@@ -410,11 +430,15 @@ def run_step(
             def finish_unit() -> None:
                 if current is None:
                     return
+                side = ctx.side_objects.pop(current.index, [])
                 if collector is not None and not runtime.handler.collected(collector):
                     getattr(collector, "close", lambda: None)()  # a unit of rejections only: nothing to write
+                    for obj in side:
+                        if obj.file.path is not None:
+                            os.unlink(obj.file.path)
                 elif collector is not None:
                     result = runtime.handler.write_unit(ctx, current, collector)
-                    for obj in result.objects:
+                    for obj in [*result.objects, *side]:
                         store.put(obj, current.key)
                         if obj.file.path is not None:
                             os.unlink(obj.file.path)  # uploaded: the spool holds one unit at most
@@ -457,6 +481,11 @@ def run_step(
             outcome.stats["bits_per_pixel"] = bpp
         if unit_stats:
             outcome.stats["per_input"] = unit_stats
+        quicklooks = [obj.key for obj in outcome.objects if obj.key.endswith(QUICKLOOK_SUFFIX)]
+        if quicklooks:
+            outcome.stats["quicklooks"] = quicklooks
+        if cloud_meter is not None:
+            outcome.stats["cloud_filter"] = cloud_meter.manifest_entry()
         outcome.next_message = _next_message(outcome.output_folder, message)
         limit = settings.max_rejections_listed
         manifest = build_manifest(
@@ -515,6 +544,19 @@ def run_step(
         outcome.status = "CRITICAL"
         log.error("step failed", extra={**log_fields, "reason": reason})
         return outcome
+
+
+def open_cloud_meter(runtime: StepRuntime, message: StepMessage) -> CloudMeter | None:
+    """The step's cloud filter with the served cloud-mask model, when the workflow asks for one.
+
+    ``InputError`` for a malformed filter or a task that does not read Sentinel-2 (both permanent)."""
+    rule = cloud_filter_of(message.meta_information)
+    if rule is None:
+        return None
+    if runtime.spec.input_kind != "sentinel2":
+        raise InputError(f"meta_information.{CLOUD_FILTER_FIELD} applies to Sentinel-2 steps; task "
+                         f"{runtime.spec.name} reads {runtime.spec.input_kind}")
+    return CloudMeter.open(runtime.cloud_mask(), rule)
 
 
 def _next_message(folder: str, message: StepMessage) -> dict[str, Any]:

@@ -16,7 +16,9 @@ from pydantic_settings import SettingsConfigDict
 
 from services.core.settings import ENV_PREFIX, ServiceSettings
 
-TaskName = Literal["ssl-features", "classify", "classify-19", "compress", "decompress", "uc5-cfactor", "uc6-locust"]
+TaskName = Literal[
+    "ssl-features", "classify", "classify-19", "compress", "decompress", "uc5-cfactor", "uc6-locust", "generic"
+]
 TASK_NAMES: tuple[str, ...] = TaskName.__args__  # type: ignore[attr-defined]
 
 _SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -42,7 +44,9 @@ class WrapperSettings(ServiceSettings):
     # The inference server (Triton-compatible): gRPC "host:port" by default, HTTP "host:port" with protocol http.
     inference_url: str = "127.0.0.1:8001"
     inference_protocol: Literal["grpc", "http"] = "grpc"
-    model_name: str = ""  # "" = the task's model (see services.wrapper.tasks)
+    # "" = the task's model (see services.wrapper.tasks); task ``generic`` serves any model whose card says
+    # ``task: generic`` (default: s2-cloud-mask), its results under ``result-<model name>``.
+    model_name: str = ""
     model_version: str = ""  # "" = the newest ready version, resolved per step
     batch_size: int = Field(0, ge=0)  # 0 = the model's max_batch_size; larger values are clamped to it
     # 3, not 2: with one batch computing and one queued, a third covers the Wrapper's own read/decode gaps
@@ -85,6 +89,14 @@ class WrapperSettings(ServiceSettings):
     codes_patches_per_file: int = Field(8192, ge=1, le=8192)
     progress_interval_s: float = Field(5.0, ge=0)
     max_rejections_listed: int = Field(1000, ge=0)  # in the manifest; the count is always complete
+    # PNG quicklooks next to the results of Sentinel-2 steps (listed in the manifest like every result):
+    # ``auto``: per-pixel generic models write one per patch (true colour with the class overlay, or true colour);
+    # task-specific tasks write none, so their production results stay as they are; ``always``: every Sentinel-2
+    # step writes a true-colour one per patch as well; ``never``: none.
+    quicklooks: Literal["auto", "always", "never"] = "auto"
+    quicklook_max_side: int = Field(512, ge=16, le=4096)
+    # The served model a workflow's ``meta_information.cloud_filter`` measures cloud fractions with.
+    cloud_mask_model: str = "s2-cloud-mask"
 
     # S3 (bounded retries and timeouts; the endpoint and credentials come from the step configuration)
     s3_max_attempts: int = Field(3, ge=1, le=10)

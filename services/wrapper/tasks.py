@@ -13,6 +13,8 @@ from services.wrapper.outputs.keys import PRODUCTION_RESULT_PREFIXES
 from services.wrapper.settings import TaskName
 
 InputKind = Literal["sentinel2", "features", "codes", "era5-stack"]
+GENERIC_TASK = "generic"
+GENERIC_RESULT_PREFIX = "result-"  # + the model's name: result-s2-cloud-mask
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,11 @@ TASKS: Mapping[str, TaskSpec] = {
         TaskSpec(
             "uc5-cfactor", "uc5-cfactor", "uc5-cfactor", PRODUCTION_RESULT_PREFIXES["uc5-cfactor"],
             "sentinel2", "Sentinel-2 patches -> C-factor raster (24 x 24 pixel cells)",
+        ),
+        TaskSpec(
+            # Any model whose card says ``task: generic``: the card drives input, tiling and output kind.
+            GENERIC_TASK, GENERIC_TASK, "s2-cloud-mask", GENERIC_RESULT_PREFIX, "sentinel2",
+            "Sentinel-2 inputs -> what the model card's output_kind says (class/value GeoTIFFs per patch)",
         ),
         TaskSpec(
             "uc6-locust", "uc6-locust", "uc6-locust", PRODUCTION_RESULT_PREFIXES["uc6-locust"],

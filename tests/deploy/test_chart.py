@@ -18,7 +18,9 @@ from services.core.step_config import step_config_from_message
 
 KNATIVE = "serving.knative.dev/"
 KSERVE = "serving.kserve.io/"
-TASKS = {"ssl-features", "classify", "compress", "decompress", "uc5-cfactor", "uc6-locust"}
+TASKS = {"ssl-features", "classify", "compress", "decompress", "uc5-cfactor", "uc6-locust", "cloud-mask"}
+# Services whose name is not their task: (task, model).
+GENERIC_SERVICES = {"cloud-mask": ("generic", "s2-cloud-mask")}
 DEV_VALUES = REPO_ROOT / "deploy" / "overlays" / "dev" / "values.yaml"
 
 
@@ -76,7 +78,11 @@ def test_one_wrapper_per_task_in_each_workflow_namespace(tools: Tools) -> None:
         for service in services:
             [container] = service["spec"]["template"]["spec"]["containers"]
             env = env_of(container)
-            assert env["EOML_WRAPPER_TASK"] == service["metadata"]["name"]
+            name = service["metadata"]["name"]
+            if name in GENERIC_SERVICES:
+                assert (env["EOML_WRAPPER_TASK"], env["EOML_WRAPPER_MODEL_NAME"]) == GENERIC_SERVICES[name]
+            else:
+                assert env["EOML_WRAPPER_TASK"] == name and "EOML_WRAPPER_MODEL_NAME" not in env
             assert env["EOML_WRAPPER_NAMESPACE"] == namespace
             assert env["EOML_WRAPPER_STORE"] == "kubernetes"
             assert env["EOML_WRAPPER_INFERENCE_URL"] == f"{isvc['metadata']['name']}-predictor.eoml.svc.cluster.local:80"

@@ -64,9 +64,14 @@ def test_wrapper_environment_is_read_as_intended(default_manifest: str, monkeypa
     for service in wrappers:
         env = env_of(service["spec"]["template"]["spec"]["containers"][0])
         assert unknown_variables(env, f"{ENV_PREFIX}WRAPPER_", WrapperSettings) == set()
+        monkeypatch.delenv(f"{ENV_PREFIX}WRAPPER_MODEL_NAME", raising=False)  # set only where the chart says so
         apply_env(monkeypatch, env)
         settings = WrapperSettings()
-        assert settings.task == service["metadata"]["name"]
+        name = service["metadata"]["name"]
+        if name == "cloud-mask":  # task generic serving the model its entry names
+            assert (settings.task, settings.model_name) == ("generic", "s2-cloud-mask")
+        else:
+            assert (settings.task, settings.model_name) == (name, "")
         assert settings.namespace == service["metadata"]["namespace"]
         assert settings.store == "kubernetes"
         assert settings.http_port == 8080

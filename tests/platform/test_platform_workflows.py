@@ -1,5 +1,6 @@
-"""The integration workflows of D3.4 3.2.3 (SSL -> classifier, compression -> decompression) plus UC5 and UC6,
-end to end on the local platform with real BigEarthNet patches; then stopping a workflow."""
+"""The integration workflows of D3.4 3.2.3 (SSL -> classifier, compression -> decompression) plus UC5, UC6 and the
+cloud mask (the ``cloud-mask`` Wrapper, task generic), end to end on the local platform with real BigEarthNet
+patches; then stopping a workflow."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ PATCHES = 3
 
 def test_sample_workflows_run_end_to_end(platform) -> None:
     state = platform.state
-    workflows = plans(["ssl-classify", "compress-decompress", "uc5", "uc6"], patches=PATCHES)
+    workflows = plans(["ssl-classify", "compress-decompress", "uc5", "uc6", "cloud-mask"], patches=PATCHES)
     reports = run_workflows(state, workflows, timeout_s=600, write=lambda _line: None)
     by_kind = {r.plan.kind: r for r in reports}
     assert {k: r.status for k, r in by_kind.items()} == dict.fromkeys(by_kind, "succeeded"), \
@@ -57,6 +58,13 @@ def test_sample_workflows_run_end_to_end(platform) -> None:
     assert uc6["rasters"] == 1 and uc6["valid_cells"] > 0
     assert uc6["nodata_cells"] > 0  # the sea strip of the sample is nodata, not a made-up value
     assert 0.0 <= uc6["min"] <= uc6["max"] <= 1.0
+
+    mask = by_kind["cloud-mask"].results["mask"]
+    assert mask["patches"] == PATCHES and mask["quicklooks_s3"] == PATCHES
+    assert set(mask["class_fractions"]) == {"clear", "cloud", "shadow"}
+    assert math.isclose(sum(mask["class_fractions"].values()), 1.0, abs_tol=1e-6)
+    pictures = sorted(Path(mask["quicklook_dir"]).glob("*.quicklook.png"))
+    assert len(pictures) == PATCHES and all(p.read_bytes().startswith(b"\x89PNG") for p in pictures)
 
     assert stop_workflows(state, workflows) == []
 

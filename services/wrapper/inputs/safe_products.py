@@ -42,6 +42,7 @@ from services.wrapper.inputs.types import (
 log = logging.getLogger(__name__)
 
 NODATA_VALUE = 0
+MAX_PRODUCT_METADATA_BYTES = 16 * 1024 * 1024  # MTD_MSIL2A.xml is ~60 KB
 _GRID_TOLERANCE = 1e-6  # metres; transforms are read back from JP2 boxes as doubles
 
 
@@ -61,6 +62,10 @@ def read_safe_granule(
             "(limit max_safe_granule_bytes)",
             source.product_dir,
         )
+    boa_add_offset = product_boa_add_offset(client, bucket, source)
+    if isinstance(boa_add_offset, str):
+        yield PatchRejection(source.tile_id_prefix, source.product_dir, boa_add_offset)
+        return
     transfer = TransferConfig(max_concurrency=limits.fetch_concurrency)
     with tempfile.TemporaryDirectory(prefix="eoml-safe-", dir=limits.scratch_dir) as scratch:
         band_paths: dict[str, str] = {}
@@ -71,11 +76,35 @@ def read_safe_granule(
             except (BotoCoreError, ClientError, Boto3Error) as error:
                 raise s3_failure(error, f"downloading {obj.key}", client, obj.key) from None
             band_paths[band] = path
-        yield from tile_safe_bands(band_paths, source.tile_id_prefix, source.product_dir, limits)
+        yield from tile_safe_bands(band_paths, source.tile_id_prefix, source.product_dir, limits, boa_add_offset)
+
+
+def product_boa_add_offset(client: S3Client, bucket: str, source: SafeGranuleSource) -> float | str:
+    """The product's ``BOA_ADD_OFFSET`` from ``<product>.SAFE/MTD_MSIL2A.xml`` (0 when the product has no such
+    file or element: baselines before 04.00), or the reason the product is refused (unreadable metadata)."""
+    from services.wrapper.generic_kinds import InputRejected, product_boa_add_offset as offset_of
+
+    key = f"{source.product_dir.rstrip('/')}/MTD_MSIL2A.xml"
+    try:
+        response = client.get_object(Bucket=bucket, Key=key)
+        with response["Body"] as body:
+            metadata = body.read(MAX_PRODUCT_METADATA_BYTES + 1)
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return 0.0
+        raise s3_failure(error, f"reading {key}", client, key) from None
+    except BotoCoreError as error:
+        raise s3_failure(error, f"reading {key}", client, key) from None
+    if len(metadata) > MAX_PRODUCT_METADATA_BYTES:
+        return f"product metadata {key} is over {MAX_PRODUCT_METADATA_BYTES} bytes"
+    try:
+        return offset_of(metadata)
+    except InputRejected as error:
+        return f"product metadata {key}: {error}"
 
 
 def tile_safe_bands(
-    band_paths: Mapping[str, str], tile_id_prefix: str, source: str, limits: InputLimits
+    band_paths: Mapping[str, str], tile_id_prefix: str, source: str, limits: InputLimits, boa_add_offset: float = 0.0
 ) -> Iterator[InputItem]:
     """Tiles ``<tile_id_prefix>_<i>_<j>`` from local band files (B02, B03, B04, B08 at 10 m; B05..B12 at 20 m)."""
     tile = PATCH_SIZE_10M
@@ -127,6 +156,7 @@ def tile_safe_bands(
                         transform=grid.transform @ Affine.translation(j * tile, i * tile),
                         i=i,
                         j=j,
+                        boa_add_offset=boa_add_offset,
                     )
         log.info(
             "product tiled",

@@ -42,6 +42,9 @@ class InputPatch:
     transform: Affine | None = None
     i: int | None = None
     j: int | None = None
+    # The product's BOA_ADD_OFFSET in DN (L2A processing baseline >= 04.00: -1000; BigEarthNet and older: 0), for
+    # cards with ``reflectance_offset: product``.
+    boa_add_offset: float = 0.0
 
     def __repr__(self) -> str:
         # Arrays would flood logs and test output; names and shapes say what matters.
