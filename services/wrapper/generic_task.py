@@ -23,7 +23,6 @@ reason) or flags the patches above ``max_cloud_fraction``; the manifest records 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,7 +36,8 @@ from services.wrapper import generic_kinds
 from services.wrapper.inference_client import ModelClient, ModelMismatch, ServedModel
 from services.wrapper.inputs import InputPatch
 from services.wrapper.inputs.types import InputError
-from services.wrapper.outputs import OutputFile, OutputFormatError, PatchMetadata
+from services.wrapper.outputs import OutputFile, PatchMetadata
+from services.wrapper.outputs.rasters import geotiff_bytes
 from services.wrapper.outputs.class_raster import CLASS_RASTER_SUFFIX, write_class_geotiff
 from services.wrapper.outputs.quicklook import (
     PNG_CONTENT_TYPE,
@@ -234,27 +234,8 @@ def blend_patch(card: ModelCard, context: GenericPatch, outputs: np.ndarray
 def write_value_geotiff(values: np.ndarray, crs: str | None, transform: Affine | None, model: str,
                         model_version: str, created_iso: str) -> bytes:
     """float32 [V, H, W] GeoTIFF (NaN = no data, DEFLATE), tagged with the model and the event time."""
-    from rasterio.crs import CRS
-    from rasterio.errors import NotGeoreferencedWarning, RasterioError
-    from rasterio.io import MemoryFile
-
-    profile: dict[str, Any] = {"driver": "GTiff", "width": values.shape[2], "height": values.shape[1],
-                               "count": values.shape[0], "dtype": "float32", "nodata": float("nan"),
-                               "compress": "deflate"}
-    if crs is not None:
-        profile["crs"] = CRS.from_user_input(crs)
-    if transform is not None:
-        profile["transform"] = transform
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with MemoryFile() as memory_file:
-                with memory_file.open(**profile) as dataset:
-                    dataset.write(values.astype(np.float32))
-                    dataset.update_tags(model=model, model_version=model_version, created=created_iso)
-                return bytes(memory_file.read())
-    except RasterioError as error:
-        raise OutputFormatError(f"GDAL could not write the value GeoTIFF: {error}") from None
+    return geotiff_bytes(values.astype(np.float32), crs, transform, nodata=float("nan"), compress="deflate",
+                         tags={"model": model, "model_version": model_version, "created": created_iso})
 
 
 def patch_outputs(
