@@ -45,10 +45,12 @@ S3_REGION ?=
 UPLOAD_ARGS ?=
 # make data: where the compressor's corpus (pinned registry archives and patches) is cached, outside git
 DATA_CACHE ?= $(HOME)/.cache/eoml/corpus
+# make train-compressor: options of python -m models.train_compressor (--budget-minutes, --steps, --device, --restart)
+TRAIN_ARGS ?=
 
-MODEL_SOURCES := $(wildcard models/*.py) $(wildcard $(REPOSITORY)/*/config.pbtxt) services/core/sentinel2.py services/core/bigearthnet.py services/core/model_card.py data/bigearthnet-sample/index.json
+MODEL_SOURCES := $(wildcard models/*.py) $(wildcard models/checkpoints/*) $(wildcard $(REPOSITORY)/*/config.pbtxt) services/core/sentinel2.py services/core/bigearthnet.py services/core/model_card.py data/bigearthnet-sample/index.json
 
-.PHONY: help install models data eval-compression test serve triton triton-install demo platform-up platform-down bench deploy deploy-dry-run upload-models tools perf-analyzer clean
+.PHONY: help install models data train-compressor eval-compression test serve triton triton-install demo platform-up platform-down bench deploy deploy-dry-run upload-models tools perf-analyzer clean
 
 help:
 	@echo "make demo            start the local platform and run the sample workflows"
@@ -58,6 +60,7 @@ help:
 	@echo "make install         create $(VENV) with the project and its extras"
 	@echo "make models          build and export every model into $(REPOSITORY)/"
 	@echo "make eval-compression  rate-distortion of the compressor vs JPEG 2000 / JPEG-XL on held-out scenes"
+	@echo "make train-compressor  train the compressor on the corpus' training scenes (TRAIN_ARGS, e.g. --budget-minutes 5)"
 	@echo "make data            build the compressor corpus (real Sentinel-2 from pinned packages) in $(DATA_CACHE)"
 	@echo "make serve           run the inference server on $(REPOSITORY)/ (HTTP $(HTTP_PORT), gRPC $(GRPC_PORT), metrics $(METRICS_PORT))"
 	@echo "make triton          run NVIDIA's real Triton (CPU) on $(REPOSITORY)/, same ports as make serve"
@@ -87,10 +90,15 @@ $(REPOSITORY)/.build-stamp: $(VENV)/.installed $(MODEL_SOURCES)
 data: install
 	EOML_DATA_CACHE=$(DATA_CACHE) $(PY) -m models.corpus
 
+# Fits the transform, trains the post-filter (CUDA when present, CPU budget otherwise), fits the entropy prior; writes
+# models/checkpoints/compression.{pt,json} (committed: a fresh clone exports the trained weights without training).
+train-compressor: data
+	EOML_DATA_CACHE=$(DATA_CACHE) $(PY) -m models.train_compressor $(TRAIN_ARGS)
+
 # The compressor against JPEG 2000 / JPEG-XL on the corpus' validation scenes: table, JSON and PNG under bench/results/.
 eval-compression: data models $(BENCH_VENV)/.installed
 	EOML_DATA_CACHE=$(DATA_CACHE) $(PY) bench/eval_compression.py --repository $(REPOSITORY) \
-	  --plot-python $(BENCH_VENV)/bin/python $(EVAL_ARGS)
+	  --plot-python $(BENCH_VENV)/bin/python --record models/checkpoints/compression-evaluation.json $(EVAL_ARGS)
 
 test: install models perf-analyzer tools triton-install
 	$(PY) -m pytest $(PYTEST_ARGS)

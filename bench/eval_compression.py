@@ -4,8 +4,10 @@
 compressor never saw, ``models.corpus.VALIDATION_SCENES``):
 
 - ours: the exported encoder's codes, written with the Wrapper's own file writer
-  (``services.wrapper.outputs.compressed.write_compressed``) at 1..8 levels, so bits per pixel are those of the real
-  ``.codes`` file (header and tables included); the exported decoder reconstructs, ``denormalise`` maps back to DN;
+  (``services.wrapper.outputs.compressed.write_transform_codes``, the learned prior of the model card) at every
+  quantiser scale with all 8 levels and at every level count with the default scale, so bits per pixel are those
+  of the real ``.codes`` file (header included); each file is read back (``read_compressed``), the exported decoder
+  reconstructs and ``denormalise`` maps back to DN;
 - JPEG 2000 (OpenJPEG through imagecodecs) per band, uint16, at several PSNR targets, and lossless (reversible 5/3);
 - JPEG-XL (libjxl through imagecodecs) per band, uint16, at several butteraugli distances, and lossless.
 
@@ -35,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 from models import corpus  # noqa: E402
 from services.core import sentinel2  # noqa: E402
 from services.core.model_card import ModelCard  # noqa: E402
-from services.wrapper.outputs.compressed import keep_levels, write_compressed  # noqa: E402
+from services.core import transform_codes  # noqa: E402
+from services.wrapper.outputs.compressed import OperatingPoint, read_compressed, write_transform_codes  # noqa: E402
 from services.wrapper.outputs.types import BandScale, PatchMetadata  # noqa: E402
 
 PEAK_DN = 10_000.0
@@ -43,8 +46,9 @@ ENCODER = "Bigearth-net-compression-compress-pytorch"
 DECODER = "Bigearth-net-compression-decompress-pytorch"
 SSL = "Bigearth-net-ssl-label"
 CLASSIFIER = "Bigearth-net-linear-label"
-J2K_PSNR_TARGETS = (44, 48, 52, 56, 60, 66, 72)  # imagecodecs' level: PSNR target against 65535
-JXL_DISTANCES = (0.3, 0.6, 1.0, 2.0, 4.0, 8.0)
+J2K_PSNR_TARGETS = (34, 38, 41, 44, 48, 52, 56, 60, 66, 72)  # imagecodecs' level: PSNR target against 65535
+JXL_DISTANCES = (0.3, 0.6, 1.0, 2.0, 4.0, 8.0, 16.0, 25.0)
+DEFAULT_SCALE = 8  # the Wrapper's default quantiser scale (EOML_WRAPPER_COMPRESS_QUANTISER_SCALE)
 
 
 def distortion(original: np.ndarray, restored: np.ndarray) -> dict[str, float]:
@@ -112,33 +116,47 @@ def card_of(repository: Path, name: str) -> ModelCard:
     return ModelCard.from_parameters(dict(config.parameters))
 
 
-def ours(patches: np.ndarray, repository: Path, levels: range) -> tuple[list[dict], dict[int, np.ndarray]]:
+def operating_points(scales: list[int], levels: list[int]) -> list[tuple[int, int]]:
+    """(levels, quantiser scale): every scale at 8 levels, every level count at the default scale."""
+    points = [(8, scale) for scale in scales] + [(level, DEFAULT_SCALE) for level in levels if level != 8]
+    return list(dict.fromkeys(points))
+
+
+def ours(patches: np.ndarray, repository: Path, points: list[tuple[int, int]]
+         ) -> tuple[list[dict], dict[str, np.ndarray]]:
     card = card_of(repository, ENCODER)
+    prior = transform_codes.LaplaceContextPrior.from_text(card.entropy_prior)
     normalised = sentinel2.normalise(patches.astype(np.float32), card)
-    codes = OnnxModel(repository, ENCODER)(normalised)
+    codes = OnnxModel(repository, ENCODER)(normalised, size=32)
     decoder = OnnxModel(repository, DECODER)
     scale = BandScale(tuple(card.bands), tuple(card.band_mean), tuple(card.band_std))
     metadata = [PatchMetadata(patch_id=f"p{n}") for n in range(len(patches))]
-    points, restored_by_level = [], {}
-    for level in levels:
-        written = write_compressed(codes, level, metadata, scale, ENCODER, "1")
-        restored = np.clip(np.rint(sentinel2.denormalise(decoder(keep_levels(codes, level)), card)), 0, 65535)
-        restored_by_level[level] = restored
-        points.append(codec_point("ours (RVQ)", f"levels={level}", len(written.file.data) * 8, patches, restored))
-    return points, restored_by_level
+    results, restored_by_point = [], {}
+    for levels, quantiser_scale in points:
+        written = write_transform_codes(codes, OperatingPoint(levels, quantiser_scale=quantiser_scale), prior,
+                                        metadata, scale, ENCODER, "1")
+        decoded = read_compressed(written.file.data, prior)
+        restored = np.clip(np.rint(sentinel2.denormalise(decoder(decoded.codes, size=32), card)), 0, 65535)
+        setting = f"L={levels} s={quantiser_scale}"
+        restored_by_point[setting] = restored
+        point = codec_point("ours (learned)", setting, len(written.file.data) * 8, patches, restored)
+        point.update(levels=levels, quantiser_scale=quantiser_scale,
+                     estimated_rms_percent=written.stats.estimated_rms_percent)
+        results.append(point)
+    return results, restored_by_point
 
 
-def downstream(patches: np.ndarray, restored_by_level: dict[int, np.ndarray], repository: Path) -> list[dict]:
+def downstream(patches: np.ndarray, restored_by_point: dict[str, np.ndarray], repository: Path) -> list[dict]:
     """D3.4 2.3.6: do the SSL features and the classifier's answer survive compression?"""
     card = card_of(repository, SSL)
     ssl, classifier = OnnxModel(repository, SSL), OnnxModel(repository, CLASSIFIER)
     features = ssl(sentinel2.normalise(patches.astype(np.float32), card))
     top = classifier(features).argmax(axis=1)
     rows = []
-    for level, restored in restored_by_level.items():
+    for setting, restored in restored_by_point.items():
         other = ssl(sentinel2.normalise(restored.astype(np.float32), card))
         cosine = (features * other).sum(1) / (np.linalg.norm(features, axis=1) * np.linalg.norm(other, axis=1))
-        rows.append({"levels": level, "ssl_cosine_mean": float(cosine.mean()), "ssl_cosine_min": float(cosine.min()),
+        rows.append({"setting": setting, "ssl_cosine_mean": float(cosine.mean()), "ssl_cosine_min": float(cosine.min()),
                      "top_label_agreement": float((classifier(other).argmax(axis=1) == top).mean())})
     return rows
 
@@ -157,8 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--corpus", type=Path, default=None, help="built corpus (default $EOML_DATA_CACHE)")
     parser.add_argument("--limit", type=int, default=0, help="at most this many validation patches (0 = all)")
-    parser.add_argument("--levels", type=int, nargs="*", default=list(range(1, 9)))
+    parser.add_argument("--levels", type=int, nargs="*", default=list(range(1, 9)),
+                        help="level counts evaluated at the default quantiser scale")
+    parser.add_argument("--scales", type=int, nargs="*", default=list(transform_codes.QUANTISER_SCALES),
+                        help="quantiser scales evaluated with all 8 levels")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--record", type=Path, default=None,
+                        help="also write the summary the model card renders (models/checkpoints/compression-evaluation.json)")
     parser.add_argument("--plot-python", default="", help="a Python with matplotlib for the PNG")
     args = parser.parse_args(argv)
 
@@ -166,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     patches = validation.patches[: args.limit or None]
     started = time.perf_counter()
     base = baselines(patches)
-    mine, restored = ours(patches, args.repository, args.levels)
+    mine, restored = ours(patches, args.repository, operating_points(args.scales, args.levels))
     effects = downstream(patches, restored, args.repository)
     j2k = [p for p in base if p["codec"] == "JPEG 2000"]
     jxl = [p for p in base if p["codec"] == "JPEG-XL"]
@@ -175,24 +198,45 @@ def main(argv: list[str] | None = None) -> int:
         point["jpegxl_rms_percent_at_bpp"] = interpolate_rms(jxl, point["bpp"])
 
     print(f"validation: {len(patches)} patches of {len(set(validation.scenes))} scenes never trained on")
-    print(f"{'codec':20} {'setting':16} {'bpp':>7} {'RMS%':>7} {'PSNR dB':>8} {'J2K RMS% same bpp':>18}")
+    print(f"{'codec':20} {'setting':16} {'bpp':>7} {'RMS%':>7} {'PSNR dB':>8} {'J2K RMS% same bpp':>18} "
+          f"{'JXL RMS% same bpp':>18}")
     for point in base + mine:
-        ref = point.get("jpeg2000_rms_percent_at_bpp")
+        refs = [point.get(key) for key in ("jpeg2000_rms_percent_at_bpp", "jpegxl_rms_percent_at_bpp")]
         print(f"{point['codec']:20} {str(point['setting']):16} {point['bpp']:7.3f} {point['rms_percent']:7.3f} "
-              f"{point['psnr_db']:8.2f} {'' if ref is None else f'{ref:18.3f}'}")
-    print(f"{'levels':>6} {'SSL cosine mean':>16} {'min':>7} {'top label agrees':>17}")
+              f"{point['psnr_db']:8.2f} " + " ".join(f"{'-' if r is None else f'{r:.3f}':>18}" for r in refs))
+    low_rate = [p for p in mine if p["bpp"] <= 4.0]
+    compared = [p for p in low_rate if p["jpeg2000_rms_percent_at_bpp"] is not None]
+    verdict = {
+        "points_at_or_below_4_bpp": len(low_rate),
+        "compared_with_jpeg2000": len(compared),
+        "below_jpeg2000": sum(p["rms_percent"] < p["jpeg2000_rms_percent_at_bpp"] for p in compared),
+        "compared_with_jpegxl": sum(p["jpegxl_rms_percent_at_bpp"] is not None for p in low_rate),
+        "below_jpegxl": sum(p["jpegxl_rms_percent_at_bpp"] is not None
+                            and p["rms_percent"] < p["jpegxl_rms_percent_at_bpp"] for p in low_rate),
+    }
+    print(f"operating points <= 4 bpp: {verdict['points_at_or_below_4_bpp']}; below JPEG 2000 at the same bpp: "
+          f"{verdict['below_jpeg2000']} of {verdict['compared_with_jpeg2000']} within its curve; below JPEG-XL: "
+          f"{verdict['below_jpegxl']} of {verdict['compared_with_jpegxl']}")
+    print(f"{'setting':>10} {'SSL cosine mean':>16} {'min':>7} {'top label agrees':>17}")
     for row in effects:
-        print(f"{row['levels']:6d} {row['ssl_cosine_mean']:16.4f} {row['ssl_cosine_min']:7.4f} "
+        print(f"{row['setting']:>10} {row['ssl_cosine_mean']:16.4f} {row['ssl_cosine_min']:7.4f} "
               f"{row['top_label_agreement']:17.3f}")
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     result = {"created": stamp, "patches": int(len(patches)), "scenes": sorted(set(validation.scenes)),
               "seconds": time.perf_counter() - started, "baselines": base, "ours": mine, "downstream": effects,
+              "verdict": verdict,
               "units": {"bpp": "file bits / (N x 14400)", "rms_percent": "100 x RMSE / 10000 DN",
                         "psnr_db": "against 10000 DN"}}
     args.out.mkdir(parents=True, exist_ok=True)
     for name in (f"compression-{stamp}.json", "compression-latest.json"):
         (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
+    if args.record is not None:
+        keep = ("codec", "setting", "levels", "quantiser_scale", "bpp", "rms_percent", "psnr_db",
+                "jpeg2000_rms_percent_at_bpp", "jpegxl_rms_percent_at_bpp")
+        summary = {"created": stamp, "patches": result["patches"], "scenes": result["scenes"],
+                   "ours": [{k: p[k] for k in keep} for p in mine], "verdict": verdict, "downstream": effects}
+        args.record.write_text(json.dumps(summary, indent=2) + "\n")
     if args.plot_python:
         subprocess.run([args.plot_python, str(ROOT / "bench" / "plot_compression.py"),
                         str(args.out / "compression-latest.json"), str(args.out / "rate-distortion.png")], check=True)

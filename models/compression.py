@@ -1,26 +1,23 @@
-"""Learned compression of Sentinel-2 patches (D3.4 2.3): convolutional autoencoder + residual vector quantisation.
+"""Learned compression of Sentinel-2 patches (D3.4 2.3): a learned block transform, scalar codes and a post-filter.
 
-Encoder (D3.4 2.3.4, Figure 7), downscaling factor 2:
-  stride-2 convolution 10 -> 128 channels (120x120 -> 60x60), a convolutional core of 2 blocks x 3
-  sub-blocks x 2 convolutions with ReLU and layer normalisation (over channels, per position: batch-size
-  independent, the reason D3.4 replaced batch normalisation), residual skips within sub-blocks and
-  around each block, then the closing standard convolution (the second "optional downscaling" slot,
-  a plain convolution when dsf = 2).
-Quantiser: residual VQ (Zeghidour et al. 2021), 8 codebooks x 10000 codes x 128 dims, greedy nearest
-  code per level on the running residual; codes per position per level [N, 60, 60, 8] (int64).
-Decoder: the mirror image (closing convolution, core, transposed stride-2 convolution 128 -> 10).
-  A code of -1 (any negative code) marks an unused level: it contributes nothing, so one model
-  decodes 1..8 levels (D3.4's "dynamic number of codebooks").
+The serving contract is D3.4's: the compressor maps a normalised patch [N, 10, 120, 120] to INT64 codes
+[N, 60, 60, 8] in 0..9,999 (``int64_latent32_15``), the decompressor maps codes back, and -1 marks a level that is
+not used. Behind the contract (``services/core/transform_codes.py`` has the layout and the entropy prior):
 
-Untrained ("seeded-init") weights are chosen so the pipeline is already a working codec:
-- identity autoencoder: the stride-2 kernel-2 convolution maps each 2x2x10 block (40 values) to 128
-  channels through a seeded matrix with orthonormal columns; the decoder's transposed convolution uses
-  the same weights (its exact left inverse); the closing convolutions are Dirac (identity) kernels and
-  the last layer of every residual branch starts at zero (zero-init residual, Goyal et al. 2017), so
-  D(E(x)) == x up to float error;
-- codebooks from data (standard data-driven VQ initialisation): level l holds a seeded random sample
-  of the distinct level-l residual vectors of the latents of bundled sample patches. From level 2 on,
-  code 0 is the zero vector, so a further level never moves a latent away from its target.
+- **Encoder**: every 8 x 8 block of the 10 bands (640 values, digital numbers) minus the corpus' mean block, projected
+  on 128 learned orthonormal basis vectors (the principal directions of the training corpus' blocks, ordered by
+  variance: a Karhunen-Loeve transform across bands and space, fitted by ``models.train_compressor``). Each
+  coefficient is quantised with the base step (100 DN in the transform domain) into a code; level l holds
+  coefficients 16 (l - 1) .. 16 l - 1 of every block.
+- **Decoder**: the transpose of the basis (the exact inverse on the kept coefficients), plus the mean block, then a
+  small residual convolutional post-filter trained to remove block edges and quantisation error. Its last
+  convolution starts at zero, so an untrained filter is the identity.
+
+Why not the residual vector quantiser D3.4 sketches: a 10,000-code level costs log2(10000) / 4 = 3.3 bits per pixel
+before entropy coding, so any operating point at or below 4 bpp has one level, and a single 10,000-word vector
+quantiser of 2 x 2 x 10 blocks stays far from JPEG 2000 on scenes it never saw (the measurements are in the model
+card). Scalar codes of a decorrelating transform with a learned context prior reach low rates with a graceful
+rate-distortion curve, and the rate is chosen per workflow, not per deployment.
 """
 
 from __future__ import annotations
@@ -29,279 +26,169 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-IN_BANDS = 10
-LATENT_CHANNELS = 128
-DOWNSCALING_FACTOR = 2
-CODEBOOK_LEVELS = 8
-CODEBOOK_SIZE = 10000
-UNUSED_LEVEL = -1
-CORE_BLOCKS = 2
-SUB_BLOCKS = 3
+from services.core import sentinel2
+from services.core import transform_codes as layout
+
+IN_BANDS = layout.BANDS
+BLOCK = layout.BLOCK
+BLOCK_VALUES = layout.BLOCK_VALUES
+COEFFICIENTS = layout.COEFFICIENTS
+CODEBOOK_LEVELS = layout.LEVELS
+CODEBOOK_SIZE = layout.CODEBOOK_SIZE
+UNUSED_LEVEL = layout.UNUSED_CODE
+GRID = layout.BLOCKS_PER_SIDE
+POST_FILTER_CHANNELS = 32
+
+_BAND_MEAN = [sentinel2.BIGEARTHNET_BAND_MEAN[b] for b in sentinel2.SIMCLR_BAND_ORDER]
+_BAND_STD = [sentinel2.BIGEARTHNET_BAND_STD[b] for b in sentinel2.SIMCLR_BAND_ORDER]
 
 
-class ChannelLayerNorm(nn.Module):
-    """Layer normalisation over the channels of each position of an [N, C, H, W] map."""
+CONDITIONING = 2  # log2(quantiser scale) / 6 and levels / 8, as constant planes
 
-    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+
+class PostFilter(nn.Module):
+    """Residual refinement of a decoded patch in normalised space: x + f(x, c), f = 3 convolutions, last one zero-init.
+
+    ``c`` tells the filter how coarse the codes were (quantiser scale and levels, both read off the codes by
+    ``decoder_conditioning``): the right correction for codes at the base step is nearly none, for coarse codes a
+    strong smoothing of block edges; one filter without ``c`` has to compromise and hurts fine codes."""
+
+    def __init__(self, bands: int = IN_BANDS, channels: int = POST_FILTER_CHANNELS) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=1, keepdim=True)
-        centred = x - mean
-        variance = (centred * centred).mean(dim=1, keepdim=True)
-        normalised = centred * torch.rsqrt(variance + self.eps)
-        return normalised * self.weight[:, None, None] + self.bias[:, None, None]
-
-
-class SubBlock(nn.Module):
-    """Two 3x3 convolutions, each preceded by layer norm and ReLU (pre-activation), with a residual skip."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.norm1 = ChannelLayerNorm(channels)
-        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-        self.norm2 = ChannelLayerNorm(channels)
+        self.conv1 = nn.Conv2d(bands + CONDITIONING, channels, kernel_size=3, padding=1)
         self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv3 = nn.Conv2d(channels, bands, kernel_size=3, padding=1)
+        nn.init.zeros_(self.conv3.weight)
+        nn.init.zeros_(self.conv3.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        branch = self.conv1(F.relu(self.norm1(x)))
-        branch = self.conv2(F.relu(self.norm2(branch)))
-        return x + branch
-
-
-class CoreBlock(nn.Module):
-    """Three sub-blocks with a skip around the whole block.
-
-    The block's branch is scaled per channel (LayerScale, Touvron et al. 2021) so that the zero-init
-    rule applies to the block skip too: out = x + scale * subblocks(x), scale = 0 at initialisation.
-    """
-
-    def __init__(self, channels: int, sub_blocks: int = SUB_BLOCKS) -> None:
-        super().__init__()
-        self.sub_blocks = nn.Sequential(*(SubBlock(channels) for _ in range(sub_blocks)))
-        self.scale = nn.Parameter(torch.ones(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.scale[:, None, None] * self.sub_blocks(x)
+    def forward(self, x: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        planes = conditioning[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
+        hidden = F.relu(self.conv2(F.relu(self.conv1(torch.cat([x, planes], dim=1)))))
+        return x + self.conv3(hidden)
 
 
-class ConvolutionalCore(nn.Sequential):
-    def __init__(self, channels: int, blocks: int = CORE_BLOCKS) -> None:
-        super().__init__(*(CoreBlock(channels) for _ in range(blocks)))
+def decoder_conditioning(q: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """[N, 2] from integer coefficients q [N, 15, 15, 128] (in base steps) and the mask of used ones.
+
+    The quantiser scale s is the lattice the Wrapper requantised onto: every nonzero q is a multiple of s and, among
+    the 28,800 coefficients of a patch, some equal +-s, so s = the smallest nonzero |q| (capped to 1..64; a patch
+    with no nonzero coefficient gets 64, the coarsest). Levels = the used share of the 128 coefficients x 8."""
+    magnitude = torch.where((q != 0) & used, q.abs(), torch.full_like(q, 1 << 20))
+    scale = torch.clamp(magnitude.flatten(1).amin(dim=1), 1, 64).to(torch.float32)
+    levels = used.to(torch.float32).flatten(1).mean(dim=1) * CODEBOOK_LEVELS
+    return torch.stack([torch.log2(scale) / 6.0, levels / CODEBOOK_LEVELS], dim=1)
 
 
-class Encoder(nn.Module):
-    """[N, 10, 120, 120] (normalised) -> latent [N, 128, 60, 60]."""
-
-    def __init__(self, in_bands: int = IN_BANDS, channels: int = LATENT_CHANNELS) -> None:
-        super().__init__()
-        self.downscale = nn.Conv2d(in_bands, channels, kernel_size=DOWNSCALING_FACTOR, stride=DOWNSCALING_FACTOR)
-        self.core = ConvolutionalCore(channels)
-        self.closing = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.closing(self.core(self.downscale(x)))
-
-
-class Decoder(nn.Module):
-    """latent [N, 128, 60, 60] -> [N, 10, 120, 120] (normalised space)."""
-
-    def __init__(self, out_bands: int = IN_BANDS, channels: int = LATENT_CHANNELS) -> None:
-        super().__init__()
-        self.opening = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-        self.core = ConvolutionalCore(channels)
-        self.upscale = nn.ConvTranspose2d(
-            channels, out_bands, kernel_size=DOWNSCALING_FACTOR, stride=DOWNSCALING_FACTOR
-        )
-
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.upscale(self.core(self.opening(latent)))
-
-
-def nearest_code(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest code (squared L2) for each row of ``vectors`` [M, D]; codebook [K, D].
-
-    ||v - c||^2 = ||v||^2 - 2 v.c + ||c||^2, the cross term as one matmul. ||v||^2 is the same for every
-    code of a row, so it is left out: the argmin is unchanged and float32 avoids a large cancellation.
-    """
-    # vector_norm (not (c * c).sum) so the exporter folds ||c||^2 into a [K] constant instead of
-    # storing a squared copy of the codebook.
-    code_norms = torch.linalg.vector_norm(codebook, dim=1).square()
-    # One GEMM with the bias fused (ONNX Gemm, transB=1) over the codebook itself: no extra pass over
-    # the [M, K] distance matrix and no transposed copy of the codebook in the exported graph.
-    distances = F.linear(vectors * -2.0, codebook, code_norms)
-    return torch.argmin(distances, dim=1)
-
-
-class ResidualVectorQuantizer(nn.Module):
-    def __init__(self, levels: int = CODEBOOK_LEVELS, size: int = CODEBOOK_SIZE, dim: int = LATENT_CHANNELS) -> None:
-        super().__init__()
-        self.levels, self.size, self.dim = levels, size, dim
-        # One parameter per level (not one [levels, size, dim] tensor): the exported graph then uses each
-        # codebook initializer directly; slicing a stacked tensor gets constant-folded into a copy per use.
-        self.codebooks = nn.ParameterList(nn.Parameter(torch.zeros(size, dim)) for _ in range(levels))
-
-    def encode(self, latent: torch.Tensor) -> torch.Tensor:
-        """latent [N, D, H, W] -> codes [N, H, W, levels] (int64, each in [0, size))."""
-        # Python ints: the exported Reshape gets a constant target shape, so the code dims stay static
-        # (only the batch axis is dynamic).
-        dim, height, width = (int(size) for size in latent.shape[1:])
-        residual = latent.permute(0, 2, 3, 1).reshape(-1, dim)
-        codes = []
-        for level in range(self.levels):
-            codebook = self.codebooks[level]
-            index = nearest_code(residual, codebook)
-            residual = residual - F.embedding(index, codebook)
-            codes.append(index)
-        return torch.stack(codes, dim=1).reshape(-1, height, width, self.levels)
-
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [N, H, W, levels] -> latent [N, D, H, W]; a negative code adds nothing for its level.
-
-        Negative codes are clamped to a valid index (so the lookup stays in range) and multiplied by
-        a 0 mask; codes >= size are an error of the lookup, not silently clamped.
-        """
-        used = (codes >= 0).to(self.codebooks[0].dtype)
-        index = torch.clamp(codes, min=0)
-        latent = F.embedding(index[..., 0], self.codebooks[0]) * used[..., 0:1]
-        for level in range(1, self.levels):
-            latent = latent + F.embedding(index[..., level], self.codebooks[level]) * used[..., level : level + 1]
-        return latent.permute(0, 3, 1, 2)
-
-    def quantize(self, latent: torch.Tensor, levels: int | None = None) -> torch.Tensor:
-        """Quantised latent using the first ``levels`` levels (all by default)."""
-        codes = self.encode(latent)
-        if levels is not None:
-            codes = mask_levels(codes, levels)
-        return self.decode(codes)
-
-
-def mask_levels(codes: torch.Tensor, levels: int) -> torch.Tensor:
-    """Keep the first ``levels`` levels of codes [..., L]; the others become UNUSED_LEVEL."""
-    out = codes.clone()
-    out[..., levels:] = UNUSED_LEVEL
-    return out
-
-
-class CompressionAutoencoder(nn.Module):
-    """The trained object: encoder, quantiser and decoder (both served models are views of it)."""
+class BlockTransformCodec(nn.Module):
+    """The trained object: band scaling, mean block, basis and post-filter (both served models are views of it)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.encoder = Encoder()
-        self.quantizer = ResidualVectorQuantizer()
-        self.decoder = Decoder()
+        self.register_buffer("band_mean", torch.tensor(_BAND_MEAN, dtype=torch.float32))
+        self.register_buffer("band_std", torch.tensor(_BAND_STD, dtype=torch.float32))
+        self.register_buffer("block_mean", torch.zeros(BLOCK_VALUES))
+        self.register_buffer("basis", torch.zeros(BLOCK_VALUES, COEFFICIENTS))  # orthonormal columns
+        self.post_filter = PostFilter()
+        # The post-filter is applied to codes at this quantiser scale and coarser only: training sets it to the
+        # finest scale from which the filter lowered the error at every checked operating point of development
+        # scenes it never trained on (65 = never; 1 = always, the untrained identity filter).
+        self.register_buffer("post_filter_min_scale", torch.tensor(1.0))
 
-    def forward(self, x: torch.Tensor, levels: int = CODEBOOK_LEVELS) -> torch.Tensor:
-        return self.decoder(self.quantizer.quantize(self.encoder(x), levels))
+    # -- pieces shared by training and the served graphs
+
+    def to_blocks(self, normalised: torch.Tensor) -> torch.Tensor:
+        """[N, 10, 120, 120] normalised -> DN blocks [N, 15, 15, 640] (band, row, col inside a block)."""
+        dn = normalised * self.band_std[:, None, None] + self.band_mean[:, None, None]
+        n = dn.shape[0]
+        return dn.reshape(n, IN_BANDS, GRID, BLOCK, GRID, BLOCK).permute(0, 2, 4, 1, 3, 5).reshape(
+            n, GRID, GRID, BLOCK_VALUES)
+
+    def from_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """DN blocks [N, 15, 15, 640] -> normalised [N, 10, 120, 120]."""
+        n = blocks.shape[0]
+        dn = blocks.reshape(n, GRID, GRID, IN_BANDS, BLOCK, BLOCK).permute(0, 3, 1, 4, 2, 5).reshape(
+            n, IN_BANDS, GRID * BLOCK, GRID * BLOCK)
+        return (dn - self.band_mean[:, None, None]) / self.band_std[:, None, None]
+
+    def analyse(self, normalised: torch.Tensor) -> torch.Tensor:
+        """Transform coefficients [N, 15, 15, 128] (DN units) of normalised patches."""
+        return (self.to_blocks(normalised) - self.block_mean) @ self.basis
+
+    def synthesise(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Normalised patches of coefficients, before the post-filter."""
+        return self.from_blocks(coefficients @ self.basis.T + self.block_mean)
+
+    def decode(self, q: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+        """Normalised patches of integer coefficients q [N, 15, 15, 128] (base steps; 0 where not used)."""
+        coefficients = q.to(torch.float32) * (used.to(torch.float32) * layout.BASE_STEP_DN)
+        plain = self.synthesise(coefficients)
+        conditioning = decoder_conditioning(q, used)
+        # log2(scale) / 6 is the first conditioning value: compare in that space (no exp2 in ONNX opset 17).
+        apply = (conditioning[:, 0] * 6.0 >= torch.log2(self.post_filter_min_scale) - 1e-3)[:, None, None, None]
+        return torch.where(apply, self.post_filter(plain, conditioning), plain)
+
+    def forward(self, normalised: torch.Tensor) -> torch.Tensor:
+        """Reconstruction at the base step with every level."""
+        q = torch.round(self.analyse(normalised) / layout.BASE_STEP_DN)
+        return self.decode(q, torch.ones_like(q, dtype=torch.bool))
+
+
+def coefficients_to_codes(q: torch.Tensor) -> torch.Tensor:
+    """Integer coefficients [N, 15, 15, 128] -> codes [N, 60, 60, 8] (``transform_codes`` layout)."""
+    n = q.shape[0]
+    grouped = q.reshape(n, GRID, GRID, CODEBOOK_LEVELS, 4, 4).permute(0, 1, 4, 2, 5, 3)
+    return grouped.reshape(n, GRID * 4, GRID * 4, CODEBOOK_LEVELS)
+
+
+def codes_to_grouped(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, 60, 60, 8] -> [N, 15, 15, 128] in coefficient order."""
+    n = codes.shape[0]
+    grouped = codes.reshape(n, GRID, 4, GRID, 4, CODEBOOK_LEVELS).permute(0, 1, 3, 5, 2, 4)
+    return grouped.reshape(n, GRID, GRID, COEFFICIENTS)
 
 
 class Compressor(nn.Module):
     """Served: input_sentinel2_10_bands_120 [N, 10, 120, 120] -> int64_latent32_15 [N, 60, 60, 8]."""
 
-    def __init__(self, autoencoder: CompressionAutoencoder) -> None:
+    def __init__(self, codec: BlockTransformCodec) -> None:
         super().__init__()
-        self.encoder = autoencoder.encoder
-        self.quantizer = autoencoder.quantizer
+        self.codec = codec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quantizer.encode(self.encoder(x))
+        q = torch.round(self.codec.analyse(x) / layout.BASE_STEP_DN)
+        codes = torch.clamp(q + layout.CODE_OFFSET, 0, CODEBOOK_SIZE - 1).to(torch.int64)
+        return coefficients_to_codes(codes)
 
 
 class Decompressor(nn.Module):
-    """Served: int64_latent32_15 [N, 60, 60, 8] -> output_sentinel2_10_bands_120 [N, 10, 120, 120]."""
+    """Served: int64_latent32_15 [N, 60, 60, 8] -> output_sentinel2_10_bands_120 [N, 10, 120, 120].
 
-    def __init__(self, autoencoder: CompressionAutoencoder) -> None:
+    A negative code (level not used) contributes a zero coefficient; a code above 9,999 (outside the contract)
+    decodes as 9,999, the largest coefficient the compressor can produce."""
+
+    def __init__(self, codec: BlockTransformCodec) -> None:
         super().__init__()
-        self.quantizer = autoencoder.quantizer
-        self.decoder = autoencoder.decoder
+        self.codec = codec
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.quantizer.decode(codes))
+        grouped = torch.clamp(codes_to_grouped(codes), max=CODEBOOK_SIZE - 1)
+        used = grouped >= 0
+        return self.codec.decode(torch.where(used, grouped - layout.CODE_OFFSET, torch.zeros_like(grouped)), used)
 
 
 @torch.no_grad()
-def identity_init_(model: CompressionAutoencoder, generator: torch.Generator) -> None:
-    """Make D(E(x)) == x before training (see the module docstring)."""
-    encoder, decoder = model.encoder, model.decoder
-    out_channels, in_bands, kh, kw = encoder.downscale.weight.shape
-    block_values = in_bands * kh * kw
-    if block_values > out_channels:
-        raise ValueError("an identity autoencoder needs at least as many latent channels as values per block")
-    gaussian = torch.randn(out_channels, block_values, generator=generator, dtype=torch.float64)
-    orthonormal_columns, _ = torch.linalg.qr(gaussian)  # [128, 40], Q^T Q = I
-    weight = orthonormal_columns.to(torch.float32).reshape(out_channels, in_bands, kh, kw)
-    encoder.downscale.weight.copy_(weight)
-    decoder.upscale.weight.copy_(weight)  # ConvTranspose2d weight [in=128, out=10, kh, kw]: the adjoint
-    nn.init.zeros_(encoder.downscale.bias)
-    nn.init.zeros_(decoder.upscale.bias)
-    for closing in (encoder.closing, decoder.opening):
-        nn.init.dirac_(closing.weight)
-        nn.init.zeros_(closing.bias)
-    for module in model.modules():
-        if isinstance(module, SubBlock):
-            _kaiming_(module.conv1.weight, generator)
-            nn.init.zeros_(module.conv1.bias)
-            nn.init.zeros_(module.conv2.weight)
-            nn.init.zeros_(module.conv2.bias)
-        elif isinstance(module, CoreBlock):
-            nn.init.zeros_(module.scale)
+def fit_block_transform(codec: BlockTransformCodec, blocks: torch.Tensor) -> torch.Tensor:
+    """Mean block and the 128 principal directions of DN blocks [M, 640] (float64 covariance); returns eigenvalues.
 
-
-def _kaiming_(weight: torch.Tensor, generator: torch.Generator) -> None:
-    fan_in = weight.shape[1] * weight.shape[2] * weight.shape[3]
-    weight.copy_(torch.randn(weight.shape, generator=generator) * (2.0 / fan_in) ** 0.5)
-
-
-@torch.no_grad()
-def encode_latent_vectors(encoder: Encoder, patches: torch.Tensor, chunk: int = 6) -> torch.Tensor:
-    """Latent vectors [N * 60 * 60, 128] of normalised patches [N, 10, 120, 120]."""
-    latents = [encoder(patches[i : i + chunk]) for i in range(0, len(patches), chunk)]
-    latent = torch.cat(latents)
-    return latent.permute(0, 2, 3, 1).reshape(-1, latent.shape[1])
-
-
-@torch.no_grad()
-def _nearest_code_chunked(vectors: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    return torch.cat([nearest_code(vectors[i : i + chunk], codebook) for i in range(0, len(vectors), chunk)])
-
-
-@torch.no_grad()
-def init_codebooks_from_latents(
-    quantizer: ResidualVectorQuantizer, latents: torch.Tensor, generator: torch.Generator
-) -> None:
-    """Level l: a seeded sample (without replacement) of the distinct level-l residuals of ``latents``.
-
-    Levels >= 1 reserve code 0 for the zero vector, so greedy RVQ never increases a latent's error
-    when a level is added (a sampled code can lie further from a residual than the origin does).
-    """
-    residual = latents.to(torch.float32).clone()
-    for level in range(quantizer.levels):
-        reserved = 0 if level == 0 else 1
-        distinct = torch.unique(residual, dim=0)
-        distinct = distinct[distinct.abs().amax(dim=1) > 0]
-        wanted = quantizer.size - reserved
-        if len(distinct) < wanted:
-            raise ValueError(
-                f"codebook level {level} needs {wanted} distinct residual vectors, the data has {len(distinct)}"
-            )
-        pick = torch.randperm(len(distinct), generator=generator)[:wanted]
-        codebook = distinct[pick]
-        if reserved:
-            codebook = torch.cat([torch.zeros(1, quantizer.dim), codebook])
-        quantizer.codebooks[level].copy_(codebook)
-        residual = residual - codebook[_nearest_code_chunked(residual, codebook)]
-
-
-def build_seeded_autoencoder(patches: torch.Tensor, seed: int) -> CompressionAutoencoder:
-    """The documented untrained codec: identity autoencoder + codebooks from ``patches`` (normalised)."""
-    generator = torch.Generator().manual_seed(seed)
-    model = CompressionAutoencoder()
-    identity_init_(model, generator)
-    model.eval()
-    latents = encode_latent_vectors(model.encoder, patches)
-    init_codebooks_from_latents(model.quantizer, latents, generator)
-    return model
+    Signs are fixed (largest |component| of each vector positive) so equal data gives equal weights."""
+    data = blocks.to(torch.float64)
+    mean = data.mean(dim=0)
+    centred = data - mean
+    covariance = centred.T @ centred / (len(data) - 1)
+    values, vectors = torch.linalg.eigh(covariance)
+    order = torch.argsort(values, descending=True)[:COEFFICIENTS]
+    basis = vectors[:, order]
+    signs = torch.sign(basis.gather(0, basis.abs().argmax(dim=0, keepdim=True)))
+    codec.block_mean.copy_(mean.to(torch.float32))
+    codec.basis.copy_((basis * signs).to(torch.float32))
+    return values[order]

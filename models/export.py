@@ -96,6 +96,9 @@ def resolve_weights(spec: ModelSpec, checkpoint_dir: Path | None) -> tuple[str, 
         path = checkpoint_dir / f"{spec.name}.pt"
         if path.is_file():
             return checkpoint_weights(path.name, file_sha256(path)), path
+    bundled = spec.family.bundled_checkpoint if spec.family is not None else None
+    if bundled is not None and bundled.is_file():
+        return checkpoint_weights(bundled.name, file_sha256(bundled)), bundled
     return spec.seeded_weights, None
 
 

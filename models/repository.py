@@ -174,6 +174,8 @@ def render_readme(spec: ModelSpec, weights: str) -> str:
         ]
     else:
         lines += ["Loaded from the checkpoint named above (sha256 of the state-dict file).", ""]
+        if spec.family is not None and spec.family.training_notes is not None:
+            lines += [spec.family.training_notes(), ""]
     lines += [
         "## Machine-readable card",
         "",

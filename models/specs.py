@@ -8,7 +8,9 @@ and exports ONNX. Tensor names, dtypes and dims (without the batch axis) are the
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
@@ -26,9 +28,11 @@ _NUMPY_DTYPES: dict[str, type[np.generic]] = {"FP32": np.float32, "INT64": np.in
 
 LABELS_FILENAME = "labels.txt"
 
-# Compression codebooks are initialised from this many bundled sample patches (seeded choice);
-# the other patches stay held out for the reconstruction tests.
+# The compressor's seeded (untrained) transform is fitted on this many bundled sample patches (seeded choice); the
+# trained one (``make train-compressor``) on the corpus' training scenes, bundled as a checkpoint.
 COMPRESSION_INIT_PATCHES = 30
+COMPRESSION_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "compression.pt"
+COMPRESSION_METADATA = COMPRESSION_CHECKPOINT.with_suffix(".json")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,9 @@ class Family:
     create_untrained: Callable[[], nn.Module]  # architecture only: a checkpoint is loaded into it
     create_seeded: Callable[[int], nn.Module]  # the documented seeded initialisation
     description: str  # where seeded weights come from, for the README
+    # A trained checkpoint that ships in the repository: ``make models`` exports it unless --checkpoint-dir has one.
+    bundled_checkpoint: Path | None = None
+    training_notes: Callable[[], str] | None = None  # README markdown on how the bundled checkpoint was made
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,10 @@ class ModelSpec:
         return f"seeded-init:seed={self.seed}"
 
     def card(self, weights: str) -> ModelCard:
-        return ModelCard(weights=weights, **self.card_fields)
+        fields = dict(self.card_fields)
+        if not weights.startswith("checkpoint:"):
+            fields.pop("entropy_prior", None)  # a prior belongs to trained weights, not to a seeded init
+        return ModelCard(weights=weights, **fields)
 
 
 def checkpoint_weights(filename: str, sha256: str) -> str:
@@ -167,10 +177,70 @@ def _seeded(factory: Callable[[], nn.Module]) -> Callable[[int], nn.Module]:
 
 
 def _seeded_compression(seed: int) -> nn.Module:
+    """The untrained codec: the transform fitted on seeded bundled sample patches, identity post-filter."""
     card = ModelCard(weights=f"seeded-init:seed={seed}", task="compress", **SENTINEL2_CARD)
     init_names, _ = compression_split(seed)
-    patches = torch.from_numpy(sample_data.load_patches(init_names, card))
-    return compression.build_seeded_autoencoder(patches, seed).eval()
+    codec = compression.BlockTransformCodec()
+    with torch.no_grad():
+        blocks = codec.to_blocks(torch.from_numpy(sample_data.load_patches(init_names, card)))
+    compression.fit_block_transform(codec, blocks.reshape(-1, compression.BLOCK_VALUES))
+    return codec.eval()
+
+
+def compression_training_record() -> dict[str, object]:
+    """``models/checkpoints/compression.json`` (written by make train-compressor): prior, corpus, budget."""
+    return json.loads(COMPRESSION_METADATA.read_text()) if COMPRESSION_METADATA.is_file() else {}
+
+
+COMPRESSION_EVALUATION = COMPRESSION_CHECKPOINT.with_name("compression-evaluation.json")
+
+
+def _compression_training_notes() -> str:
+    """Corpus, budget and the held-out evaluation table of the bundled checkpoint, for the model card."""
+    record = compression_training_record()
+    if not record:
+        return ""
+    corpus = record["corpus"]
+    lines = [
+        "## Training (make train-compressor)",
+        "",
+        f"- corpus: `make data` ({corpus['format']}, manifest sha256 `{corpus['manifest_sha256'][:16]}...`), split "
+        f"**{corpus['split']}**: {corpus['patches']} patches of {len(corpus['scenes'])} scenes "
+        "(the validation scenes are never read by training);",
+        f"- transform: closed-form principal directions of the training blocks, {100 * record['transform_variance_kept']:.2f} % "
+        "of the block variance in the 128 kept coefficients;",
+        f"- post-filter: {record['post_filter']['steps']} Adam steps (batch {record['hyperparameters']['batch']}, "
+        f"{record['hyperparameters']['crop']} px crops, random operating points), seed {record['seed']}, device "
+        f"{record['device']}, budget {record['budget_minutes']:g} min, torch {record['torch']};",
+        f"- entropy prior: Laplace scales per (quantiser scale, coefficient, context), maximum likelihood on the "
+        f"training codes; sha256 `{record['entropy_prior_sha256'][:16]}...`;",
+        f"- checkpoint: `models/checkpoints/{record['checkpoint']}`, fp16, {record['bytes']} bytes, sha256 "
+        f"`{record['sha256']}`.",
+    ]
+    if COMPRESSION_EVALUATION.is_file():
+        evaluation = json.loads(COMPRESSION_EVALUATION.read_text())
+        lines += [
+            "",
+            f"## Evaluation on held-out scenes (make eval-compression, {evaluation['created']})",
+            "",
+            f"{evaluation['patches']} validation patches of scenes never trained on ({', '.join(evaluation['scenes'])}). "
+            "bpp = bits of the real `.codes` file / (N x 14,400); RMS % = 100 x RMSE / 10,000 DN over the 10 bands; "
+            "JPEG 2000 / JPEG-XL (imagecodecs, per band, uint16) interpolated at the same bpp ('-': outside their "
+            "measured curve).",
+            "",
+            "| levels | quantiser scale | bpp | RMS % | PSNR dB | JPEG 2000 RMS % | JPEG-XL RMS % |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for point in evaluation["ours"]:
+            refs = [point.get(k) for k in ("jpeg2000_rms_percent_at_bpp", "jpegxl_rms_percent_at_bpp")]
+            lines.append(f"| {point['levels']} | {point['quantiser_scale']} | {point['bpp']:.3f} | "
+                         f"{point['rms_percent']:.3f} | {point['psnr_db']:.2f} | "
+                         + " | ".join("-" if r is None else f"{r:.3f}" for r in refs) + " |")
+    return "\n".join(lines)
+
+
+def _compression_prior() -> str:
+    return str(compression_training_record().get("entropy_prior", ""))
 
 
 def compression_split(seed: int) -> tuple[list[str], list[str]]:
@@ -195,16 +265,13 @@ LINEAR_19_FAMILY = Family(
     "PyTorch's default Linear initialisation (uniform in +-1/sqrt(2048)). " + _NO_TRAINED_MEANING,
 )
 COMPRESSION_FAMILY = Family(
-    "compression-autoencoder", 4, compression.CompressionAutoencoder, _seeded_compression,
-    "an identity-initialised autoencoder (seeded orthonormal 40 -> 128 block transform in the stride-2 "
-    "convolution, its transpose in the decoder, Dirac closing convolutions, zero-init residual "
-    "branches: decode(encode(x)) == x before training) and codebooks initialised from data: level l "
-    f"holds 10000 seeded samples of the distinct level-l residuals of the latents of "
-    f"{COMPRESSION_INIT_PATCHES} of the 42 bundled BigEarthNet sample patches (seeded choice; the other "
-    f"{42 - COMPRESSION_INIT_PATCHES} are held out), and code 0 of levels 2..8 is the zero vector so an "
-    "added level never increases the error. Both compression models are views of this one autoencoder. "
-    "Untrained, but already a working codec: the reconstruction error on held-out patches falls with every "
-    "level used (tests/models).",
+    "compression-transform", 4, compression.BlockTransformCodec, _seeded_compression,
+    "untrained: the block transform fitted (principal directions of 8 x 8 x 10 DN blocks) on "
+    f"{COMPRESSION_INIT_PATCHES} of the 42 bundled BigEarthNet sample patches (seeded choice), identity post-filter. "
+    "The repository ships trained weights (models/checkpoints/compression.pt, make train-compressor), which "
+    "make models exports instead.",
+    bundled_checkpoint=COMPRESSION_CHECKPOINT,
+    training_notes=_compression_training_notes,
 )
 UC5_FAMILY = Family(
     "uc5-cfactor", 5, uc5_cfactor.CFactorRegressor, _seeded(uc5_cfactor.CFactorRegressor),
@@ -307,27 +374,29 @@ SPECS: tuple[ModelSpec, ...] = (
         serve=lambda model: compression.Compressor(model),
         inputs=(SENTINEL2_INPUT_120,),
         outputs=(CODES,),
-        max_batch_size=8,
-        preferred_batch_sizes=(4, 8),
+        max_batch_size=64,
+        preferred_batch_sizes=(16, 64),
         max_queue_delay_us=1000,
         card_fields={
             **SENTINEL2_CARD,
             "task": "compress",
             "patch_size": 120,
-            "output_units": "residual-VQ code index per latent position (60 x 60) and level (8)",
+            "output_units": "code = round(transform coefficient / 100 DN) + 5000 per code position (60 x 60) and "
+            "level (8); level l holds coefficients 16(l-1)..16l-1 of each 8 x 8 block",
             "output_range": "[0, 9999]",
             "intended_use": "lossy compression of Sentinel-2 L2A patches for storage and transfer; "
             "decode with Bigearth-net-compression-decompress-pytorch",
+            "entropy_prior": _compression_prior(),
         },
-        summary="Learned compression encoder (D3.4 2.3): stride-2 convolution to 128 latent channels at "
-        "60 x 60, a convolutional core of 2 blocks x 3 sub-blocks x 2 convolutions with ReLU, layer "
-        "normalisation over channels and residual skips, then residual vector quantisation with 8 "
-        "codebooks x 10000 codes x 128 dims (greedy nearest code per level on the residual). "
-        "Worst-case rate (D3.4 2.3.3, bpp = N log2(#C) / dsf^2): 8 x log2(10000) / 4 = 26.6 bits per "
-        "pixel with all 8 levels, 3.3 bpp per level, before entropy coding (D3.4 counts raw data as 120 bpp).",
-        notes="Output codes are always 8 levels. To store fewer levels, keep the first k levels and write "
-        "-1 for the others before decoding (see the decompressor's README). Max batch 8: each patch "
-        "costs about 37 GMAC of code search (3600 positions x 10000 codes x 128 dims x 8 levels).",
+        summary="Learned compression encoder (D3.4 2.3): each 8 x 8 block of the 10 bands (640 DN values) minus "
+        "the training corpus' mean block is projected on 128 learned orthonormal basis vectors (the principal "
+        "directions of the training blocks, ordered by variance); each coefficient is quantised with a 100 DN "
+        "step into a code (code = q + 5000, clamped to 0..9999). Level l of the output holds coefficients "
+        "16(l-1)..16l-1 of every block, laid out as a 4 x 4 group of code positions "
+        "(services/core/transform_codes.py). No search: one 640 x 128 product per block.",
+        notes="Output codes always hold all 8 levels at the base step. The Wrapper keeps the levels and the "
+        "quantiser scale a workflow asks for (`meta_information.compression`) and entropy-codes the codes with "
+        "the learned prior this card carries (`card.entropy_prior`, services/core/transform_codes.py).",
         random_inputs=_standard_normal(SENTINEL2_INPUT_120.dims),
     ),
     ModelSpec(
@@ -336,8 +405,8 @@ SPECS: tuple[ModelSpec, ...] = (
         serve=lambda model: compression.Decompressor(model),
         inputs=(CODES,),
         outputs=(TensorSpec("output_sentinel2_10_bands_120", "FP32", (10, 120, 120)),),
-        max_batch_size=16,
-        preferred_batch_sizes=(8, 16),
+        max_batch_size=64,
+        preferred_batch_sizes=(16, 64),
         max_queue_delay_us=1000,
         card_fields={
             **SENTINEL2_CARD,
@@ -345,20 +414,20 @@ SPECS: tuple[ModelSpec, ...] = (
             "resampling_20m": "",
             "task": "decompress",
             "patch_size": 120,
-            "input_units": "residual-VQ code index in [0, 9999] per position and level; -1 = level not used",
+            "input_units": "code in [0, 9999] per position and level (the compressor's); -1 = level not used",
             "output_units": "normalised reflectance; L2A digital number = value * band_std + band_mean",
             "output_range": "unbounded (normalised space of the compressor's input)",
             "intended_use": "reconstruct Sentinel-2 L2A patches from Bigearth-net-compression-compress-pytorch "
             "codes, with 1 to 8 levels",
+            "entropy_prior": _compression_prior(),
         },
-        summary="Learned compression decoder (D3.4 2.3): sums the codebook vectors of the used levels, then "
-        "the mirrored decoder (closing convolution, core of 2 blocks x 3 sub-blocks, transposed "
-        "stride-2 convolution 128 -> 10 bands).",
-        notes="**Fewer than 8 levels: code -1 marks an unused level.** Every negative code contributes "
-        "nothing (the model clamps the index to 0 and multiplies the looked-up vector by 0), so codes "
-        "with levels k+1..8 set to -1 decode exactly like the sum of the first k levels. Fewer levels: "
-        "fewer bits, larger error (D3.4's dynamic number of codebooks). Codes >= 10000 are rejected by "
-        "the lookup (an inference error), never clamped.\n\n"
+        summary="Learned compression decoder (D3.4 2.3): coefficient = (code - 5000) x 100 DN (0 for a level "
+        "not used), the transpose of the learned basis plus the mean block back to 8 x 8 x 10 DN blocks, then a "
+        "trained residual post-filter (three 3 x 3 convolutions, 10 -> 32 -> 32 -> 10) that removes block edges "
+        "and quantisation error.",
+        notes="**Fewer than 8 levels: code -1 marks an unused level.** Every negative code contributes a zero "
+        "coefficient, so codes with levels k+1..8 set to -1 decode the first 16k coefficients of every block. "
+        "Fewer levels: fewer bits, larger error (D3.4's dynamic number of codebooks).\n\n"
         "The output is in the compressor's input space (standardised per band); the card's `bands`, "
         "`band_mean` and `band_std` turn it back into L2A digital numbers "
         "(`services.core.sentinel2.denormalise`).",

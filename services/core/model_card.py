@@ -104,6 +104,9 @@ class ModelCard(BaseModel):
     class_colours: list[str] = Field(default_factory=list, description="#rrggbb per class, for the colour table")
     licence: str = ""
     source: str = Field("", description="provenance of the weights: package, URL, paper")
+    entropy_prior: str = Field(
+        "", description="compress/decompress: the learned entropy prior the Wrapper codes the codes with "
+        "(services.core.transform_codes.LaplaceContextPrior.to_text); '' = a model without one (per-file histograms)")
 
     @field_validator(*_LIST_FIELDS, mode="before")
     @classmethod

@@ -526,10 +526,16 @@ def format_summary(reports: Sequence[WorkflowReport]) -> str:
         if "bits_per_pixel" in results and results["bits_per_pixel"] is not None:
             lines.append(f"    compressed: {results['patches']} patches, {results['compressed_bytes']} bytes, "
                          f"{results['bits_per_pixel']:.3f} bits per pixel (10 bands, 120 x 120 grid)")
+            point = results.get("wrapper_stats", {}).get("compression", {})
+            if "quantiser_scale" in point:
+                lines.append(f"    operating point: {point.get('levels')} levels, quantiser scale "
+                             f"{point.get('quantiser_scale')} (meta_information.compression; weights "
+                             f"{results.get('model', {}).get('weights', '?')})")
         if "reconstruction" in results:
             rec = results["reconstruction"]
-            lines.append(f"    reconstruction: RMSE {rec['rmse_dn']:.1f} DN, PSNR {rec['psnr_db']:.1f} dB "
-                         f"(peak {REFLECTANCE_PEAK_DN:.0f} DN) over {rec['bands_compared']} patch bands")
+            lines.append(f"    reconstruction: RMSE {rec['rmse_dn']:.1f} DN = {100 * rec['rmse_dn'] / 10000:.2f} % of "
+                         f"10,000 DN, PSNR {rec['psnr_db']:.1f} dB (peak {REFLECTANCE_PEAK_DN:.0f} DN) over "
+                         f"{rec['bands_compared']} patch bands")
         if "rasters" in results:
             stats = ", ".join(f"{k} {results[k]:.3f}" for k in ("min", "mean", "max") if k in results)
             lines.append(f"    {results['rasters']} raster(s), {results['valid_cells']} valid cells"

@@ -15,8 +15,10 @@ items are through the model, ``write_unit`` turns what ``collect`` kept of them 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,6 +28,7 @@ import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError
 
 from services.core.bigearthnet import BIGEARTHNET_19_LABELS, BIGEARTHNET_43_LABELS
+from services.core.transform_codes import LaplaceContextPrior, TransformCodesError
 from services.wrapper.batching import Work
 from services.wrapper.inference_client import ModelMismatch, ServedModel
 from services.wrapper.inputs import InputLimits, InputPatch, PatchRejection, iter_plan, plan_input
@@ -60,7 +63,17 @@ from services.wrapper.outputs import (
     write_compressed,
     write_index_geotiff,
 )
-from services.wrapper.outputs.compressed import CODEBOOK_LEVELS, LATENT_SHAPE, PIXELS_PER_PATCH
+from services.wrapper.outputs.compressed import (
+    CODEBOOK_LEVELS,
+    FORMAT_VERSION_RESIDUAL,
+    FORMAT_VERSION_TRANSFORM,
+    LATENT_SHAPE,
+    PIXELS_PER_PATCH,
+    OperatingPoint,
+    read_compressed_header,
+    write_transform_codes,
+)
+from services.wrapper.compression_request import operating_point
 from services.wrapper.outputs.windows import CFACTOR_BANDS, CFACTOR_CROP, LOCUST_WINDOW, Windows
 from services.wrapper.preprocess import (
     PatchInvalid,
@@ -142,6 +155,9 @@ class StepContext:
     cloud_meter: CloudMeter | None = None
     # Results written while reading (quicklooks), per unit index; the pipeline uploads them with the unit's.
     side_objects: dict[int, list["ResultObject"]] = field(default_factory=dict)
+    # compress: the workflow's operating point (meta_information.compression with the settings' defaults; None =
+    # the defaults).
+    compression: OperatingPoint | None = None
 
     def key(self, unit: InputUnit, suffix: str) -> str:
         return f"{self.output_folder}/{unit.name}{suffix}"
@@ -223,6 +239,23 @@ class TaskHandler(ABC):
     @abstractmethod
     def write_unit(self, ctx: StepContext, unit: InputUnit, kept: Any) -> UnitResult:
         """Result files of one unit from what ``collect`` kept of its items (in input order)."""
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_prior(text: str) -> LaplaceContextPrior:
+    return LaplaceContextPrior.from_text(text)
+
+
+def served_prior(served: ServedModel) -> LaplaceContextPrior | None:
+    """The entropy prior the served compressor's or decompressor's card carries (None: a card without one, which
+    means residual-VQ codes in format 1); ``ModelMismatch`` when the card's prior is unreadable."""
+    text = served.card.entropy_prior
+    if not text:
+        return None
+    try:
+        return _parse_prior(text)
+    except TransformCodesError as error:
+        raise ModelMismatch(f"model {served.name!r} card.entropy_prior: {error}") from None
 
 
 def _check_dims(served: ServedModel, tensor: str, expected: tuple[int, ...], dtype: str) -> None:
@@ -382,6 +415,7 @@ class CompressHandler(Sentinel2Handler):
             BandScale.from_card(served.card)
         except OutputFormatError as error:
             raise ModelMismatch(f"model {served.name!r}: {error}") from None
+        served_prior(served)
 
     # Codes ([-1, 9999]: int16) are spooled to disk; a unit's codes file is split every CODES_PATCHES_PER_FILE
     # patches (the format holds at most 8192), each part coded on its own.
@@ -396,16 +430,24 @@ class CompressHandler(Sentinel2Handler):
         served = ctx.served
         per_file = ctx.settings.codes_patches_per_file
         parts = max(1, -(-len(spool) // per_file))
+        prior = served_prior(served)
+        point = ctx.compression or operating_point(
+            None, ctx.settings.compress_levels, ctx.settings.compress_quantiser_scale, prior is not None, served.name)
         objects: list[ResultObject] = []
         part_stats: list[dict[str, Any]] = []
         try:
             for part in range(parts):
                 first, stop = part * per_file, min((part + 1) * per_file, len(spool))
                 codes = spool.read(first, stop).astype(np.int64)
-                compressed = write_compressed(
-                    codes, ctx.settings.compress_levels, spool.items[first:stop], BandScale.from_card(served.card),
-                    served.name, served.version,
-                )
+                scale = BandScale.from_card(served.card)
+                if prior is not None:
+                    # Format 2: transform codes with the card's prior at the workflow's operating point (each part
+                    # meets a target on its own).
+                    compressed = write_transform_codes(
+                        codes, point, prior, spool.items[first:stop], scale, served.name, served.version)
+                else:
+                    compressed = write_compressed(
+                        codes, point.levels, spool.items[first:stop], scale, served.name, served.version)
                 del codes
                 suffix = compressed.file.suffix if parts == 1 else f".part-{part + 1:04d}{compressed.file.suffix}"
                 objects.append(ResultObject(ctx.key(unit, suffix), compressed.file, stop - first))
@@ -426,6 +468,13 @@ def _sum_compression(parts: list[dict[str, Any]]) -> dict[str, Any]:
     total["bits_per_pixel"] = total["file_bytes"] * 8 / (patches * PIXELS_PER_PATCH)
     total["level_models"] = [p["level_models"] for p in parts]
     total["parts"] = len(parts)
+    if parts[0].get("quantiser_scale") is not None:
+        # A target is met part by part: each part's scale is listed, the error pooled (mean square over patches).
+        total["quantiser_scale"] = [p["quantiser_scale"] for p in parts]
+        total["estimated_rms_percent"] = math.sqrt(
+            sum(p["estimated_rms_percent"] ** 2 * p["patches"] for p in parts) / patches)
+        if parts[0].get("target_met") is not None:
+            total["target_met"] = all(p["target_met"] for p in parts)
     return total
 
 
@@ -612,6 +661,8 @@ class CodesFile:
     band_scale: BandScale
     model_name: str
     levels: int
+    format_version: int = FORMAT_VERSION_RESIDUAL
+    quantiser_scale: int | None = None
 
 
 class DecompressHandler(TaskHandler):
@@ -625,6 +676,7 @@ class DecompressHandler(TaskHandler):
             BandScale.from_card(card)
         except OutputFormatError as error:
             raise ModelMismatch(f"model {served.name!r}: {error}") from None
+        served_prior(served)
 
     def open(self, ctx: StepContext) -> PlannedInput:
         files = list_input_files(ctx, lambda key: key.endswith(".codes"), "a compressed codes file (*.codes)")
@@ -633,15 +685,20 @@ class DecompressHandler(TaskHandler):
 
     def _items(self, ctx: StepContext, files: list[S3ObjectRef], units: list[InputUnit]) -> Iterator[Work[Any] | Rejection]:
         expected_scale = BandScale.from_card(ctx.served.card)
+        prior = served_prior(ctx.served)
         for obj, unit in zip(files, units):
             data = read_object(ctx, obj)
             if isinstance(data, str):
                 yield Rejection(unit, unit.name, obj.key, data)
                 continue
             try:
-                decoded = read_compressed(data)
+                mismatch = self._codec_mismatch(ctx, read_compressed_header(data), prior)
+                decoded = None if mismatch else read_compressed(data, prior)
             except OutputFormatError as error:
                 yield Rejection(unit, unit.name, obj.key, f"not a readable codes file: {error}")
+                continue
+            if decoded is None:
+                yield Rejection(unit, unit.name, obj.key, mismatch)
                 continue
             scale = decoded.band_scale
             if scale.bands != expected_scale.bands or not (
@@ -653,11 +710,31 @@ class DecompressHandler(TaskHandler):
                     f"{ctx.served.name!r} decodes ({list(expected_scale.bands)})",
                 )
                 continue
-            info = CodesFile(scale, decoded.model_name, decoded.levels)
+            info = CodesFile(scale, decoded.model_name, decoded.levels, decoded.format_version,
+                             decoded.quantiser_scale)
             codes = decoded.codes
             for index, patch in enumerate(decoded.patches):
                 # One item per patch: the decoded patches of a file are the largest thing a step holds.
                 yield Work(codes[index:index + 1], FileContext(unit, patch, info))
+
+    @staticmethod
+    def _codec_mismatch(ctx: StepContext, header: dict[str, Any], prior: LaplaceContextPrior | None) -> str:
+        """Why the served decompressor cannot decode a file of this kind ("" when it can): its codes must be the
+        kind the model decodes (transform codes with the card's prior, or residual-VQ codes without one)."""
+        name = ctx.served.name
+        version = header.get("format_version")
+        if version == FORMAT_VERSION_TRANSFORM:
+            wanted = str(header.get("prior_sha256"))
+            if prior is None:
+                return (f"codes file is format 2 (transform codes, entropy prior {wanted[:12]}...); model {name!r} "
+                        "decodes residual-VQ codes (format 1, no entropy prior on its card)")
+            if prior.sha256 != wanted:
+                return (f"codes file was coded with entropy prior {wanted[:12]}...; model {name!r} decodes with "
+                        f"prior {prior.sha256[:12]}... (compress it again with the matching compressor)")
+        elif prior is not None:
+            return (f"codes file is format {version} (residual-VQ codes); model {name!r} decodes transform codes "
+                    f"(format 2, entropy prior {prior.sha256[:12]}...): compress it again with the matching compressor")
+        return ""
 
     # Decoded patches (576 KB each) are spooled to disk and the archive is written from there chunk by chunk.
     def start_unit(self, ctx: StepContext, unit: InputUnit) -> ArraySpool:
@@ -677,7 +754,10 @@ class DecompressHandler(TaskHandler):
         finally:
             spool.close()
         file = made[0]
-        stats = {"levels": info.levels, "codes_model": info.model_name}
+        stats: dict[str, Any] = {"levels": info.levels, "codes_model": info.model_name,
+                                 "format_version": info.format_version}
+        if info.quantiser_scale is not None:
+            stats["quantiser_scale"] = info.quantiser_scale
         return UnitResult([ResultObject(ctx.key(unit, file.suffix), file, len(spool))], len(spool), stats)
 
 

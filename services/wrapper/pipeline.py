@@ -46,7 +46,9 @@ from services.wrapper.handlers import (
     TaskHandler,
     bits_per_pixel,
     handler_for,
+    served_prior,
 )
+from services.wrapper.compression_request import compression_request_of, operating_point
 from services.wrapper.generic_task import CLOUD_FILTER_FIELD, QUICKLOOK_SUFFIX, CloudMeter, cloud_filter_of
 from services.wrapper.inference_client import (
     InferenceError,
@@ -69,6 +71,7 @@ from services.wrapper.notifications import (
     scrub,
 )
 from services.wrapper.outputs import OutputFormatError
+from services.wrapper.outputs.compressed import OperatingPoint
 from services.wrapper.results import (
     ManifestExists,
     ResultStore,
@@ -413,12 +416,13 @@ def run_step(
         outcome.model_version = served.version
         batch_size = runtime.batch_size(served)
         created = (request.event_time or datetime.now(timezone.utc)).astimezone(timezone.utc).replace(microsecond=0)
+        compression = compression_point(runtime, message, served)
         cloud_meter = open_cloud_meter(runtime, message)
         with tempfile.TemporaryDirectory(prefix="eoml-run-", dir=settings.spool_dir or None) as spool:
             ctx = StepContext(
                 served=served, client=client, bucket=config.bucket, folder=folder, filename=filename,
                 output_folder=outcome.output_folder, created=created, settings=settings, limits=runtime.limits,
-                spool_dir=spool, cloud_meter=cloud_meter,
+                spool_dir=spool, cloud_meter=cloud_meter, compression=compression,
             )
             planned = runtime.handler.open(ctx)
             store = ResultStore(client, config.bucket, outcome.output_folder)
@@ -544,6 +548,19 @@ def run_step(
         outcome.status = "CRITICAL"
         log.error("step failed", extra={**log_fields, "reason": reason})
         return outcome
+
+
+def compression_point(runtime: StepRuntime, message: StepMessage, served: ServedModel) -> OperatingPoint | None:
+    """A compress step's operating point: ``meta_information.compression`` with the deployment's defaults.
+
+    Checked before anything is read, so a malformed field fails the step at once (``InputError``). Other tasks
+    pass the field on untouched: it travels with the workflow's ``meta_information``."""
+    if runtime.spec.name != "compress":
+        return None
+    request = compression_request_of(message.meta_information)
+    settings = runtime.settings
+    return operating_point(request, settings.compress_levels, settings.compress_quantiser_scale,
+                           served_prior(served) is not None, served.name)
 
 
 def open_cloud_meter(runtime: StepRuntime, message: StepMessage) -> CloudMeter | None:

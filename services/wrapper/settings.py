@@ -11,10 +11,11 @@ import os
 import socket
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.core.settings import ENV_PREFIX, ServiceSettings
+from services.core.transform_codes import QUANTISER_SCALES
 
 TaskName = Literal[
     "ssl-features", "classify", "classify-19", "compress", "decompress", "uc5-cfactor", "uc6-locust", "generic"
@@ -84,7 +85,11 @@ class WrapperSettings(ServiceSettings):
     # Results
     result_prefix: str = ""  # "" = the task's production prefix (result-image2feature, ...)
     classify_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    # The compress step's operating point when its message's ``meta_information.compression`` does not give one
+    # (services/wrapper/compression_request.py): levels kept and, for compressors with an entropy prior, the
+    # quantiser scale (one of QUANTISER_SCALES; 1 keeps the served codes exactly).
     compress_levels: int = Field(8, ge=1, le=8)
+    compress_quantiser_scale: int = 8
     # A unit with more patches gets several codes files, <unit>.part-0001.codes ... (the format's limit is 8192).
     codes_patches_per_file: int = Field(8192, ge=1, le=8192)
     progress_interval_s: float = Field(5.0, ge=0)
@@ -104,6 +109,13 @@ class WrapperSettings(ServiceSettings):
     s3_read_timeout_s: float = Field(60.0, gt=0)
     # Non-image inputs read whole (feature files, codes files, UC6 stacks).
     max_file_bytes: int = Field(1 * GIB, ge=1)
+
+    @field_validator("compress_quantiser_scale")
+    @classmethod
+    def _on_the_ladder(cls, value: int) -> int:
+        if value not in QUANTISER_SCALES:
+            raise ValueError(f"must be one of {list(QUANTISER_SCALES)}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "WrapperSettings":

@@ -1,9 +1,9 @@
 """Shared, lazily built model artefacts for the model tests.
 
-ONNX files come from ``model_repository/`` when they were exported from the current sources with
-seeded weights (ONNX metadata: weights string and source fingerprint); otherwise the model is exported
-once into a session temp directory. Torch modules are built once per session (the compression
-autoencoder's data-driven initialisation is the slow part, so compress and decompress share it).
+ONNX files come from ``model_repository/`` when they were exported from the current sources with the
+weights ``make models`` uses (seeded, or the bundled trained checkpoint; ONNX metadata: weights string and
+source fingerprint); otherwise the model is exported once into a session temp directory. Torch modules are
+built once per session (compress and decompress share theirs).
 """
 
 from __future__ import annotations
@@ -31,14 +31,16 @@ class ModelArtefacts:
 
     def torch_module(self, name: str) -> nn.Module:
         spec = get_spec(name)
-        training_module, _ = self.modules.get(spec, None)
+        _, checkpoint = export.resolve_weights(spec, None)
+        training_module, _ = self.modules.get(spec, checkpoint)
         return export.serving_module(spec, training_module)
 
     def onnx_path(self, name: str) -> Path:
         if name not in self._onnx:
             spec = get_spec(name)
             committed = repository.onnx_path(REPOSITORY, spec)
-            if committed.is_file() and self._is_current(committed, spec.seeded_weights):
+            weights, _ = export.resolve_weights(spec, None)
+            if committed.is_file() and self._is_current(committed, weights):
                 self._onnx[name] = committed
             else:
                 report = export.export_model(spec, self.build_dir, self.modules, None, self.fingerprint)

@@ -92,4 +92,9 @@ def test_checkpoint_weights_string_names_file_and_hash(tmp_path: Path, name: str
     weights, path = export.resolve_weights(get_spec(name), tmp_path)
     assert path == tmp_path / f"{name}.pt"
     assert weights == f"checkpoint:{name}.pt:sha256={export.file_sha256(path)}"
-    assert export.resolve_weights(get_spec(name), tmp_path / "elsewhere") == (get_spec(name).seeded_weights, None)
+    # Without a checkpoint of its own: the family's bundled trained checkpoint when it ships one, else seeded.
+    spec = get_spec(name)
+    bundled = spec.family.bundled_checkpoint
+    expected = ((f"checkpoint:{bundled.name}:sha256={export.file_sha256(bundled)}", bundled) if bundled is not None
+                else (spec.seeded_weights, None))
+    assert export.resolve_weights(spec, tmp_path / "elsewhere") == expected

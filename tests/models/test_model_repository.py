@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from tritonclient.grpc import model_config_pb2
 
 from models import repository
-from models.specs import SPECS, ModelSpec
+from models.specs import SPECS, ModelSpec, checkpoint_weights
 from services.core.bigearthnet import BIGEARTHNET_19_LABELS, BIGEARTHNET_43_LABELS
 from services.core.model_card import ModelCard
 
@@ -24,12 +25,17 @@ def committed_config(spec: ModelSpec) -> model_config_pb2.ModelConfig:
 
 
 def committed_weights(spec: ModelSpec) -> str:
-    """The weights string the committed card states: seeded (the spec's seed) or a checkpoint."""
+    """The weights string the committed card states: seeded (the spec's seed), the family's bundled checkpoint (its
+    sha256 as committed), or a --checkpoint-dir checkpoint named after the model."""
     weights = ModelCard.from_parameters(committed_config(spec).parameters).weights
     if weights.startswith("seeded-init"):
         assert weights == spec.seeded_weights
+        return weights
+    match = CHECKPOINT_WEIGHTS.match(weights)
+    bundled = spec.family.bundled_checkpoint if spec.family is not None else None
+    if bundled is not None:
+        assert weights == checkpoint_weights(bundled.name, hashlib.sha256(bundled.read_bytes()).hexdigest()), weights
     else:
-        match = CHECKPOINT_WEIGHTS.match(weights)
         assert match and match["file"] == f"{spec.name}.pt", weights
     return weights
 

@@ -1,4 +1,5 @@
-"""compress results: entropy-coded codes decode bit-exactly, sizes are reported right, damage is detected."""
+"""compress results: entropy-coded codes decode bit-exactly (format 1) or as requantised (format 2), sizes are
+reported right, rate control meets what a workflow asks for, damage is detected."""
 
 from __future__ import annotations
 
@@ -9,16 +10,29 @@ import struct
 import numpy as np
 import pytest
 
-from outputs_test_data import GEOREFERENCED_PATCH, PLAIN_PATCH, band_scale, patch_metadata, read_sample_patch
+from outputs_test_data import (
+    GEOREFERENCED_PATCH,
+    PLAIN_PATCH,
+    SYNTHETIC_TRAIN_RMS,
+    band_scale,
+    patch_metadata,
+    read_sample_patch,
+    requantised_codes,
+    synthetic_prior,
+    synthetic_transform_codes,
+)
+from services.core.transform_codes import QUANTISER_SCALES
 from services.wrapper.outputs import (
+    OperatingPoint,
     OutputFormatError,
     PatchMetadata,
     keep_levels,
     read_compressed,
     read_compressed_header,
     write_compressed,
+    write_transform_codes,
 )
-from services.wrapper.outputs.compressed import CODE_MAGIC, FORMAT_VERSION
+from services.wrapper.outputs.compressed import CODE_MAGIC, FORMAT_VERSION_RESIDUAL, FORMAT_VERSION_TRANSFORM
 
 MODEL = "Bigearth-net-compression-compress-pytorch"
 
@@ -134,7 +148,8 @@ def test_header_carries_scale_and_source_metadata() -> None:
 
     header = read_compressed_header(data)
     assert header["levels"] == 4 and header["model_name"] == MODEL
-    assert data.startswith(CODE_MAGIC) and struct.unpack_from("<H", data, 8)[0] == FORMAT_VERSION
+    assert data.startswith(CODE_MAGIC) and struct.unpack_from("<H", data, 8)[0] == FORMAT_VERSION_RESIDUAL
+    assert header["format_version"] == FORMAT_VERSION_RESIDUAL
 
 
 def test_writer_is_deterministic() -> None:
@@ -204,3 +219,224 @@ def test_patch_count_is_bounded_on_both_sides() -> None:
 def test_patch_metadata_must_match() -> None:
     with pytest.raises(OutputFormatError, match="patch metadata"):
         write_compressed(_uniform_codes(2), 8, _patches(1), band_scale(), MODEL, "1")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Format 2: transform codes with a learned prior, at a workflow's operating point
+
+
+def _write_v2(codes: np.ndarray, point: OperatingPoint, prior=None, patches=None):  # type: ignore[no-untyped-def]
+    return write_transform_codes(codes, point, prior or synthetic_prior(), patches or _patches(codes.shape[0]),
+                                 band_scale(), MODEL, "2")
+
+
+def _added_rms_percent(codes: np.ndarray, decoded: np.ndarray, levels: int) -> float:
+    """The RMS error requantising adds (% of 10,000 DN), measured on the codes: the transform is orthonormal, so
+    the squared error over a patch's 144,000 values is the squared error of its coefficients (x 100 DN)."""
+    kept = codes[..., :levels].astype(np.float64)
+    difference = (kept - decoded[..., :levels]) * 100.0
+    return 100.0 * math.sqrt((difference**2).sum() / (codes.shape[0] * 14400 * 10)) / 10000.0
+
+
+@pytest.mark.parametrize("levels", range(1, 9))
+def test_v2_at_scale_1_decodes_the_served_codes_exactly_at_every_level_count(levels: int) -> None:
+    codes = synthetic_transform_codes(2, seed=levels)
+    result = _write_v2(codes, OperatingPoint(levels, quantiser_scale=1))
+    data = result.file.data
+    assert struct.unpack_from("<H", data, 8)[0] == FORMAT_VERSION_TRANSFORM
+    decoded = read_compressed(data, synthetic_prior())
+    assert decoded.codes.dtype == np.int64 and decoded.codes.shape == (2, 60, 60, 8)
+    assert np.array_equal(decoded.codes, keep_levels(codes, levels))
+    assert (decoded.levels, decoded.quantiser_scale, decoded.format_version) == (levels, 1, FORMAT_VERSION_TRANSFORM)
+    assert (decoded.model_name, decoded.model_version) == (MODEL, "2")
+    stats = result.stats
+    assert stats.bits_per_pixel == len(data) * 8 / (2 * 14400)
+    assert stats.quantiser_scale == 1 and stats.target_met is None
+    # No requantisation: the estimate is the transform's own error at this level count.
+    assert stats.estimated_rms_percent == pytest.approx(SYNTHETIC_TRAIN_RMS[0, levels - 1])
+
+
+@pytest.mark.parametrize("scale", [2, 3, 8, 64])
+@pytest.mark.parametrize("levels", [1, 5, 8])
+def test_v2_at_a_coarser_scale_decodes_the_requantised_codes(scale: int, levels: int) -> None:
+    codes = synthetic_transform_codes(2, seed=scale)
+    result = _write_v2(codes, OperatingPoint(levels, quantiser_scale=scale))
+    decoded = read_compressed(result.file.data, synthetic_prior())
+    assert np.array_equal(decoded.codes, requantised_codes(codes, scale, levels))
+    assert decoded.quantiser_scale == scale
+    base = SYNTHETIC_TRAIN_RMS[0, levels - 1]
+    added = _added_rms_percent(codes, decoded.codes, levels)
+    assert added > 0
+    assert result.stats.estimated_rms_percent == pytest.approx(math.sqrt(base**2 + added**2), rel=1e-9)
+
+
+def test_v2_header_records_the_operating_point_and_the_prior() -> None:
+    georeferenced = patch_metadata(read_sample_patch(GEOREFERENCED_PATCH))
+    plain = patch_metadata(read_sample_patch(PLAIN_PATCH))
+    prior = synthetic_prior()
+    data = _write_v2(synthetic_transform_codes(2), OperatingPoint(4, target_bpp=2.0), prior, [georeferenced, plain]).file.data
+    header = read_compressed_header(data)
+    assert header["format_version"] == FORMAT_VERSION_TRANSFORM
+    assert header["codec"] == "transform-codes/1"
+    assert header["levels"] == 4 and header["quantiser_scale"] in QUANTISER_SCALES
+    assert header["prior_sha256"] == prior.sha256
+    assert header["requested"] == {"levels": 4, "target_bpp": 2.0}
+    assert header["target_met"] is True and header["estimated_rms_percent"] > 0
+    assert header["model_name"] == MODEL and header["model_version"] == "2"
+    decoded = read_compressed(data, prior)
+    assert decoded.patches == (georeferenced, plain) and decoded.band_scale == band_scale()
+    # A fixed scale is no target: nothing to meet.
+    fixed = read_compressed_header(_write_v2(synthetic_transform_codes(1), OperatingPoint(8, quantiser_scale=8)).file.data)
+    assert fixed["requested"] == {"levels": 8, "quantiser_scale": 8} and "target_met" not in fixed
+
+
+def test_v2_coarser_scales_cost_fewer_bits_and_beat_format_1() -> None:
+    codes = synthetic_transform_codes(2, seed=4)
+    sizes = [_write_v2(codes, OperatingPoint(8, quantiser_scale=s)).stats.bits_per_pixel for s in QUANTISER_SCALES]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 2 * sizes[-1]
+    # The learned prior earns its bits: the same codes in format 1 (per-file histograms) cost more.
+    assert sizes[0] < write_compressed(codes, 8, _patches(2), band_scale(), MODEL, "2").stats.bits_per_pixel
+
+
+@pytest.mark.parametrize("patches", [1, 3])
+def test_v2_target_bpp_takes_the_finest_scale_that_fits(patches: int) -> None:
+    codes = synthetic_transform_codes(patches, seed=7)
+    by_scale = {s: _write_v2(codes, OperatingPoint(6, quantiser_scale=s)).stats.bits_per_pixel for s in QUANTISER_SCALES}
+    chosen = []
+    # Targets half-way between the file sizes of neighbouring scales (from coarse to fine, and one above all).
+    pairs = list(zip(QUANTISER_SCALES[:-1], QUANTISER_SCALES[1:]))[::-1]
+    for finer, coarser in [*pairs, (None, 1)]:
+        target = (by_scale[finer] + by_scale[coarser]) / 2 if finer else by_scale[1] * 1.5
+        result = _write_v2(codes, OperatingPoint(6, target_bpp=target))
+        stats = result.stats
+        assert stats.target_met is True and stats.bits_per_pixel <= target, (target, stats)
+        assert stats.quantiser_scale == coarser  # the finest scale within the target
+        assert stats.bits_per_pixel == len(result.file.data) * 8 / (patches * 14400)
+        decoded = read_compressed(result.file.data, synthetic_prior())
+        assert np.array_equal(decoded.codes, requantised_codes(codes, coarser, 6))
+        chosen.append((stats.quantiser_scale, stats.bits_per_pixel))
+    # Monotone: a looser target never takes a coarser scale nor a smaller file.
+    assert [c[0] for c in chosen] == sorted((c[0] for c in chosen), reverse=True)
+    assert [c[1] for c in chosen] == sorted(c[1] for c in chosen)
+
+
+def test_v2_unreachable_target_bpp_takes_the_coarsest_scale_and_says_so() -> None:
+    codes = synthetic_transform_codes(1, seed=8)
+    result = _write_v2(codes, OperatingPoint(8, target_bpp=0.01))
+    assert result.stats.quantiser_scale == QUANTISER_SCALES[-1] and result.stats.target_met is False
+    assert result.stats.bits_per_pixel > 0.01
+    assert read_compressed_header(result.file.data)["target_met"] is False
+
+
+def test_v2_target_rms_takes_coarser_scales_for_looser_targets() -> None:
+    codes = synthetic_transform_codes(2, seed=9)
+    levels = 4
+    base = SYNTHETIC_TRAIN_RMS[0, levels - 1]
+    chosen = []
+    for target in (base * 1.01, base * 1.3, base * 2, base * 4, base * 10):
+        result = _write_v2(codes, OperatingPoint(levels, target_rms_percent=target))
+        stats = result.stats
+        assert stats.target_met is True and stats.estimated_rms_percent <= target
+        decoded = read_compressed(result.file.data, synthetic_prior())
+        # The estimate is what this file's requantisation really adds to the transform's error.
+        added = _added_rms_percent(codes, decoded.codes, levels)
+        assert stats.estimated_rms_percent == pytest.approx(math.sqrt(base**2 + added**2), rel=1e-9)
+        # The coarsest: the next coarser scale would be over the target.
+        coarser = [s for s in QUANTISER_SCALES if s > stats.quantiser_scale]
+        if coarser:
+            over = _write_v2(codes, OperatingPoint(levels, quantiser_scale=coarser[0])).stats.estimated_rms_percent
+            assert over > target
+        chosen.append((stats.quantiser_scale, stats.bits_per_pixel))
+    assert [c[0] for c in chosen] == sorted(c[0] for c in chosen) and chosen[0][0] < chosen[-1][0]
+    assert [c[1] for c in chosen] == sorted((c[1] for c in chosen), reverse=True)
+    # Below the transform's own error no scale can do: the finest, flagged.
+    tight = _write_v2(codes, OperatingPoint(levels, target_rms_percent=base * 0.9)).stats
+    assert tight.quantiser_scale == 1 and tight.target_met is False
+
+
+def test_v2_needs_the_prior_it_was_coded_with() -> None:
+    data = _write_v2(synthetic_transform_codes(1), OperatingPoint(8, quantiser_scale=4)).file.data
+    with pytest.raises(OutputFormatError, match="no prior was given"):
+        read_compressed(data)
+    with pytest.raises(OutputFormatError, match="not with the prior given"):
+        read_compressed(data, synthetic_prior(seed=1))
+    assert read_compressed(data, synthetic_prior()).quantiser_scale == 4
+
+
+def test_v2_damaged_files_are_refused() -> None:
+    prior = synthetic_prior()
+    data = _write_v2(synthetic_transform_codes(2), OperatingPoint(6, quantiser_scale=2)).file.data
+    one_patch = _write_v2(synthetic_transform_codes(1), OperatingPoint(6, quantiser_scale=2)).file.data
+    cases = {
+        "payload is damaged": data[:-5] + bytes([data[-5] ^ 0x10]) + data[-4:],
+        "bytes; its header describes": data[:-4],
+        "truncated inside its header": data[:40],
+        "header is damaged": data[:20] + bytes([data[20] ^ 0x01]) + data[21:],
+        "quantiser_scale": _rewrite_header(data, lambda h: h.update(quantiser_scale=5)),
+        "codec": _rewrite_header(data, lambda h: h.update(codec="transform-codes/9")),
+        "levels": _rewrite_header(data, lambda h: h.update(levels=0)),
+        "prior_sha256": _rewrite_header(data, lambda h: h.update(prior_sha256=None)),
+        "word_count": _rewrite_header(data, lambda h: h.update(word_count=-1)),
+        # A header that lies about what was coded (CRC recomputed): the words do not decode into that many codes.
+        "invalid|left over": _rewrite_header(data, lambda h: h.update(patches=h["patches"][:1])),
+        "invalid|left over ": _rewrite_header(data, lambda h: h.update(patches=h["patches"] * 2)),
+        "invalid|left over  ": _rewrite_header(data, lambda h: h.update(levels=5)),
+        "more than the limit": _rewrite_header(one_patch, lambda h: h.update(patches=h["patches"] * 9000)),
+    }
+    for match, damaged in cases.items():
+        with pytest.raises(OutputFormatError, match=match.strip()):
+            read_compressed(damaged, prior)
+
+
+@pytest.mark.parametrize(
+    ("point", "match"),
+    [
+        (lambda: OperatingPoint(0, quantiser_scale=1), "levels"),
+        (lambda: OperatingPoint(9, quantiser_scale=1), "levels"),
+        (lambda: OperatingPoint(8), "exactly one"),
+        (lambda: OperatingPoint(8, quantiser_scale=2, target_bpp=1.0), "exactly one"),
+        (lambda: OperatingPoint(8, quantiser_scale=5), "quantiser scale"),
+        (lambda: OperatingPoint(8, target_bpp=0.0), "target_bpp"),
+        (lambda: OperatingPoint(8, target_rms_percent=float("nan")), "target_rms_percent"),
+    ],
+)
+def test_bad_operating_points_are_refused(point, match: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(OutputFormatError, match=match):
+        point()
+
+
+def test_v2_refuses_codes_that_are_not_transform_codes() -> None:
+    codes = synthetic_transform_codes(1)
+    holes = codes.copy()
+    holes[0, :30, :, 2] = -1  # level 3 used in half the patch: not what a transform compressor gives
+    with pytest.raises(OutputFormatError, match="prefix of the levels"):
+        _write_v2(holes, OperatingPoint(8, quantiser_scale=1))
+    with pytest.raises(OutputFormatError, match="codes use 3 levels; 5 were asked for"):
+        _write_v2(keep_levels(codes, 3), OperatingPoint(5, quantiser_scale=1))
+    # Fewer levels than the codes carry is what a workflow asks for: fine.
+    decoded = read_compressed(_write_v2(keep_levels(codes, 3), OperatingPoint(2, quantiser_scale=1)).file.data,
+                              synthetic_prior())
+    assert np.array_equal(decoded.codes, keep_levels(codes, 2))
+
+
+def test_v2_writer_is_deterministic() -> None:
+    codes = synthetic_transform_codes(2, seed=5)
+    point = OperatingPoint(5, target_bpp=2.0)
+    assert _write_v2(codes, point).file.data == _write_v2(codes.copy(), point).file.data
+
+
+def test_v2_estimates_of_a_file_larger_than_one_estimate_chunk() -> None:
+    # Rate control sums its estimates over chunks of 256 patches: a 260-patch file gets the whole-file figures.
+    from services.core import transform_codes
+
+    codes = synthetic_transform_codes(260, seed=12)
+    result = _write_v2(codes, OperatingPoint(5, target_rms_percent=float(SYNTHETIC_TRAIN_RMS[0, 4]) * 1.5))
+    stats = result.stats
+    decoded = read_compressed(result.file.data, synthetic_prior())
+    added = _added_rms_percent(codes, decoded.codes, 5)
+    assert stats.estimated_rms_percent == pytest.approx(math.sqrt(SYNTHETIC_TRAIN_RMS[0, 4] ** 2 + added**2), rel=1e-9)
+    q, _ = transform_codes.codes_to_coefficients(codes)
+    whole = transform_codes.ideal_bits(transform_codes.requantise(q, stats.quantiser_scale), 5, stats.quantiser_scale,
+                                       synthetic_prior())
+    assert stats.entropy_bits == pytest.approx(whole, rel=1e-9)
+    assert stats.entropy_bits <= stats.payload_bits <= stats.entropy_bits * 1.01 + 64

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,6 +23,7 @@ from affine import Affine
 from rasterio.transform import from_origin
 
 from services.core import sentinel2
+from services.core.transform_codes import LaplaceContextPrior
 from services.core.bigearthnet import BIGEARTHNET_19_LABELS, BIGEARTHNET_43_LABELS
 from services.wrapper.inputs import InputPatch, S3Access, read_tar_stream
 from services.wrapper.inputs.settings import InputLimits
@@ -33,10 +35,18 @@ from services.wrapper.outputs import (
     read_features,
     read_geotiff,
 )
-from services.wrapper.outputs.compressed import PIXELS_PER_PATCH
+from services.wrapper.outputs import read_compressed_header, write_compressed, write_transform_codes
+from services.wrapper.outputs.compressed import PIXELS_PER_PATCH, OperatingPoint
+from services.wrapper.outputs.types import BandScale, PatchMetadata
 from services.wrapper.results import ANNOUNCED_SUFFIX, MANIFEST_SUFFIX, output_folder
 from test_input_safe_products import KEPT_TILES, ORIGIN_X, ORIGIN_Y, PRODUCT, _scene, _upload_tree, _write_safe
-from outputs_test_data import GEOREFERENCED_PATCH, PLAIN_PATCH, SECOND_GEOREFERENCED_PATCH
+from outputs_test_data import (
+    GEOREFERENCED_PATCH,
+    PLAIN_PATCH,
+    SECOND_GEOREFERENCED_PATCH,
+    requantised_codes,
+    synthetic_prior,
+)
 from wrapper_input_data import SAMPLE_PATCHES, sample_patch_names, sample_tar_gz, upload_patch_folder
 from wrapper_stack import (  # noqa: F401 - close_step_runtimes is an autouse fixture
     close_step_runtimes,
@@ -45,10 +55,14 @@ from wrapper_stack import (  # noqa: F401 - close_step_runtimes is an autouse fi
     StepFixture,
     assert_no_secrets,
     list_keys,
+    MODEL_REPOSITORY,
     object_bytes,
 )
 
 SSL_MODEL = "Bigearth-net-ssl-label"
+COMPRESS_MODEL = "Bigearth-net-compression-compress-pytorch"
+DECOMPRESS_MODEL = "Bigearth-net-compression-decompress-pytorch"
+DEFAULT_QUANTISER_SCALE = 8  # EOML_WRAPPER_COMPRESS_QUANTISER_SCALE's default
 BANDS = sentinel2.SIMCLR_BAND_ORDER
 MEAN = np.array([sentinel2.BIGEARTHNET_BAND_MEAN[b] for b in BANDS], dtype=np.float32).reshape(-1, 1, 1)
 STD = np.array([sentinel2.BIGEARTHNET_BAND_STD[b] for b in BANDS], dtype=np.float32).reshape(-1, 1, 1)
@@ -68,6 +82,13 @@ def http_client(server: InferenceServer) -> Iterator[httpclient.InferenceServerC
     client = httpclient.InferenceServerClient(server.http_url, network_timeout=300.0)
     yield client
     client.close()
+
+
+def card_prior(client: httpclient.InferenceServerClient, model: str) -> LaplaceContextPrior | None:
+    """The entropy prior the served model's card carries (read from the server's config endpoint), or None."""
+    parameters = client.get_model_config(model).get("parameters", {})
+    text = parameters.get("card.entropy_prior", {}).get("string_value", "")
+    return LaplaceContextPrior.from_text(text) if text else None
 
 
 def reference_infer(client: httpclient.InferenceServerClient, model: str, input_name: str, output_name: str,
@@ -217,12 +238,15 @@ def test_compress_then_decompress_round_trip(
     (codes_object,) = outcome.objects
     assert codes_object.key == f"{outcome.output_folder}/pair.codes"
     data = object_bytes(compress.s3, s3_access.bucket_name, codes_object.key)
-    decoded = read_compressed(data)
+    prior = card_prior(http_client, COMPRESS_MODEL)
+    decoded = read_compressed(data, prior)
     reference_codes = reference_infer(
-        http_client, "Bigearth-net-compression-compress-pytorch", "input_sentinel2_10_bands_120", "int64_latent32_15",
+        http_client, COMPRESS_MODEL, "input_sentinel2_10_bands_120", "int64_latent32_15",
         np.stack([sample_input(p) for p in patches]),
     )
-    np.testing.assert_array_equal(decoded.codes, reference_codes)
+    # A compressor with an entropy prior writes format 2 at the default scale; one without, format 1 (exact codes).
+    expected_codes = reference_codes if prior is None else requantised_codes(reference_codes, DEFAULT_QUANTISER_SCALE, 8)
+    np.testing.assert_array_equal(decoded.codes, expected_codes)
     assert decoded.levels == 8
     assert [p.patch_id for p in decoded.patches] == patches
     assert decoded.band_scale.bands == BANDS
@@ -243,8 +267,8 @@ def test_compress_then_decompress_round_trip(
     folders = read_decompressed_archive(archive)
     assert sorted(folders) == sorted(patches)
     reconstruction = reference_infer(
-        http_client, "Bigearth-net-compression-decompress-pytorch", "int64_latent32_15",
-        "output_sentinel2_10_bands_120", reference_codes, datatype="INT64",
+        http_client, DECOMPRESS_MODEL, "int64_latent32_15", "output_sentinel2_10_bands_120", expected_codes,
+        datatype="INT64",
     )
     digital_numbers = np.clip(np.rint(reconstruction.astype(np.float64) * STD + MEAN), 0, 65535)
     for index, patch in enumerate(patches):
@@ -254,7 +278,10 @@ def test_compress_then_decompress_round_trip(
             raster = bands[band]
             assert raster.array.dtype == np.uint16
             if sentinel2.SENTINEL2_RESOLUTION_M[band] == 10:
-                np.testing.assert_array_equal(raster.array[0], digital_numbers[index, channel])
+                # The Wrapper decodes patch by patch, the reference both in one request: the decoder's float
+                # matmuls may differ in the last bit between batch shapes, which moves a value lying on .5 DN.
+                difference = np.abs(raster.array[0].astype(np.int64) - digital_numbers[index, channel])
+                assert difference.max() <= 1 and np.count_nonzero(difference) <= 0.001 * difference.size
             else:
                 assert raster.array.shape == (1, 60, 60)
     # Georeferencing of the input patch survives: CRS and 10 m transform of its band files.
@@ -437,7 +464,7 @@ def test_redelivery_is_a_duplicate_and_a_new_event_gets_its_own_run_folder(
 
 
 def test_a_unit_past_the_codes_file_limit_is_split_and_decompress_reads_every_part(
-    server: InferenceServer, s3_access: S3Access, kafka_broker: Any, tmp_path: Path
+    server: InferenceServer, http_client: Any, s3_access: S3Access, kafka_broker: Any, tmp_path: Path
 ) -> None:
     patches = sample_patch_names()[3:6]
     compress = make_step("compress", s3_access, kafka_broker, tmp_path)
@@ -448,7 +475,8 @@ def test_a_unit_past_the_codes_file_limit_is_split_and_decompress_reads_every_pa
     assert outcome.status == "SUCCESS", outcome.reason
     assert [(o.key, o.patches) for o in outcome.objects] == [
         (f"{outcome.output_folder}/three.part-0001.codes", 2), (f"{outcome.output_folder}/three.part-0002.codes", 1)]
-    parts = [read_compressed(object_bytes(compress.s3, s3_access.bucket_name, o.key)) for o in outcome.objects]
+    prior = card_prior(http_client, COMPRESS_MODEL)
+    parts = [read_compressed(object_bytes(compress.s3, s3_access.bucket_name, o.key), prior) for o in outcome.objects]
     assert [p.patch_id for part in parts for p in part.patches] == patches
     manifest = check_manifest(compress, outcome)
     compression = manifest["stats"]["per_input"][0]["compression"]
@@ -464,3 +492,127 @@ def test_a_unit_past_the_codes_file_limit_is_split_and_decompress_reads_every_pa
                 for o in result.objects]
     assert [o.key.rsplit("/", 1)[1] for o in result.objects] == ["three.part-0001.tar.gz", "three.part-0002.tar.gz"]
     assert sorted(name for archive in archives for name in archive) == sorted(patches)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rate control per workflow (meta_information.compression) with a compressor whose card carries an entropy prior
+
+
+@pytest.fixture(scope="module")
+def prior_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceServer]:
+    """Our inference server on the two compression models with ``card.entropy_prior`` on their cards: the exported
+    cards' own when they carry one, else the synthetic test prior added to copies of their configs (the ONNX files
+    are linked, not copied)."""
+    root = tmp_path_factory.mktemp("prior-repository")
+    for model in (COMPRESS_MODEL, DECOMPRESS_MODEL):
+        source = MODEL_REPOSITORY / model
+        target = root / model
+        (target / "1").mkdir(parents=True)
+        for onnx in (source / "1").iterdir():
+            (target / "1" / onnx.name).symlink_to(onnx)
+        shutil.copy(source / "README.md", target / "README.md")
+        config = (source / "config.pbtxt").read_text()
+        if "card.entropy_prior" not in config:
+            config += ('parameters {\n  key: "card.entropy_prior"\n  value: { string_value: "'
+                       + synthetic_prior().to_text() + '" }\n}\n')
+        (target / "config.pbtxt").write_text(config)
+    started = InferenceServer(root / "server.log", models=[COMPRESS_MODEL, DECOMPRESS_MODEL], repository=root).start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def test_workflow_compression_field_sets_the_operating_point_and_decompress_refuses_foreign_codes(
+    prior_server: InferenceServer, s3_access: S3Access, kafka_broker: Any, tmp_path: Path
+) -> None:
+    client = httpclient.InferenceServerClient(prior_server.http_url, network_timeout=300.0)
+    prior = card_prior(client, COMPRESS_MODEL)
+    decompressor_prior = card_prior(client, DECOMPRESS_MODEL)
+    assert prior is not None and decompressor_prior is not None and decompressor_prior.sha256 == prior.sha256
+    patches = [GEOREFERENCED_PATCH, PLAIN_PATCH]
+    reference_codes = reference_infer(client, COMPRESS_MODEL, "input_sentinel2_10_bands_120", "int64_latent32_15",
+                                      np.stack([sample_input(p) for p in patches]))
+    client.close()
+    compress = make_step("compress", s3_access, kafka_broker, tmp_path)
+    compress.s3.put_object(Bucket=s3_access.bucket_name, Key="in/pair.tar.gz", Body=sample_tar_gz(patches))
+    runtime = compress.runtime(prior_server.grpc_url)
+
+    # A fixed operating point: 3 levels at quantiser scale 4.
+    meta = {"request": "rate", "compression": {"levels": 3, "quantiser_scale": 4}}
+    outcome = compress.run(runtime, "in", meta=meta)
+    assert outcome.status == "SUCCESS", outcome.reason
+    check_announced(compress, outcome, meta)  # the field travels on with the workflow's meta_information
+    manifest = check_manifest(compress, outcome)
+    data = object_bytes(compress.s3, s3_access.bucket_name, outcome.objects[0].key)
+    header = read_compressed_header(data)
+    assert (header["format_version"], header["codec"]) == (2, "transform-codes/1")
+    assert (header["levels"], header["quantiser_scale"], header["prior_sha256"]) == (3, 4, prior.sha256)
+    assert header["requested"] == {"levels": 3, "quantiser_scale": 4} and "target_met" not in header
+    decoded = read_compressed(data, prior)
+    np.testing.assert_array_equal(decoded.codes, requantised_codes(reference_codes, 4, 3))
+    stats = manifest["stats"]["per_input"][0]["compression"]
+    assert (stats["format_version"], stats["levels"], stats["quantiser_scale"]) == (2, 3, 4)
+    assert stats["requested"] == {"levels": 3, "quantiser_scale": 4}
+    assert stats["estimated_rms_percent"] == pytest.approx(header["estimated_rms_percent"])
+    assert stats["bits_per_pixel"] == pytest.approx(len(data) * 8 / (2 * PIXELS_PER_PATCH))
+
+    # A target bits per pixel every scale meets: the finest scale, the served codes exactly.
+    loose = {"compression": {"target_bpp": 500.0}}
+    exact = compress.run(runtime, "in", meta=loose)
+    assert exact.status == "SUCCESS", exact.reason
+    exact_data = object_bytes(compress.s3, s3_access.bucket_name, exact.objects[0].key)
+    exact_header = read_compressed_header(exact_data)
+    assert exact_header["requested"] == {"levels": 8, "target_bpp": 500.0}  # levels: the deployment's default
+    assert (exact_header["quantiser_scale"], exact_header["target_met"]) == (1, True)
+    np.testing.assert_array_equal(read_compressed(exact_data, prior).codes, reference_codes)
+    exact_stats = check_manifest(compress, exact)["stats"]["per_input"][0]["compression"]
+    assert exact_stats["target_met"] is True and exact_stats["bits_per_pixel"] <= 500.0
+
+    # A target RMS error, met file by file: one patch per part, each part's scale listed in the manifest.
+    split = compress.run(compress.runtime(prior_server.grpc_url, codes_patches_per_file=1), "in",
+                         meta={"compression": {"levels": 2, "target_rms_percent": 50.0}})
+    assert split.status == "SUCCESS", split.reason
+    part_headers = [read_compressed_header(object_bytes(compress.s3, s3_access.bucket_name, o.key))
+                    for o in split.objects]
+    assert [h["requested"] for h in part_headers] == [{"levels": 2, "target_rms_percent": 50.0}] * 2
+    for part in part_headers:
+        assert part["levels"] == 2
+        assert part["target_met"] == (part["estimated_rms_percent"] <= 50.0)
+    split_stats = check_manifest(compress, split)["stats"]["per_input"][0]["compression"]
+    assert split_stats["parts"] == 2
+    assert split_stats["quantiser_scale"] == [h["quantiser_scale"] for h in part_headers]
+    assert split_stats["target_met"] == all(h["target_met"] for h in part_headers)
+    assert split_stats["estimated_rms_percent"] == pytest.approx(
+        np.sqrt(np.mean([h["estimated_rms_percent"] ** 2 for h in part_headers])), rel=1e-5)
+
+    # A malformed field fails the step for good, naming the field, before anything is written.
+    bad = compress.run(runtime, "in", meta={"compression": {"levels": 3, "target_bpp": -1}})
+    assert bad.status == "CRITICAL"
+    assert "meta_information.compression is invalid" in bad.reason and "compression.target_bpp" in bad.reason
+    dead = compress.records([compress.dlq_topic], until=lambda r: len(r) >= 1)
+    assert len(dead) == 1 and "compression.target_bpp" in json.dumps(dead[0]["value"])
+    assert not list_keys(compress.s3, s3_access.bucket_name, bad.output_folder + "/")
+    assert [n for n in compress.notifications(final=False) if n["status"] == "CRITICAL"]
+
+    # Decompress reads the operating point from the header; codes of another prior or of format 1 are refused.
+    folder = outcome.output_folder
+    scale = BandScale.from_json(header["band_scale"])
+    metadata = [PatchMetadata(patch_id=p) for p in patches]
+    foreign = write_transform_codes(reference_codes, OperatingPoint(8, quantiser_scale=1), synthetic_prior(seed=1),
+                                    metadata, scale, COMPRESS_MODEL, "1")
+    residual = write_compressed(reference_codes, 8, metadata, scale, COMPRESS_MODEL, "1")
+    compress.s3.put_object(Bucket=s3_access.bucket_name, Key=f"{folder}/foreign.codes", Body=foreign.file.data)
+    compress.s3.put_object(Bucket=s3_access.bucket_name, Key=f"{folder}/residual.codes", Body=residual.file.data)
+    decompress = make_step("decompress", s3_access, kafka_broker, tmp_path)
+    result = decompress.run(decompress.runtime(prior_server.grpc_url), folder)
+    assert result.status == "SUCCESS", result.reason
+    assert result.patches == 2 and [o.key.rsplit("/", 1)[1] for o in result.objects] == ["pair.tar.gz"]
+    reasons = {r.source.rsplit("/", 1)[1]: r.reason for r in result.rejections}
+    assert sorted(reasons) == ["foreign.codes", "residual.codes"]
+    assert "coded with entropy prior" in reasons["foreign.codes"] and prior.sha256[:12] in reasons["foreign.codes"]
+    assert "format 1 (residual-VQ codes)" in reasons["residual.codes"]
+    decompress_stats = check_manifest(decompress, result)["stats"]["per_input"][0]
+    assert (decompress_stats["format_version"], decompress_stats["levels"], decompress_stats["quantiser_scale"]) == (2, 3, 4)
+    assert sorted(read_decompressed_archive(object_bytes(decompress.s3, s3_access.bucket_name,
+                                                         result.objects[0].key))) == sorted(patches)

@@ -57,8 +57,9 @@ def close_step_runtimes() -> Iterator[None]:
 class InferenceServer:
     """One inference server subprocess; ``stop`` and ``start`` again keep its ports."""
 
-    def __init__(self, log_path: Path, models: Iterable[str] = ()) -> None:
+    def __init__(self, log_path: Path, models: Iterable[str] = (), repository: Path = MODEL_REPOSITORY) -> None:
         self.models = list(models)
+        self.repository = repository
         self.log_path = log_path
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.process: subprocess.Popen[bytes] | None = None
@@ -73,7 +74,7 @@ class InferenceServer:
 
     def start(self, wait: bool = True) -> "InferenceServer":
         args = [
-            sys.executable, "-m", "services.inference.cli", "--model-repository", str(MODEL_REPOSITORY),
+            sys.executable, "-m", "services.inference.cli", "--model-repository", str(self.repository),
             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
             "--metrics-port", str(self.metrics_port), "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1",
             "--log-format", "text", "--exit-timeout-secs", "2",

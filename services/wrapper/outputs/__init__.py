@@ -9,7 +9,9 @@ task             writer(s)                                   reader
 ===============  ==========================================  ==============================================
 ssl-features     ``write_features_json``/``_npz``            ``read_features`` (production JSON or npz)
 classify         ``write_classes_json``/``_csv``             ``read_classes_json``/``_csv``
-compress         ``write_compressed``                        ``read_compressed`` (bit-exact codes)
+compress         ``write_transform_codes`` (format 2, with   ``read_compressed`` (formats 1 and 2; codes
+                 the card's entropy prior, rate control)     exact at quantiser scale 1)
+                 ``write_compressed`` (format 1, no prior)
 decompress       ``write_decompressed_archive`` (tar.gz)     ``read_decompressed_archive``
 uc5-cfactor      ``cut_cfactor_crops`` -> model ->           ``read_geotiff``
                  ``assemble_window_raster`` ->
@@ -31,10 +33,12 @@ from services.wrapper.outputs.compressed import (
     CompressedFile,
     CompressionStats,
     DecodedCodes,
+    OperatingPoint,
     keep_levels,
     read_compressed,
     read_compressed_header,
     write_compressed,
+    write_transform_codes,
 )
 from services.wrapper.outputs.decompressed import read_decompressed_archive, write_decompressed_archive
 from services.wrapper.outputs.features import FeatureSet, read_features, write_features_json, write_features_npz
@@ -86,6 +90,8 @@ __all__ = [
     "write_classes_csv",
     "write_classes_json",
     "write_compressed",
+    "write_transform_codes",
+    "OperatingPoint",
     "write_decompressed_archive",
     "write_features_json",
     "write_features_npz",
