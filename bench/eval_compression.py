@@ -175,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--corpus", type=Path, default=None, help="built corpus (default $EOML_DATA_CACHE)")
     parser.add_argument("--limit", type=int, default=0, help="at most this many validation patches (0 = all)")
+    parser.add_argument("--exclude-scene", action="append", default=[],
+                        help="leave this validation scene out (e.g. the large eodal scene, to see the BigEarthNet "
+                        "patches alone); repeatable")
+    parser.add_argument("--tag", default="", help="suffix of the result files (compression-<tag>-latest.json)")
     parser.add_argument("--levels", type=int, nargs="*", default=list(range(1, 9)),
                         help="level counts evaluated at the default quantiser scale")
     parser.add_argument("--scales", type=int, nargs="*", default=list(transform_codes.QUANTISER_SCALES),
@@ -186,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     validation = corpus.load_split("validation", args.corpus, levels=("L2A",))
-    patches = validation.patches[: args.limit or None]
+    keep = np.flatnonzero(~np.isin(np.array(validation.scenes), args.exclude_scene))[: args.limit or None]
+    patches = validation.patches[keep]
+    scenes = sorted({validation.scenes[i] for i in keep})
     started = time.perf_counter()
     base = baselines(patches)
     mine, restored = ours(patches, args.repository, operating_points(args.scales, args.levels))
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         point["jpeg2000_rms_percent_at_bpp"] = interpolate_rms(j2k, point["bpp"])
         point["jpegxl_rms_percent_at_bpp"] = interpolate_rms(jxl, point["bpp"])
 
-    print(f"validation: {len(patches)} patches of {len(set(validation.scenes))} scenes never trained on")
+    print(f"validation: {len(patches)} patches of {len(scenes)} scenes never trained on")
     print(f"{'codec':20} {'setting':16} {'bpp':>7} {'RMS%':>7} {'PSNR dB':>8} {'J2K RMS% same bpp':>18} "
           f"{'JXL RMS% same bpp':>18}")
     for point in base + mine:
@@ -223,13 +229,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['top_label_agreement']:17.3f}")
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    result = {"created": stamp, "patches": int(len(patches)), "scenes": sorted(set(validation.scenes)),
+    result = {"created": stamp, "patches": int(len(patches)), "scenes": scenes, "excluded_scenes": args.exclude_scene,
               "seconds": time.perf_counter() - started, "baselines": base, "ours": mine, "downstream": effects,
               "verdict": verdict,
               "units": {"bpp": "file bits / (N x 14400)", "rms_percent": "100 x RMSE / 10000 DN",
                         "psnr_db": "against 10000 DN"}}
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in (f"compression-{stamp}.json", "compression-latest.json"):
+    prefix = f"compression-{args.tag}" if args.tag else "compression"
+    for name in (f"{prefix}-{stamp}.json", f"{prefix}-latest.json"):
         (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
     if args.record is not None:
         keep = ("codec", "setting", "levels", "quantiser_scale", "bpp", "rms_percent", "psnr_db",
@@ -239,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         args.record.write_text(json.dumps(summary, indent=2) + "\n")
     if args.plot_python:
         subprocess.run([args.plot_python, str(ROOT / "bench" / "plot_compression.py"),
-                        str(args.out / "compression-latest.json"), str(args.out / "rate-distortion.png")], check=True)
+                        str(args.out / f"{prefix}-latest.json"),
+                        str(args.out / f"rate-distortion{'-' + args.tag if args.tag else ''}.png")], check=True)
     return 0
 
 

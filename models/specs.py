@@ -211,7 +211,10 @@ def _compression_training_notes() -> str:
         "of the block variance in the 128 kept coefficients;",
         f"- post-filter: {record['post_filter']['steps']} Adam steps (batch {record['hyperparameters']['batch']}, "
         f"{record['hyperparameters']['crop']} px crops, random operating points), seed {record['seed']}, device "
-        f"{record['device']}, budget {record['budget_minutes']:g} min, torch {record['torch']};",
+        f"{record['device']}, budget {record['budget_minutes']:g} min, torch {record['torch']}; checked on "
+        f"{record['post_filter']['development_patches']} patches of training scenes it never trained on "
+        f"({', '.join(record['post_filter']['development_scenes'])}) and applied from quantiser scale "
+        f"{record['post_filter']['applied_from_quantiser_scale']} on, where it lowered the error at every checked point;",
         f"- entropy prior: Laplace scales per (quantiser scale, coefficient, context), maximum likelihood on the "
         f"training codes; sha256 `{record['entropy_prior_sha256'][:16]}...`;",
         f"- checkpoint: `models/checkpoints/{record['checkpoint']}`, fp16, {record['bytes']} bytes, sha256 "
@@ -227,6 +230,9 @@ def _compression_training_notes() -> str:
             "bpp = bits of the real `.codes` file / (N x 14,400); RMS % = 100 x RMSE / 10,000 DN over the 10 bands; "
             "JPEG 2000 / JPEG-XL (imagecodecs, per band, uint16) interpolated at the same bpp ('-': outside their "
             "measured curve).",
+            "",
+            "The residual-VQ compressor this replaced (seeded codebooks) measured 2.78 bpp at 7.53 % with one level on "
+            "the 82 held-out patches of the corpus before configilm joined it; JPEG 2000 reached 3.25 % there.",
             "",
             "| levels | quantiser scale | bpp | RMS % | PSNR dB | JPEG 2000 RMS % | JPEG-XL RMS % |",
             "|---|---|---|---|---|---|---|",
