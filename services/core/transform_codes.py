@@ -74,15 +74,17 @@ def codes_to_coefficients(codes: np.ndarray) -> tuple[np.ndarray, int]:
 
     Levels must be used as a prefix (levels 1..L present, the rest -1 everywhere): that is what the writer keeps."""
     n = codes.shape[0]
-    grouped = codes.reshape(n, BLOCKS_PER_SIDE, 4, BLOCKS_PER_SIDE, 4, LEVELS).transpose(0, 1, 3, 5, 2, 4)
-    grouped = grouped.reshape(n, BLOCKS_PER_SIDE, BLOCKS_PER_SIDE, COEFFICIENTS)
-    used = grouped >= 0
-    q = np.where(used, grouped - CODE_OFFSET, 0).astype(np.int32)
-    level_used = used.reshape(n, BLOCKS_PER_SIDE, BLOCKS_PER_SIDE, LEVELS, PER_LEVEL).all(axis=(0, 1, 2, 4))
-    level_unused = (~used).reshape(n, BLOCKS_PER_SIDE, BLOCKS_PER_SIDE, LEVELS, PER_LEVEL).all(axis=(0, 1, 2, 4))
+    used_codes = codes >= 0
+    level_used = used_codes.all(axis=(0, 1, 2))
+    level_unused = ~used_codes.any(axis=(0, 1, 2))
     levels = int(level_used.sum())
     if not (level_used | level_unused).all() or not level_used[:levels].all() or level_used[levels:].any():
         raise TransformCodesError("codes must use a prefix of the levels (levels 1..L everywhere, -1 in the others)")
+    grouped = codes.astype(np.int32).reshape(n, BLOCKS_PER_SIDE, 4, BLOCKS_PER_SIDE, 4, LEVELS)
+    q = np.ascontiguousarray(grouped.transpose(0, 1, 3, 5, 2, 4)).reshape(n, BLOCKS_PER_SIDE, BLOCKS_PER_SIDE,
+                                                                           COEFFICIENTS)
+    q -= CODE_OFFSET
+    q[..., levels * PER_LEVEL:] = 0
     return q, levels
 
 
@@ -124,6 +126,19 @@ def context_buckets(activity: np.ndarray) -> np.ndarray:
     return np.minimum(buckets, CONTEXT_BUCKETS - 1)
 
 
+# Buckets of every (window, total) a block can have: activity = total / window with window 1..16; a total of 2,048
+# or more is activity >= 128, already the last bucket. A lookup instead of a log per symbol: coding a file spends most
+# of its time here otherwise.
+_TOTAL_CAP = 2048
+_BUCKET_OF_TOTAL = np.stack([
+    context_buckets(np.arange(_TOTAL_CAP + 1) / max(window, 1)) for window in range(CONTEXT_WINDOW + 1)
+]).astype(np.int64)
+
+
+def _buckets_of_totals(total: np.ndarray, window: "int | np.ndarray") -> np.ndarray:
+    return _BUCKET_OF_TOTAL[window, np.minimum(total, _TOTAL_CAP)]
+
+
 class _RunningActivity:
     """Mean |symbol| of the up to 16 coefficients before k in each block, kept as a running int32 sum so coding a
     file needs O(blocks) memory beyond the symbols themselves."""
@@ -132,7 +147,7 @@ class _RunningActivity:
         self.total = np.zeros(blocks, np.int64)
 
     def buckets(self, k: int) -> np.ndarray:
-        return context_buckets(self.total / max(1, min(k, CONTEXT_WINDOW)))
+        return _buckets_of_totals(self.total, max(1, min(k, CONTEXT_WINDOW)))
 
     def add(self, symbols: np.ndarray, k: int, column: "np.ndarray | None") -> None:
         """Account for coefficient k; ``column`` = the symbols of coefficient k - 16 (None when k < 16)."""
@@ -142,14 +157,14 @@ class _RunningActivity:
 
 
 def contexts(symbols: np.ndarray) -> np.ndarray:
-    """Context bucket of every coefficient of every block: symbols [M, 128] -> [M, 128] (training and tests)."""
-    magnitudes = np.abs(symbols).astype(np.float64)
-    cumulative = np.concatenate([np.zeros((len(magnitudes), 1)), np.cumsum(magnitudes, axis=1)], axis=1)
-    k = np.arange(COEFFICIENTS)
-    first = np.maximum(0, k - CONTEXT_WINDOW)
-    window = np.maximum(k - first, 1)
-    activity = (cumulative[:, k] - cumulative[:, first]) / window
-    return context_buckets(activity)
+    """Context bucket of every coefficient of every block: symbols [M, 128] -> [M, 128] (training, estimates and
+    tests; the coder computes the same buckets on the fly)."""
+    activity = _RunningActivity(len(symbols))
+    out = np.empty(symbols.shape, np.int64)
+    for k in range(symbols.shape[1]):
+        out[:, k] = activity.buckets(k)
+        activity.add(symbols[:, k], k, symbols[:, k - CONTEXT_WINDOW] if k >= CONTEXT_WINDOW else None)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,16 +324,35 @@ def decode_symbols(decoder: object, patches: int, levels: int, quantiser_scale: 
     return flat.reshape(patches, BLOCKS_PER_SIDE, BLOCKS_PER_SIDE, COEFFICIENTS)
 
 
+_BITS_CAP = 64
+
+
 def ideal_bits(symbols: np.ndarray, levels: int, quantiser_scale: int, prior: LaplaceContextPrior) -> float:
     """What ``encode_symbols`` costs up to the coder's rounding (used by rate control and calibration)."""
-    flat = symbols.reshape(-1, COEFFICIENTS)[:, : levels * PER_LEVEL]
-    buckets = contexts(symbols.reshape(-1, COEFFICIENTS))[:, : levels * PER_LEVEL]
-    scales = prior.scales(quantiser_scale)[np.arange(levels * PER_LEVEL)[None, :], buckets]
-    return float(laplace_magnitude_bits(np.abs(flat), scales).sum())
+    kept = levels * PER_LEVEL
+    flat = symbols.reshape(-1, COEFFICIENTS)
+    scales = prior.scales(quantiser_scale)
+    # Code lengths of magnitudes 0.._BITS_CAP per (coefficient, context) from a table; larger ones (rare) directly.
+    table = laplace_magnitude_bits(np.arange(_BITS_CAP + 1)[None, None, :], scales[:kept, :, None])
+    activity = _RunningActivity(len(flat))
+    total = 0.0
+    for k in range(kept):
+        column = flat[:, k]
+        buckets = activity.buckets(k)
+        magnitudes = np.abs(column)
+        total += float(table[k][buckets, np.minimum(magnitudes, _BITS_CAP)].sum())
+        large = magnitudes > _BITS_CAP
+        if large.any():
+            total += float((laplace_magnitude_bits(magnitudes[large], scales[k][buckets[large]])
+                            - table[k][buckets[large], _BITS_CAP]).sum())
+        activity.add(column, k, flat[:, k - CONTEXT_WINDOW] if k >= CONTEXT_WINDOW else None)
+    return total
 
 
 def block_rms_of_requantisation(q: np.ndarray, quantiser_scale: int, levels: int) -> float:
     """RMS (DN per pixel value) that requantising base coefficients adds, exact for the orthonormal transform."""
-    kept = q[..., : levels * PER_LEVEL].astype(np.float64)
-    restored = requantise(q[..., : levels * PER_LEVEL], quantiser_scale).astype(np.float64) * quantiser_scale
-    return float(math.sqrt(((kept - restored) ** 2).sum() * BASE_STEP_DN**2 / (q.shape[0] * PATCH * PATCH * BANDS)))
+    kept = q[..., : levels * PER_LEVEL]
+    difference = kept - requantise(kept, quantiser_scale) * quantiser_scale  # |difference| <= scale / 2: int32 safe
+    flat = difference.reshape(-1)
+    squares = int(np.dot(flat.astype(np.int64), flat.astype(np.int64)))
+    return float(math.sqrt(squares * BASE_STEP_DN**2 / (q.shape[0] * PATCH * PATCH * BANDS)))

@@ -526,11 +526,14 @@ def format_summary(reports: Sequence[WorkflowReport]) -> str:
         if "bits_per_pixel" in results and results["bits_per_pixel"] is not None:
             lines.append(f"    compressed: {results['patches']} patches, {results['compressed_bytes']} bytes, "
                          f"{results['bits_per_pixel']:.3f} bits per pixel (10 bands, 120 x 120 grid)")
-            point = results.get("wrapper_stats", {}).get("compression", {})
+            per_input = results.get("wrapper_stats", {}).get("per_input") or [{}]
+            point = per_input[0].get("compression", {})
             if "quantiser_scale" in point:
+                weights = str(results.get("model", {}).get("weights", "?"))
+                if "sha256=" in weights:  # the digest's first 12 hex digits are enough to tell checkpoints apart
+                    weights = weights[: weights.index("sha256=") + 19] + "..."
                 lines.append(f"    operating point: {point.get('levels')} levels, quantiser scale "
-                             f"{point.get('quantiser_scale')} (meta_information.compression; weights "
-                             f"{results.get('model', {}).get('weights', '?')})")
+                             f"{point.get('quantiser_scale')} (meta_information.compression), weights {weights}")
         if "reconstruction" in results:
             rec = results["reconstruction"]
             lines.append(f"    reconstruction: RMSE {rec['rmse_dn']:.1f} DN = {100 * rec['rmse_dn'] / 10000:.2f} % of "
