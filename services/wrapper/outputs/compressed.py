@@ -307,6 +307,24 @@ def _check_levels(levels: int) -> int:
     return int(levels)
 
 
+def _shared_header(model_name: str, model_version: str, levels: int, band_scale: BandScale,
+                   patches: Sequence[PatchMetadata]) -> dict[str, Any]:
+    """Header fields of both format versions."""
+    return {
+        "model_name": model_name,
+        "model_version": model_version,
+        "codebook_size": CODEBOOK_SIZE,
+        "codebook_levels": CODEBOOK_LEVELS,
+        "levels": levels,
+        "latent_shape": list(LATENT_SHAPE),
+        "patch_size": PATCH_SIZE,
+        "unused_code": UNUSED_CODE,
+        "band_scale": band_scale.to_json(),
+        "patches": [patch.to_json() for patch in patches],
+        "coder": CODER,
+    }
+
+
 def write_compressed(
     codes: np.ndarray,
     levels: int,
@@ -351,17 +369,7 @@ def write_compressed(
     words = encoder.get_compressed().astype("<u4", copy=False)
     body = bytes(tables) + words.tobytes()
     header = {
-        "model_name": model_name,
-        "model_version": model_version,
-        "codebook_size": CODEBOOK_SIZE,
-        "codebook_levels": CODEBOOK_LEVELS,
-        "levels": levels,
-        "latent_shape": list(LATENT_SHAPE),
-        "patch_size": PATCH_SIZE,
-        "unused_code": UNUSED_CODE,
-        "band_scale": band_scale.to_json(),
-        "patches": [patch.to_json() for patch in patches],
-        "coder": CODER,
+        **_shared_header(model_name, model_version, levels, band_scale, patches),
         "level_models": level_models,
         "table_bytes": len(tables),
         "word_count": int(words.size),
@@ -462,18 +470,8 @@ def write_transform_codes(
     pixels = count * PIXELS_PER_PATCH
     prior_sha256 = prior.sha256
     header_base = {
-        "model_name": model_name,
-        "model_version": model_version,
+        **_shared_header(model_name, model_version, levels, band_scale, patches),
         "codec": TRANSFORM_CODEC,
-        "codebook_size": CODEBOOK_SIZE,
-        "codebook_levels": CODEBOOK_LEVELS,
-        "levels": levels,
-        "latent_shape": list(LATENT_SHAPE),
-        "patch_size": PATCH_SIZE,
-        "unused_code": UNUSED_CODE,
-        "band_scale": band_scale.to_json(),
-        "patches": [patch.to_json() for patch in patches],
-        "coder": CODER,
         "prior_sha256": prior_sha256,
         "requested": point.as_dict(),
     }
