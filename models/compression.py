@@ -127,11 +127,6 @@ class BlockTransformCodec(nn.Module):
         apply = (conditioning[:, 0] * 6.0 >= torch.log2(self.post_filter_min_scale) - 1e-3)[:, None, None, None]
         return torch.where(apply, self.post_filter(plain, conditioning), plain)
 
-    def forward(self, normalised: torch.Tensor) -> torch.Tensor:
-        """Reconstruction at the base step with every level."""
-        q = torch.round(self.analyse(normalised) / layout.BASE_STEP_DN)
-        return self.decode(q, torch.ones_like(q, dtype=torch.bool))
-
 
 def coefficients_to_codes(q: torch.Tensor) -> torch.Tensor:
     """Integer coefficients [N, 15, 15, 128] -> codes [N, 60, 60, 8] (``transform_codes`` layout)."""

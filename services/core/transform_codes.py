@@ -237,15 +237,6 @@ class LaplaceContextPrior:
     def sha256(self) -> str:
         return hashlib.sha256(self.to_text().encode("ascii")).hexdigest()
 
-    # -- operating points
-
-    def scale_for_rms(self, target_rms_percent: float, levels: int) -> int:
-        """The coarsest quantiser scale whose training-corpus RMS at ``levels`` is within the target (the finest
-        when none is)."""
-        column = self.train_rms_percent[:, levels - 1]
-        fitting = [s for s, rms in zip(QUANTISER_SCALES, column) if rms <= target_rms_percent]
-        return max(fitting) if fitting else QUANTISER_SCALES[0]
-
 
 def fit_prior(symbols_by_scale: dict[int, np.ndarray], train_rms_percent: np.ndarray, train_bpp: np.ndarray,
               source: str = "") -> LaplaceContextPrior:
