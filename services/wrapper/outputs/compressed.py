@@ -307,21 +307,27 @@ def _check_levels(levels: int) -> int:
     return int(levels)
 
 
+# Header fields with one possible value in both format versions: written as they are, checked on reading.
+_FILE_CONSTANTS: dict[str, Any] = {
+    "codebook_size": CODEBOOK_SIZE,
+    "codebook_levels": CODEBOOK_LEVELS,
+    "latent_shape": list(LATENT_SHAPE),
+    "unused_code": UNUSED_CODE,
+    "coder": CODER,
+}
+
+
 def _shared_header(model_name: str, model_version: str, levels: int, band_scale: BandScale,
                    patches: Sequence[PatchMetadata]) -> dict[str, Any]:
     """Header fields of both format versions."""
     return {
+        **_FILE_CONSTANTS,
         "model_name": model_name,
         "model_version": model_version,
-        "codebook_size": CODEBOOK_SIZE,
-        "codebook_levels": CODEBOOK_LEVELS,
         "levels": levels,
-        "latent_shape": list(LATENT_SHAPE),
         "patch_size": PATCH_SIZE,
-        "unused_code": UNUSED_CODE,
         "band_scale": band_scale.to_json(),
         "patches": [patch.to_json() for patch in patches],
-        "coder": CODER,
     }
 
 
@@ -605,6 +611,18 @@ def _check_constants(header: dict[str, Any], expected_constants: dict[str, Any])
             )
 
 
+def _payload_words(header: dict[str, Any], data: bytes, offset: int, table_bytes: int) -> np.ndarray:
+    """The coder's words after ``table_bytes`` of tables, once the payload's length and CRC-32 match the header."""
+    word_count = _header_int(header, "word_count", 0, len(data) // 4)
+    payload_crc = _header_int(header, "payload_crc32", 0, 0xFFFFFFFF)
+    described = offset + table_bytes + 4 * word_count
+    if described != len(data):
+        raise OutputFormatError(f"compressed file is {len(data)} bytes; its header describes {described}")
+    if zlib.crc32(data[offset:]) != payload_crc:
+        raise OutputFormatError("compressed file payload is damaged (CRC-32 mismatch)")
+    return np.frombuffer(data, dtype="<u4", count=word_count, offset=offset + table_bytes).astype(np.uint32)
+
+
 def read_compressed(
     data: bytes, prior: LaplaceContextPrior | None = None, max_patches: int = MAX_PATCHES_PER_FILE
 ) -> DecodedCodes:
@@ -617,24 +635,10 @@ def read_compressed(
     data = bytes(data)
     if version == FORMAT_VERSION_TRANSFORM:
         return _read_transform_codes(header, offset, data, prior, max_patches)
-    expected_constants = {
-        "codebook_size": CODEBOOK_SIZE,
-        "codebook_levels": CODEBOOK_LEVELS,
-        "latent_shape": list(LATENT_SHAPE),
-        "unused_code": UNUSED_CODE,
-        "coder": CODER,
-    }
-    _check_constants(header, expected_constants)
+    _check_constants(header, _FILE_CONSTANTS)
     levels = _header_int(header, "levels", 1, CODEBOOK_LEVELS)
     table_bytes = _header_int(header, "table_bytes", 0, len(data))
-    word_count = _header_int(header, "word_count", 0, len(data) // 4)
-    payload_crc = _header_int(header, "payload_crc32", 0, 0xFFFFFFFF)
-    if offset + table_bytes + 4 * word_count != len(data):
-        raise OutputFormatError(
-            f"compressed file is {len(data)} bytes; its header describes {offset + table_bytes + 4 * word_count}"
-        )
-    if zlib.crc32(data[offset:]) != payload_crc:
-        raise OutputFormatError("compressed file payload is damaged (CRC-32 mismatch)")
+    words = _payload_words(header, data, offset, table_bytes)
     patches, band_scale, model_name, model_version = _common_header(header, max_patches)
     models = header.get("level_models")
     if not isinstance(models, list) or len(models) != levels or not all(isinstance(m, dict) for m in models):
@@ -643,7 +647,6 @@ def read_compressed(
     count = len(patches)
     per_level = count * LATENT_SHAPE[0] * LATENT_SHAPE[1]
     codes = np.full((count, *LATENT_SHAPE, CODEBOOK_LEVELS), UNUSED_CODE, dtype=np.int64)
-    words = np.frombuffer(data, dtype="<u4", count=word_count, offset=offset + table_bytes).astype(np.uint32)
     decoder = constriction.stream.queue.RangeDecoder(words)
     table_offset = offset
     table_end = offset + table_bytes
@@ -686,14 +689,7 @@ def read_compressed(
 def _read_transform_codes(
     header: dict[str, Any], offset: int, data: bytes, prior: LaplaceContextPrior | None, max_patches: int
 ) -> DecodedCodes:
-    _check_constants(header, {
-        "codec": TRANSFORM_CODEC,
-        "codebook_size": CODEBOOK_SIZE,
-        "codebook_levels": CODEBOOK_LEVELS,
-        "latent_shape": list(LATENT_SHAPE),
-        "unused_code": UNUSED_CODE,
-        "coder": CODER,
-    })
+    _check_constants(header, {"codec": TRANSFORM_CODEC, **_FILE_CONSTANTS})
     levels = _header_int(header, "levels", 1, CODEBOOK_LEVELS)
     scale = header.get("quantiser_scale")
     if isinstance(scale, bool) or not isinstance(scale, int) or scale not in QUANTISER_SCALES:
@@ -708,14 +704,8 @@ def _read_transform_codes(
     if prior.sha256 != wanted:
         raise OutputFormatError(f"compressed file was coded with entropy prior {wanted[:12]}..., not with the "
                                 f"prior given ({prior.sha256[:12]}...)")
-    word_count = _header_int(header, "word_count", 0, len(data) // 4)
-    payload_crc = _header_int(header, "payload_crc32", 0, 0xFFFFFFFF)
-    if offset + 4 * word_count != len(data):
-        raise OutputFormatError(f"compressed file is {len(data)} bytes; its header describes {offset + 4 * word_count}")
-    if zlib.crc32(data[offset:]) != payload_crc:
-        raise OutputFormatError("compressed file payload is damaged (CRC-32 mismatch)")
+    words = _payload_words(header, data, offset, 0)
     patches, band_scale, model_name, model_version = _common_header(header, max_patches)
-    words = np.frombuffer(data, dtype="<u4", count=word_count, offset=offset).astype(np.uint32)
     decoder = constriction.stream.queue.RangeDecoder(words)
     try:
         symbols = tc.decode_symbols(decoder, len(patches), levels, scale, prior)
