@@ -28,6 +28,7 @@ with by its sha256.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import math
@@ -233,8 +234,9 @@ class LaplaceContextPrior:
         except (ValueError, KeyError, TypeError, zlib.error) as error:
             raise TransformCodesError(f"entropy prior is not readable: {error}") from None
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
+        # Cached: readers and the decompress step compare it for every file, and to_text recompresses the tables.
         return hashlib.sha256(self.to_text().encode("ascii")).hexdigest()
 
 
