@@ -1,7 +1,7 @@
 """Every state-changing entry point refuses callers without a valid sender token, and accepts the right one.
 
 Tokens are real JWTs signed here with generated RSA keys; the issuer's discovery document and JWKS are served by a
-real HTTP server; the services verify with their real verifier (services/core/auth.py):
+real HTTPS server (a certificate made by the test, trusted through ``EOML_AUTH_CA_FILE``); the services verify with their real verifier (services/core/auth.py):
 
 - controller ``POST /`` (the ``eo-controller serve`` process) and ``POST /dead-letter`` (its app in-process, with a
   recording dead-letter writer: the endpoint exists only next to a Kafka producer on Kubernetes);
@@ -30,6 +30,7 @@ from security_support import (
     bearer,
     cloudevent_headers,
     http,
+    issuer_ca_file,
     new_rsa_key,
     wait_until,
 )
@@ -73,7 +74,8 @@ def issuer() -> Iterator[Issuer]:
 
 def oidc_env(issuer: Issuer, audience: str, subjects: list[str]) -> dict[str, str]:
     return {"EOML_AUTH_MODE": "oidc", "EOML_AUTH_ISSUER": issuer.url, "EOML_AUTH_AUDIENCE": audience,
-            "EOML_AUTH_ALLOWED_SUBJECTS": ",".join(subjects), "EOML_AUTH_JWKS_MIN_REFRESH_S": "0"}
+            "EOML_AUTH_ALLOWED_SUBJECTS": ",".join(subjects), "EOML_AUTH_JWKS_MIN_REFRESH_S": "0",
+            "EOML_AUTH_CA_FILE": issuer_ca_file()}
 
 
 def workflow(topic: str, endpoint: str) -> dict[str, Any]:
@@ -148,7 +150,7 @@ def test_controller_post_accepts_the_system_topic_source(controller, issuer) -> 
 def test_dead_letter_endpoint_needs_a_step_source_identity(issuer) -> None:
     written: list[tuple[str, bytes]] = []
     verifier = OidcVerifier(issuer.url, CONTROLLER_AUDIENCE, [CONTROLLER_SOURCE_SA, STEP_SOURCE_PATTERN],
-                            jwks_min_refresh_s=0)
+                            jwks_min_refresh_s=0, ca_file=issuer_ca_file())
     app = build_app(WorkflowController(None, None, ""),  # type: ignore[arg-type] - never reached when refused
                     lambda topic, value, _headers: written.append((topic, value)), verifier=verifier)
     served = InProcessApp(app)
@@ -230,7 +232,8 @@ def test_wrapper_accepts_a_step_source_of_its_namespace(wrapper, issuer) -> None
 def test_verifier_follows_key_rotation_and_rate_limits_refetches(issuer) -> None:
     rotated = Issuer()
     try:
-        verifier = OidcVerifier(rotated.url, WRAPPER_AUDIENCE, [STEP_SOURCE_PATTERN], jwks_min_refresh_s=3600)
+        verifier = OidcVerifier(rotated.url, WRAPPER_AUDIENCE, [STEP_SOURCE_PATTERN], jwks_min_refresh_s=3600,
+                                ca_file=issuer_ca_file())
         assert verifier.verify(rotated.token(STEP_SOURCE_SA, WRAPPER_AUDIENCE)).subject == STEP_SOURCE_SA
         fetches = len(rotated.requests)
         # Tokens naming unknown keys cannot make the verifier hammer the issuer: one refetch per interval.
