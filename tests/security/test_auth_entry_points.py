@@ -132,7 +132,7 @@ def controller(issuer: Issuer, kafka_broker, tmp_path_factory) -> Iterator[tuple
     root = tmp_path_factory.mktemp("controller")
     port = free_port()
     env = {**oidc_env(issuer, CONTROLLER_AUDIENCE, [CONTROLLER_SOURCE_SA, STEP_SOURCE_PATTERN]),
-           "EOML_AUTH_ROUTE_SUBJECTS": json.dumps({"/": [CONTROLLER_SOURCE_SA], "/dead-letter": [STEP_SOURCE_PATTERN]}),
+           "EOML_AUTH_ROUTE_SUBJECTS": json.dumps({"/": [CONTROLLER_SOURCE_SA]}),
            "EOML_CONTROLLER_HTTP_HOST": "127.0.0.1", "EOML_CONTROLLER_HTTP_PORT": str(port),
            "EOML_CONTROLLER_SOURCE_DRIVER": "local", "EOML_CONTROLLER_STORE": "local",
            "EOML_CONTROLLER_STORE_ROOT": str(root / "store"),
@@ -187,8 +187,10 @@ def test_controller_post_accepts_the_system_topic_source(controller, issuer) -> 
 
 def test_dead_letter_endpoint_needs_a_step_source_identity(issuer) -> None:
     written: list[tuple[str, bytes]] = []
-    verifier = OidcVerifier(issuer.url, CONTROLLER_AUDIENCE, [CONTROLLER_SOURCE_SA, STEP_SOURCE_PATTERN],
-                            route_subjects={"/": [CONTROLLER_SOURCE_SA], "/dead-letter": [STEP_SOURCE_PATTERN]},
+    # The route's own list replaces the service's: the step source is let in on /dead-letter only.
+    verifier = OidcVerifier(issuer.url, CONTROLLER_AUDIENCE, [CONTROLLER_SOURCE_SA],
+                            route_subjects={"/": [CONTROLLER_SOURCE_SA],
+                                            "/dead-letter": [CONTROLLER_SOURCE_SA, STEP_SOURCE_PATTERN]},
                             jwks_min_refresh_s=0, ca_file=issuer_ca_file())
     app = build_app(WorkflowController(None, None, ""),  # type: ignore[arg-type] - never reached when refused
                     lambda topic, value, _headers: written.append((topic, value)), verifier=verifier)
@@ -199,17 +201,18 @@ def test_dead_letter_endpoint_needs_a_step_source_identity(issuer) -> None:
         attempts = refused_tokens(issuer, CONTROLLER_AUDIENCE, STEP_SOURCE_SA)
         attempts.update(hostile_tokens(issuer, CONTROLLER_AUDIENCE, STEP_SOURCE_SA))
         attempts["a pod of the workflow namespace"] = bearer(issuer.token(OTHER_POD_SA, CONTROLLER_AUDIENCE))
-        # The system.ML source (allowed on /) sends no dead letters of steps.
-        attempts["the controller's own source"] = bearer(issuer.token(CONTROLLER_SOURCE_SA, CONTROLLER_AUDIENCE))
         for name, auth in attempts.items():
             status, _ = http("POST", f"{served.url}/dead-letter", body, {**headers, **auth})
-            assert status == (403 if name in ("a pod of the workflow namespace", "the controller's own source")
-                              else 401), (name, status)
+            assert status == (403 if name == "a pod of the workflow namespace" else 401), (name, status)
         assert written == []
         status, answer = http("POST", f"{served.url}/dead-letter", body,
                               {**headers, **bearer(issuer.token(STEP_SOURCE_SA, CONTROLLER_AUDIENCE))})
         assert status == 202, answer
         assert [topic for topic, _ in written] == ["wf.in.dlq"]
+        # ... and not on intake.
+        status, _ = http("POST", f"{served.url}/", body,
+                         {**headers, **bearer(issuer.token(STEP_SOURCE_SA, CONTROLLER_AUDIENCE))})
+        assert status == 403
     finally:
         served.close()
 
