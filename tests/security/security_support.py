@@ -159,6 +159,7 @@ class RecordingServer:
     status: int = 200
     headers: Mapping[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
+    tls: bool = False  # https with the certificate of loopback_tls_files() (127.0.0.1, localhost)
     requests: list[tuple[str, str]] = field(default_factory=list)
     request_headers: list[dict[str, str]] = field(default_factory=list)
 
@@ -184,8 +185,12 @@ class RecordingServer:
                 pass
 
         self._server = ThreadingHTTPServer((self.host, 0), Handler)
+        if self.tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*loopback_tls_files())
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
-        self.url = f"http://{self.host}:{self.port}"
+        self.url = f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
