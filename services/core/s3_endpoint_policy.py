@@ -13,7 +13,8 @@
    only when ``allow_private`` is set (the local platform, whose S3 is on loopback).
 
 ``guarded_s3_client_hooks`` then pins the client to that endpoint: botocore never follows an HTTP redirect itself,
-and any request to another host (S3's region redirector rewriting the URL after a 301) is refused before it is sent.
+and any request to another host (S3's region redirector rewriting the URL after a 301) is refused before it is sent;
+the Wrapper's client also connects only to ``CheckedEndpoint.addresses`` (services/wrapper/inputs/s3_pinning.py).
 
 A refusal (``EndpointRefused``) names the rule and the host, never the URL's userinfo, path or query.
 """

@@ -23,6 +23,11 @@ from urllib3.util import connection
 from services.core.s3_endpoint_policy import CheckedEndpoint, EndpointRefused, S3EndpointPolicy
 
 
+def _bare(host: str) -> str:
+    """A host as urllib3 and the policy both spell it: no IPv6 brackets, no FQDN dot, lower case."""
+    return host.strip("[]").rstrip(".").lower()
+
+
 class _PinnedConnection:
     """Mixin for botocore's connection classes; ``endpoint`` and ``policy`` are set on the per-client subclass."""
 
@@ -36,7 +41,7 @@ class _PinnedConnection:
 
     def _new_conn(self) -> socket.socket:
         endpoint = self.endpoint
-        if self.host.strip("[]").lower() != endpoint.host.strip("[]") or self.port != endpoint.port:
+        if _bare(self.host) != _bare(endpoint.host) or self.port != endpoint.port:
             raise EndpointRefused("pinned", f"connection to a host other than {endpoint.host!r} refused")
         failure: Exception | None = None
         for address in endpoint.addresses:
