@@ -6,27 +6,29 @@ Two modes, chosen by ``EOML_AUTH_MODE`` (``AuthSettings``):
   whose ``spec.sink.audience`` is set sends ``Authorization: Bearer <JWT>`` issued by the cluster for its own service
   account (``system:serviceaccount:<ns>:<source>-oidc-sources.knative.dev-kafkasource``). The token is verified as
   Knative's own verifier does: the issuer's discovery document (``<discovery base>/.well-known/openid-configuration``)
-  names the ``jwks_uri``; the signature is checked against those keys (cached; fetched again, rate-limited, when a
-  token names an unknown ``kid``), then ``iss``, ``aud`` (this service's audience), ``exp``/``nbf`` and ``sub``
-  (one of the allowed sender patterns; ``*`` matches any run of characters).
+  names the ``jwks_uri``; the signature is checked against those keys (services/core/oidc_keys.py: https only, no
+  redirects, fetched again when a token names an unknown ``kid``, rate-limited and backing off after failures, never
+  under a lock a known key's token waits on), with the algorithm the key's JWK names; then ``iss``, ``aud`` (this
+  service's audience), ``exp``/``nbf``/``iat``, the lifetime (``exp - iat`` at most ``max_token_lifetime_s``) and
+  ``sub``: one of the sender patterns of the route (``route_subjects``, by the route's path template) or else of the
+  service (``allowed_subjects``); ``*`` matches any run of characters.
 - ``token`` (the local platform): one shared random token that ``eo-platform up`` writes to a 0600 file; the local
   event plane sends it as ``Authorization: Bearer``.
 - ``none``: nothing is checked (tests of other packages, development); the services log a warning at startup.
 
-Refusals: 401 for a missing, malformed, badly signed, expired or wrong-audience/issuer token; 403 for a valid token
-of a sender that is not allowed. Nothing of the request (body, token) reaches the log line or the answer.
+Refusals: 401 for a missing, malformed, badly signed, expired or wrong-audience/issuer token, and for anything else a
+caller can put in the header (bytes that are no token, a header naming an algorithm its key does not have): never a
+5xx; 403 for a valid token of a sender that is not allowed. Nothing of the request (body, token) reaches the log line
+or the answer.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hmac
-import json
 import logging
+import re
 import ssl
-import threading
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Awaitable, Callable, Literal
@@ -34,6 +36,7 @@ from typing import Annotated, Any, Awaitable, Callable, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from .oidc_keys import IssuerKeys, IssuerKeysUnavailable
 from .settings import ENV_PREFIX, ServiceSettings, comma_or_json_list
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,8 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 # Knative's dispatcher signs with the API server's service-account keys: RS256 by default, ES256 where configured.
 ALLOWED_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
 OPEN_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# RFC 6750 b64token: what a bearer token may contain. Anything else is refused before it is decoded or compared.
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 class AuthSettings(ServiceSettings):
@@ -59,13 +64,21 @@ class AuthSettings(ServiceSettings):
     audience: str = ""
     # Allowed ``sub`` patterns (comma-separated or JSON); empty: any subject the issuer signed for this audience.
     allowed_subjects: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Per-route patterns (JSON ``{"<route path template>": [patterns]}``, e.g. the controller's ``"/"`` and
+    # ``"/dead-letter"``): a listed route accepts only its own senders, instead of ``allowed_subjects``.
+    route_subjects: dict[str, list[str]] = Field(default_factory=dict)
     # TLS and bearer token for reading the discovery document and keys ("" = system CAs, no token).
     ca_file: str = ""
     discovery_token_file: str = ""
     # Clock skew tolerated on exp/nbf/iat.
     leeway_s: float = Field(30.0, ge=0, le=600)
-    # Keys are fetched again at most this often when a token names an unknown key id.
+    # Longest accepted token lifetime (exp - iat); Knative's dispatcher requests 1 h tokens.
+    max_token_lifetime_s: float = Field(3600.0, gt=0)
+    # Keys are fetched again at most this often when a token names an unknown key id; after a failed fetch, not
+    # before jwks_failure_backoff_s (doubling per failure, at most jwks_max_failure_backoff_s).
     jwks_min_refresh_s: float = Field(30.0, ge=0)
+    jwks_failure_backoff_s: float = Field(10.0, ge=0)
+    jwks_max_failure_backoff_s: float = Field(300.0, ge=0)
     http_timeout_s: float = Field(5.0, gt=0)
     # token: the shared token, or a file holding it (the file wins when both are set).
     token: SecretStr = SecretStr("")
@@ -103,6 +116,8 @@ def bearer_token(authorization: str | None) -> str:
     scheme, _, token = authorization.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthError("Authorization is not a Bearer token")
+    if not _BEARER_TOKEN.fullmatch(token.strip()):
+        raise AuthError("malformed token")
     return token.strip()
 
 
@@ -120,7 +135,7 @@ class SharedTokenVerifier:
             raise ValueError("the shared token must have at least 16 characters")
         self._token = token.encode("utf-8")
 
-    def verify(self, token: str) -> Caller:
+    def verify(self, token: str, route: str = "") -> Caller:
         if not hmac.compare_digest(token.encode("utf-8"), self._token):
             raise AuthError("token does not match the platform's token")
         return Caller(subject="local-platform", mode=self.mode)
@@ -132,84 +147,74 @@ class OidcVerifier:
     mode = "oidc"
 
     def __init__(self, issuer: str, audience: str, allowed_subjects: list[str] | None = None, *,
-                 discovery_url: str = "", ca_file: str = "", discovery_token_file: str = "",
-                 leeway_s: float = 30.0, jwks_min_refresh_s: float = 30.0, http_timeout_s: float = 5.0) -> None:
+                 route_subjects: dict[str, list[str]] | None = None, discovery_url: str = "", ca_file: str = "",
+                 discovery_token_file: str = "", leeway_s: float = 30.0, max_token_lifetime_s: float = 3600.0,
+                 jwks_min_refresh_s: float = 30.0, jwks_failure_backoff_s: float = 10.0,
+                 jwks_max_failure_backoff_s: float = 300.0, http_timeout_s: float = 5.0) -> None:
         if not issuer or not audience:
             raise ValueError("OIDC verification needs an issuer and an audience")
         self.issuer = issuer
         self.audience = audience
         self.allowed_subjects = list(allowed_subjects or [])
-        self.discovery_url = discovery_url or issuer.rstrip("/") + DISCOVERY_PATH
+        self.route_subjects = {route: list(patterns) for route, patterns in (route_subjects or {}).items()}
         self.leeway_s = leeway_s
-        self.jwks_min_refresh_s = jwks_min_refresh_s
-        self.http_timeout_s = http_timeout_s
-        self._ssl = ssl.create_default_context(cafile=ca_file) if ca_file else None
-        self._discovery_token_file = discovery_token_file
-        self._keys: dict[str, Any] = {}
-        self._keys_fetched_at = float("-inf")
-        self._lock = threading.Lock()
+        self.max_token_lifetime_s = max_token_lifetime_s
+        self.keys = IssuerKeys(issuer, discovery_url or issuer.rstrip("/") + DISCOVERY_PATH,
+                               ssl_context=ssl.create_default_context(cafile=ca_file or None),
+                               token_file=discovery_token_file, timeout_s=http_timeout_s,
+                               min_refresh_s=jwks_min_refresh_s, failure_backoff_s=jwks_failure_backoff_s,
+                               max_failure_backoff_s=jwks_max_failure_backoff_s)
 
     @classmethod
     def from_settings(cls, settings: AuthSettings) -> "OidcVerifier":
         return cls(settings.issuer, settings.audience, settings.allowed_subjects,
-                   discovery_url=settings.discovery_url, ca_file=settings.ca_file,
-                   discovery_token_file=settings.discovery_token_file, leeway_s=settings.leeway_s,
-                   jwks_min_refresh_s=settings.jwks_min_refresh_s, http_timeout_s=settings.http_timeout_s)
+                   route_subjects=settings.route_subjects, discovery_url=settings.discovery_url,
+                   ca_file=settings.ca_file, discovery_token_file=settings.discovery_token_file,
+                   leeway_s=settings.leeway_s, max_token_lifetime_s=settings.max_token_lifetime_s,
+                   jwks_min_refresh_s=settings.jwks_min_refresh_s,
+                   jwks_failure_backoff_s=settings.jwks_failure_backoff_s,
+                   jwks_max_failure_backoff_s=settings.jwks_max_failure_backoff_s,
+                   http_timeout_s=settings.http_timeout_s)
 
-    def _get_json(self, url: str) -> Any:
-        request = urllib.request.Request(url, headers={"Accept": "application/json"})
-        if self._discovery_token_file:
-            token = Path(self._discovery_token_file).read_text(encoding="utf-8").strip()
-            request.add_header("Authorization", f"Bearer {token}")
-        with urllib.request.urlopen(request, timeout=self.http_timeout_s, context=self._ssl) as response:
-            return json.loads(response.read(1024 * 1024))
+    @property
+    def jwks_min_refresh_s(self) -> float:
+        return self.keys.min_refresh_s
 
-    def refresh_keys(self) -> None:
-        import jwt
+    @jwks_min_refresh_s.setter
+    def jwks_min_refresh_s(self, value: float) -> None:
+        self.keys.min_refresh_s = value
 
-        discovery = self._get_json(self.discovery_url)
-        if discovery.get("issuer") != self.issuer:
-            raise AuthError("the discovery document names another issuer")
-        jwks = self._get_json(discovery["jwks_uri"])
-        keys = {}
-        for entry in jwks.get("keys", []):
-            try:
-                keys[entry.get("kid", "")] = jwt.PyJWK(entry)
-            except (jwt.PyJWTError, KeyError, ValueError):
-                continue  # a key type or algorithm this verifier does not use
-        self._keys = keys
-        self._keys_fetched_at = time.monotonic()
-        log.info("issuer keys loaded", extra={"issuer": self.issuer, "keys": len(keys)})
+    def subjects_for(self, route: str) -> list[str]:
+        return self.route_subjects.get(route, self.allowed_subjects)
 
-    def _key(self, kid: str) -> Any:
-        with self._lock:
-            key = self._keys.get(kid)
-            if key is None and time.monotonic() - self._keys_fetched_at >= self.jwks_min_refresh_s:
-                try:
-                    self.refresh_keys()
-                except AuthError:
-                    raise
-                except Exception as error:  # noqa: BLE001 - issuer unreachable: refuse, say why in the log only
-                    log.error("issuer keys not loaded", extra={"issuer": self.issuer,
-                                                               "error": f"{type(error).__name__}: {error}"[:300]})
-                    raise AuthError("issuer keys unavailable") from None
-                key = self._keys.get(kid)
-            if key is None:
-                raise AuthError("token signed with an unknown key")
-            return key
+    def _key(self, header: dict[str, Any]) -> Any:
+        algorithm, kid = header.get("alg"), header.get("kid")
+        if algorithm not in ALLOWED_ALGORITHMS:
+            raise AuthError("token algorithm not accepted")
+        if not isinstance(kid, str) or not kid:
+            raise AuthError("token names no key")
+        try:
+            key = self.keys.get(kid)
+        except IssuerKeysUnavailable:
+            raise AuthError("issuer keys unavailable") from None
+        if key is None:
+            raise AuthError("token signed with an unknown key")
+        # The key's JWK fixes its algorithm (``alg``, else RS256 for RSA, by curve for EC): a token naming another
+        # (PS256 or ES256 against an RS256 key) is refused before any signature check.
+        if key.algorithm_name != algorithm:
+            raise AuthError("token algorithm does not match its key")
+        return key
 
-    def verify(self, token: str) -> Caller:
+    def verify(self, token: str, route: str = "") -> Caller:
         import jwt
 
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, ValueError, TypeError):
             raise AuthError("malformed token") from None
-        if header.get("alg") not in ALLOWED_ALGORITHMS:
-            raise AuthError("token algorithm not accepted")
-        key = self._key(str(header.get("kid", "")))
+        key = self._key(header)
         try:
-            claims = jwt.decode(token, key=key.key, algorithms=[header["alg"]], audience=self.audience,
+            claims = jwt.decode(token, key=key.key, algorithms=[key.algorithm_name], audience=self.audience,
                                 issuer=self.issuer, leeway=self.leeway_s,
                                 options={"require": ["exp", "iat", "iss", "aud", "sub"]})
         except jwt.ExpiredSignatureError:
@@ -220,10 +225,12 @@ class OidcVerifier:
             raise AuthError("token from another issuer") from None
         except jwt.InvalidSignatureError:
             raise AuthError("bad token signature") from None
-        except jwt.PyJWTError as error:
+        except (jwt.PyJWTError, ValueError, TypeError) as error:
             raise AuthError(f"invalid token ({type(error).__name__})") from None
+        if claims["exp"] - claims["iat"] > self.max_token_lifetime_s + self.leeway_s:
+            raise AuthError("token lifetime longer than allowed")
         subject = str(claims["sub"])
-        if not subject_allowed(subject, self.allowed_subjects):
+        if not subject_allowed(subject, self.subjects_for(route)):
             raise AuthError("sender identity not allowed", status=403)
         return Caller(subject=subject, mode=self.mode)
 
@@ -265,12 +272,23 @@ def auth_middleware(verifier: Verifier) -> Callable[..., Awaitable[Any]]:
         try:
             token = bearer_token(request.headers.get("Authorization"))
             # Verification may fetch the issuer's keys (blocking I/O): off the event loop.
-            await asyncio.to_thread(verifier.verify, token)
+            await asyncio.to_thread(verifier.verify, token, route_template(request))
         except AuthError as refused:
             log.warning("request refused", extra={"method": request.method, "path": request.path,
                                                   "status": refused.status, "reason": refused.reason})
             headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if refused.status == 401 else {}
             return web.json_response({"error": refused.reason}, status=refused.status, headers=headers)
+        except Exception as error:  # noqa: BLE001 - whatever a header does to a parser is the caller's fault: 401
+            log.error("request refused: token verification failed", extra={
+                "method": request.method, "path": request.path, "status": 401, "error": type(error).__name__})
+            return web.json_response({"error": "invalid token"}, status=401,
+                                     headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
         return await handler(request)
 
     return authenticate
+
+
+def route_template(request: Any) -> str:
+    """The path template of the route a request matched (``/``, ``/dead-letter``, ``/{config_name}``), or ""."""
+    resource = request.match_info.route.resource
+    return (resource.canonical if resource is not None else "") or ""

@@ -6,12 +6,15 @@
 2. no userinfo (``user:password@``): credentials belong in the Secret, not in a URL that is stored and logged;
 3. no numeric host spelled unusually (``2130706433``, ``0x7f.1``, ``0177.0.0.1``): resolvers read them as IPs;
 4. the allowlist (``allowed_endpoints``: ``scheme://host[:port]``, ``*.`` prefix for subdomains), when set;
-5. every address the host resolves to (DNS, now): never link-local (169.254.0.0/16 cloud metadata, fe80::/10,
-   fd00:ec2::/32), unspecified, multicast or reserved; loopback and private ranges (RFC 1918, fc00::/7) and the
-   configured pod/service CIDRs only when ``allow_private`` is set (the local platform, whose S3 is on loopback).
+5. every address the host resolves to (DNS, now), by the table of special-purpose ranges (address_classes.py):
+   never link-local (169.254.0.0/16 cloud metadata, fe80::/10, fd00:ec2::/32), unspecified, multicast, reserved,
+   CGNAT, documentation, benchmarking, 6to4, Teredo, site-local ...; IPv4-mapped and NAT64 addresses judged by the
+   IPv4 address they carry; loopback and private ranges (RFC 1918, fc00::/7) and the configured pod/service CIDRs
+   only when ``allow_private`` is set (the local platform, whose S3 is on loopback).
 
 ``guarded_s3_client_hooks`` then pins the client to that endpoint: botocore never follows an HTTP redirect itself,
-and any request to another host (S3's region redirector rewriting the URL after a 301) is refused before it is sent.
+and any request to another host (S3's region redirector rewriting the URL after a 301) is refused before it is sent;
+the Wrapper's client also connects only to ``CheckedEndpoint.addresses`` (services/wrapper/inputs/s3_pinning.py).
 
 A refusal (``EndpointRefused``) names the rule and the host, never the URL's userinfo, path or query.
 """
@@ -28,15 +31,9 @@ from urllib.parse import SplitResult, urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from .address_classes import AddressUse, address_class, embedded_ipv4
 from .settings import ENV_PREFIX, ServiceSettings, comma_or_json_list
 
-# Always refused, whatever the local flags: metadata services and addresses no S3 endpoint has.
-ALWAYS_DENIED = tuple(ipaddress.ip_network(cidr) for cidr in (
-    "0.0.0.0/8", "169.254.0.0/16", "100.64.0.0/10", "224.0.0.0/4", "240.0.0.0/4", "255.255.255.255/32",
-    "::/128", "fe80::/10", "fd00:ec2::/32", "ff00::/8", "64:ff9b::/96",
-))
-LOOPBACK = tuple(ipaddress.ip_network(c) for c in ("127.0.0.0/8", "::1/128"))
-PRIVATE = tuple(ipaddress.ip_network(c) for c in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
 _DOTTED_DECIMAL = re.compile(r"^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$")
 _NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]*))*\.?$", re.IGNORECASE)
 
@@ -153,19 +150,23 @@ class S3EndpointPolicy:
         return host == allowed_host
 
     def check_address(self, address: str, host: str) -> None:
+        """The address rules, from the table of special-purpose ranges (services/core/address_classes.py); Python's
+        own classification (``is_reserved``, ``is_private`` ...) refuses whatever the table does not name."""
         ip = ipaddress.ip_address(address.split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        loopback = any(ip in network for network in LOOPBACK)
-        if any(ip in network for network in ALWAYS_DENIED) or ip.is_link_local or ip.is_multicast \
-                or ip.is_unspecified or (ip.is_reserved and not loopback):
-            raise EndpointRefused("link-local-or-reserved", f"host {host!r} resolves to a link-local or reserved "
-                                                            "address")
+        row = address_class(ip)
+        if row is not None and row.use is AddressUse.EMBEDS_IPV4 and isinstance(ip, ipaddress.IPv6Address):
+            self.check_address(str(embedded_ipv4(ip)), host)
+            return
+        use = row.use if row is not None else None
+        what = row.name if row is not None else "a reserved address"
+        if use is AddressUse.NEVER or ip.is_link_local or ip.is_multicast or ip.is_unspecified \
+                or (ip.is_reserved and use is not AddressUse.LOOPBACK):
+            raise EndpointRefused("link-local-or-reserved", f"host {host!r} resolves to {what}")
         if self.allow_private:
             return
-        if loopback:
+        if use is AddressUse.LOOPBACK:
             raise EndpointRefused("loopback", f"host {host!r} resolves to a loopback address")
-        if any(ip in network for network in PRIVATE) or ip.is_private:
+        if use is AddressUse.PRIVATE or ip.is_private:
             raise EndpointRefused("private", f"host {host!r} resolves to a private address")
         if any(ip.version == network.version and ip in network for network in self.denied):
             raise EndpointRefused("cluster-network", f"host {host!r} resolves into the cluster's pod or service "

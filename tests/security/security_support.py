@@ -5,9 +5,13 @@ server (an S3 endpoint or a redirect target that must never be reached), and sma
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import json
 import os
+import ssl
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -20,7 +24,10 @@ from typing import Any, Callable, Iterator, Mapping
 
 import jwt
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 from services.local_platform.infra import free_port
 
@@ -32,17 +39,66 @@ def new_rsa_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
+_TLS_FILES: tuple[str, str] | None = None
+
+
+def loopback_tls_files() -> tuple[str, str]:
+    """(certificate, key) of a self-signed certificate for 127.0.0.1 and localhost, made once per test run: the
+    certificate is also the CA file the verifier trusts (``EOML_AUTH_CA_FILE``), as the cluster CA is in a pod."""
+    global _TLS_FILES
+    if _TLS_FILES is None:
+        key = new_rsa_key()
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "eoml-test-issuer")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                       .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+                       .not_valid_after(now + datetime.timedelta(days=1))
+                       .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                       .add_extension(x509.SubjectAlternativeName([
+                           x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+                           critical=False)
+                       .sign(key, hashes.SHA256()))
+        folder = Path(tempfile.mkdtemp(prefix="eoml-test-tls-"))
+        (folder / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+        _TLS_FILES = (str(folder / "cert.pem"), str(folder / "key.pem"))
+    return _TLS_FILES
+
+
+def issuer_ca_file() -> str:
+    return loopback_tls_files()[0]
+
+
 class Issuer:
     """An OIDC issuer as the Kubernetes API server is one: ``/.well-known/openid-configuration`` and ``/openid/v1/jwks``
-    on a real HTTP server; tokens signed with its RSA key (``kid`` ``test-key-1``)."""
+    over https (a certificate made here, ``issuer_ca_file()``); tokens signed with its RSA key (``kid`` ``test-key-1``).
 
-    def __init__(self) -> None:
+    Knobs for attacks on the key fetch: ``jwks_uri`` (what the discovery document names), ``redirect_to`` (every
+    answer a 302 there), ``status`` (every answer that HTTP status: an issuer that is down), ``jwks_delay_s`` (a slow
+    JWKS answer); ``requests`` and ``request_headers`` record what reached it."""
+
+    def __init__(self, *, tls: bool = True) -> None:
         self.key = new_rsa_key()
         self.kid = "test-key-1"
         self.requests: list[str] = []
+        self.request_headers: list[dict[str, str]] = []
+        self.redirect_to = ""
+        self.status = 200
+        self.jwks_delay_s = 0.0
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*loopback_tls_files())
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self._server.server_address[1]}"
+        self.jwks_uri = f"{self.url}/openid/v1/jwks"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def jwks(self) -> dict[str, Any]:
+        public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
+        return {"keys": [{**public, "kid": self.kid, "use": "sig", "alg": "RS256"}]}
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         issuer = self
@@ -50,13 +106,23 @@ class Issuer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 issuer.requests.append(self.path)
+                issuer.request_headers.append({k.lower(): v for k, v in self.headers.items()})
+                if issuer.redirect_to:
+                    self.send_response(302)
+                    self.send_header("Location", issuer.redirect_to + self.path)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if issuer.status != 200:
+                    self.send_error(issuer.status)
+                    return
                 if self.path == "/.well-known/openid-configuration":
-                    body = {"issuer": issuer.url, "jwks_uri": f"{issuer.url}/openid/v1/jwks",
+                    body = {"issuer": issuer.url, "jwks_uri": issuer.jwks_uri,
                             "response_types_supported": ["id_token"], "subject_types_supported": ["public"],
                             "id_token_signing_alg_values_supported": ["RS256"]}
                 elif self.path == "/openid/v1/jwks":
-                    public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(issuer.key.public_key()))
-                    body = {"keys": [{**public, "kid": issuer.kid, "use": "sig", "alg": "RS256"}]}
+                    time.sleep(issuer.jwks_delay_s)
+                    body = issuer.jwks()
                 else:
                     self.send_error(404)
                     return
@@ -73,11 +139,12 @@ class Issuer:
         return Handler
 
     def token(self, subject: str, audience: str, *, expires_in_s: float = 600, issuer: str | None = None,
-              key: rsa.RSAPrivateKey | None = None, kid: str | None = None) -> str:
+              key: rsa.RSAPrivateKey | None = None, kid: str | None = None, algorithm: str = "RS256",
+              issued_at: int | None = None) -> str:
         now = int(time.time())
-        claims = {"iss": issuer or self.url, "aud": [audience], "sub": subject, "iat": now - 5,
-                  "nbf": now - 5, "exp": now + int(expires_in_s)}
-        return jwt.encode(claims, key or self.key, algorithm="RS256", headers={"kid": kid or self.kid})
+        claims = {"iss": issuer or self.url, "aud": [audience], "sub": subject,
+                  "iat": now - 5 if issued_at is None else issued_at, "nbf": now - 5, "exp": now + int(expires_in_s)}
+        return jwt.encode(claims, key or self.key, algorithm=algorithm, headers={"kid": kid or self.kid})
 
     def close(self) -> None:
         self._server.shutdown()
@@ -92,6 +159,7 @@ class RecordingServer:
     status: int = 200
     headers: Mapping[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
+    tls: bool = False  # https with the certificate of loopback_tls_files() (127.0.0.1, localhost)
     requests: list[tuple[str, str]] = field(default_factory=list)
     request_headers: list[dict[str, str]] = field(default_factory=list)
 
@@ -117,8 +185,12 @@ class RecordingServer:
                 pass
 
         self._server = ThreadingHTTPServer((self.host, 0), Handler)
+        if self.tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*loopback_tls_files())
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
-        self.url = f"http://{self.host}:{self.port}"
+        self.url = f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def close(self) -> None:

@@ -1,7 +1,7 @@
 """Every state-changing entry point refuses callers without a valid sender token, and accepts the right one.
 
 Tokens are real JWTs signed here with generated RSA keys; the issuer's discovery document and JWKS are served by a
-real HTTP server; the services verify with their real verifier (services/core/auth.py):
+real HTTPS server (a certificate made by the test, trusted through ``EOML_AUTH_CA_FILE``); the services verify with their real verifier (services/core/auth.py):
 
 - controller ``POST /`` (the ``eo-controller serve`` process) and ``POST /dead-letter`` (its app in-process, with a
   recording dead-letter writer: the endpoint exists only next to a Kafka producer on Kubernetes);
@@ -15,11 +15,14 @@ The refusal's log line names the reason, never the token or the body.
 
 from __future__ import annotations
 
+from http.client import HTTPConnection
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
+from urllib.parse import urlsplit
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from security_support import (
     CANARY,
@@ -30,12 +33,13 @@ from security_support import (
     bearer,
     cloudevent_headers,
     http,
+    issuer_ca_file,
     new_rsa_key,
     wait_until,
 )
 from services.controller.http_app import build_app
 from services.controller.reconciler import WorkflowController
-from services.core.auth import AuthError, OidcVerifier
+from services.core.auth import AuthError, OidcVerifier, SharedTokenVerifier
 from services.core.step_config import LocalStepConfigStore, StepConfig, StepCredentials, step_config_name
 from services.local_platform.infra import free_port
 
@@ -64,6 +68,35 @@ def refused_tokens(issuer: Issuer, audience: str, subject: str) -> dict[str, dic
     }
 
 
+def hostile_tokens(issuer: Issuer, audience: str, subject: str) -> dict[str, dict[str, str]]:
+    """Tokens of the right sender whose header or lifetime is wrong: each must be 401, never a 5xx or accepted."""
+    return {
+        "ES256 header naming the RSA key": bearer(issuer.token(
+            subject, audience, key=ec.generate_private_key(ec.SECP256R1()), algorithm="ES256")),  # type: ignore[arg-type]
+        "PS256 with the RS256 key": bearer(issuer.token(subject, audience, algorithm="PS256")),
+        "lifetime of two days": bearer(issuer.token(subject, audience, expires_in_s=2 * 86400)),
+    }
+
+
+RAW_AUTHORIZATIONS = (b"Bearer \xff\xfe", b"Bearer \xc3\xa9t\xc3\xa9", b"bearer \xff")
+
+
+def post_raw_authorization(url: str, path: str, authorization: bytes, headers: Mapping[str, str],
+                           body: bytes) -> int:
+    """POST with an Authorization header of raw bytes (http.client sends bytes values as they are)."""
+    parts = urlsplit(url)
+    connection = HTTPConnection(parts.hostname or "", parts.port, timeout=20)
+    try:
+        connection.putrequest("POST", path)
+        for name, value in {**headers, "Content-Length": str(len(body))}.items():
+            connection.putheader(name, value)
+        connection.putheader("Authorization", authorization)
+        connection.endheaders(body)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
 @pytest.fixture(scope="module")
 def issuer() -> Iterator[Issuer]:
     served = Issuer()
@@ -73,7 +106,8 @@ def issuer() -> Iterator[Issuer]:
 
 def oidc_env(issuer: Issuer, audience: str, subjects: list[str]) -> dict[str, str]:
     return {"EOML_AUTH_MODE": "oidc", "EOML_AUTH_ISSUER": issuer.url, "EOML_AUTH_AUDIENCE": audience,
-            "EOML_AUTH_ALLOWED_SUBJECTS": ",".join(subjects), "EOML_AUTH_JWKS_MIN_REFRESH_S": "0"}
+            "EOML_AUTH_ALLOWED_SUBJECTS": ",".join(subjects), "EOML_AUTH_JWKS_MIN_REFRESH_S": "0",
+            "EOML_AUTH_CA_FILE": issuer_ca_file()}
 
 
 def workflow(topic: str, endpoint: str) -> dict[str, Any]:
@@ -98,6 +132,7 @@ def controller(issuer: Issuer, kafka_broker, tmp_path_factory) -> Iterator[tuple
     root = tmp_path_factory.mktemp("controller")
     port = free_port()
     env = {**oidc_env(issuer, CONTROLLER_AUDIENCE, [CONTROLLER_SOURCE_SA, STEP_SOURCE_PATTERN]),
+           "EOML_AUTH_ROUTE_SUBJECTS": json.dumps({"/": [CONTROLLER_SOURCE_SA]}),
            "EOML_CONTROLLER_HTTP_HOST": "127.0.0.1", "EOML_CONTROLLER_HTTP_PORT": str(port),
            "EOML_CONTROLLER_SOURCE_DRIVER": "local", "EOML_CONTROLLER_STORE": "local",
            "EOML_CONTROLLER_STORE_ROOT": str(root / "store"),
@@ -113,12 +148,17 @@ def test_controller_post_refuses_every_bad_credential_and_stores_nothing(control
     process, store, url = controller
     body = json.dumps(workflow("sec.refused", "http://127.0.0.1:9")).encode()
     attempts = refused_tokens(issuer, CONTROLLER_AUDIENCE, CONTROLLER_SOURCE_SA)
+    attempts.update(hostile_tokens(issuer, CONTROLLER_AUDIENCE, CONTROLLER_SOURCE_SA))
     attempts["valid token, wrong sender"] = bearer(issuer.token(OTHER_POD_SA, CONTROLLER_AUDIENCE))
+    # Intake is the system.ML source's alone: a step source (allowed on /dead-letter) is no sender of workflows.
+    attempts["valid token, step source"] = bearer(issuer.token(STEP_SOURCE_SA, CONTROLLER_AUDIENCE))
     for name, headers in attempts.items():
         status, answer = http("POST", f"{url}/", body, {**cloudevent_headers("eoml-system", "system.ML"), **headers})
-        expected = 403 if name == "valid token, wrong sender" else 401
+        expected = 403 if name.startswith("valid token,") else 401
         assert status == expected, (name, status, answer)
         assert CANARY not in answer.decode()
+    for raw in RAW_AUTHORIZATIONS:
+        assert post_raw_authorization(url, "/", raw, cloudevent_headers("eoml-system", "system.ML"), body) == 401, raw
     assert not store.exists() or not any(store.rglob("*.json"))
     log = process.log()
     assert "request refused" in log
@@ -147,8 +187,11 @@ def test_controller_post_accepts_the_system_topic_source(controller, issuer) -> 
 
 def test_dead_letter_endpoint_needs_a_step_source_identity(issuer) -> None:
     written: list[tuple[str, bytes]] = []
-    verifier = OidcVerifier(issuer.url, CONTROLLER_AUDIENCE, [CONTROLLER_SOURCE_SA, STEP_SOURCE_PATTERN],
-                            jwks_min_refresh_s=0)
+    # The route's own list replaces the service's: the step source is let in on /dead-letter only.
+    verifier = OidcVerifier(issuer.url, CONTROLLER_AUDIENCE, [CONTROLLER_SOURCE_SA],
+                            route_subjects={"/": [CONTROLLER_SOURCE_SA],
+                                            "/dead-letter": [CONTROLLER_SOURCE_SA, STEP_SOURCE_PATTERN]},
+                            jwks_min_refresh_s=0, ca_file=issuer_ca_file())
     app = build_app(WorkflowController(None, None, ""),  # type: ignore[arg-type] - never reached when refused
                     lambda topic, value, _headers: written.append((topic, value)), verifier=verifier)
     served = InProcessApp(app)
@@ -156,15 +199,20 @@ def test_dead_letter_endpoint_needs_a_step_source_identity(issuer) -> None:
         headers = {**cloudevent_headers(NAMESPACE, "wf.in"), "ce-knativeerrorcode": "500"}
         body = json.dumps({"previous_component_end": "True", "S3_bucket_desc": {"folder": "x"}}).encode()
         attempts = refused_tokens(issuer, CONTROLLER_AUDIENCE, STEP_SOURCE_SA)
+        attempts.update(hostile_tokens(issuer, CONTROLLER_AUDIENCE, STEP_SOURCE_SA))
         attempts["a pod of the workflow namespace"] = bearer(issuer.token(OTHER_POD_SA, CONTROLLER_AUDIENCE))
         for name, auth in attempts.items():
             status, _ = http("POST", f"{served.url}/dead-letter", body, {**headers, **auth})
-            assert status == (403 if name == "a pod of the workflow namespace" else 401), name
+            assert status == (403 if name == "a pod of the workflow namespace" else 401), (name, status)
         assert written == []
         status, answer = http("POST", f"{served.url}/dead-letter", body,
                               {**headers, **bearer(issuer.token(STEP_SOURCE_SA, CONTROLLER_AUDIENCE))})
         assert status == 202, answer
         assert [topic for topic, _ in written] == ["wf.in.dlq"]
+        # ... and not on intake.
+        status, _ = http("POST", f"{served.url}/", body,
+                         {**headers, **bearer(issuer.token(STEP_SOURCE_SA, CONTROLLER_AUDIENCE))})
+        assert status == 403
     finally:
         served.close()
 
@@ -199,12 +247,17 @@ def test_wrapper_refuses_every_bad_credential_and_runs_nothing(wrapper, issuer) 
     body = json.dumps({"previous_component_end": "True", "S3_bucket_desc": {"folder": "in", "filename": ""},
                        "meta_information": {}}).encode()
     attempts = refused_tokens(issuer, WRAPPER_AUDIENCE, STEP_SOURCE_SA)
+    attempts.update(hostile_tokens(issuer, WRAPPER_AUDIENCE, STEP_SOURCE_SA))
     attempts["valid token, wrong sender"] = bearer(issuer.token(OTHER_POD_SA, WRAPPER_AUDIENCE))
     for path in (f"/{config_name}", "/"):
         for offset, (name, headers) in enumerate(attempts.items()):
             status, _ = http("POST", f"{url}{path}", body,
                              {**cloudevent_headers(NAMESPACE, "sec.wrapper.in", offset), **headers})
             assert status == (403 if name == "valid token, wrong sender" else 401), (path, name, status)
+        for offset, raw in enumerate(RAW_AUTHORIZATIONS, start=100):
+            status = post_raw_authorization(url, path, raw, cloudevent_headers(NAMESPACE, "sec.wrapper.in", offset),
+                                            body)
+            assert status == 401, (path, raw, status)
     assert step_requests(s3) == []
     log = process.log()
     assert "request refused" in log and CANARY not in log and "S3_bucket_desc" not in log
@@ -230,7 +283,8 @@ def test_wrapper_accepts_a_step_source_of_its_namespace(wrapper, issuer) -> None
 def test_verifier_follows_key_rotation_and_rate_limits_refetches(issuer) -> None:
     rotated = Issuer()
     try:
-        verifier = OidcVerifier(rotated.url, WRAPPER_AUDIENCE, [STEP_SOURCE_PATTERN], jwks_min_refresh_s=3600)
+        verifier = OidcVerifier(rotated.url, WRAPPER_AUDIENCE, [STEP_SOURCE_PATTERN], jwks_min_refresh_s=3600,
+                                ca_file=issuer_ca_file())
         assert verifier.verify(rotated.token(STEP_SOURCE_SA, WRAPPER_AUDIENCE)).subject == STEP_SOURCE_SA
         fetches = len(rotated.requests)
         # Tokens naming unknown keys cannot make the verifier hammer the issuer: one refetch per interval.
@@ -245,3 +299,22 @@ def test_verifier_follows_key_rotation_and_rate_limits_refetches(issuer) -> None
         assert len(rotated.requests) == fetches + 2  # discovery document and JWKS, once
     finally:
         rotated.close()
+
+
+# -- shared-token mode (the local platform) ------------------------------------------------------------------------
+
+
+def test_shared_token_mode_answers_401_to_any_header_bytes() -> None:
+    written: list[tuple[str, bytes]] = []
+    app = build_app(WorkflowController(None, None, ""),  # type: ignore[arg-type] - never reached when refused
+                    lambda topic, value, _headers: written.append((topic, value)),
+                    verifier=SharedTokenVerifier("local-platform-token-" + "x" * 16))
+    served = InProcessApp(app)
+    try:
+        headers = {**cloudevent_headers(NAMESPACE, "wf.in"), "ce-knativeerrorcode": "500"}
+        for path in ("/", "/dead-letter"):
+            for raw in RAW_AUTHORIZATIONS:
+                assert post_raw_authorization(served.url, path, raw, headers, b"{}") == 401, (path, raw)
+        assert written == []
+    finally:
+        served.close()

@@ -4,6 +4,7 @@ Also the KafkaSource the controller creates carries the sink audiences and still
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -102,6 +103,13 @@ def test_services_verify_sender_identity_and_sources_send_it(docs) -> None:
         if service["metadata"]["labels"]["app.kubernetes.io/component"] == "wrapper":
             assert subjects == [f"system:serviceaccount:{namespace}:*{SOURCE_SUFFIX}"]
         else:
+            # Intake only from the controller's own system.ML source (its exact account, or the release namespace's
+            # sources where Knative hashes a long name); dead letters from every source.
+            routes = json.loads(variables["EOML_AUTH_ROUTE_SUBJECTS"])
+            assert routes["/"] in ([f"system:serviceaccount:{namespace}:{name}{SOURCE_SUFFIX}"],
+                                   [f"system:serviceaccount:{namespace}:*{SOURCE_SUFFIX}"])
+            assert all(not s.startswith(f"system:serviceaccount:{namespace}:") for s in subjects[1:])
+            assert routes["/dead-letter"] == subjects
             assert variables["EOML_CONTROLLER_DEAD_LETTER_AUDIENCE"] == variables["EOML_AUTH_AUDIENCE"]
             assert variables["EOML_CONTROLLER_WRAPPER_AUDIENCE_TEMPLATE"] == \
                 "serving.knative.dev/service/{namespace}/{service}"

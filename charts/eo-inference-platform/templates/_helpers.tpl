@@ -213,7 +213,8 @@ the head of names over 63 characters but keeps the suffix, so long names fall ba
 {{- end -}}
 
 {{/* EOML_AUTH_* of a service: OIDC sender identity when auth.oidc.enabled. Call with
-(dict "root" $ "audience" "..." "subjects" (list ...)). */}}
+(dict "root" $ "audience" "..." "subjects" (list ...)), and "routeSubjects" (dict "<route>" (list ...)) where a
+route accepts fewer senders than the service. */}}
 {{- define "eoml.authEnv" -}}
 {{- $oidc := .root.Values.auth.oidc -}}
 {{- if $oidc.enabled -}}
@@ -227,6 +228,10 @@ the head of names over 63 characters but keeps the suffix, so long names fall ba
   value: {{ .audience | quote }}
 - name: EOML_AUTH_ALLOWED_SUBJECTS
   value: {{ join "," .subjects | quote }}
+{{- with .routeSubjects }}
+- name: EOML_AUTH_ROUTE_SUBJECTS
+  value: {{ toJson . | quote }}
+{{- end }}
 # The API server serves its discovery document to service accounts, over TLS signed by the cluster CA.
 - name: EOML_AUTH_CA_FILE
   value: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt

@@ -23,6 +23,7 @@ from botocore.exceptions import (
 
 from services.core.s3_endpoint_policy import EndpointRefused, S3EndpointPolicy, guarded_s3_client_hooks
 from services.wrapper.inputs.band_files import parse_band_file_path
+from services.wrapper.inputs.s3_pinning import pin_client_connections
 from services.wrapper.inputs.settings import InputLimits, S3Access
 from services.wrapper.inputs.types import InputError
 
@@ -48,10 +49,11 @@ def make_s3_client(access: S3Access, policy: S3EndpointPolicy | None = None) -> 
     """A boto3 S3 client with bounded retries and timeouts, path-style addressing for non-AWS endpoints.
 
     The endpoint (it comes from a workflow message) passes the S3 endpoint policy first (``EOML_S3_POLICY_*``,
-    services/core/s3_endpoint_policy.py) and the client is pinned to it; a refusal is an ``InputError``."""
+    services/core/s3_endpoint_policy.py) and the client is pinned to it: to its host (no redirect) and to the
+    addresses the policy approved (s3_pinning.py); a refusal is an ``InputError``."""
+    policy = policy or S3EndpointPolicy.from_settings()
     try:
-        checked = (policy or S3EndpointPolicy.from_settings()).check(access.endpoint_url) \
-            if access.endpoint_url else None
+        checked = policy.check(access.endpoint_url) if access.endpoint_url else None
     except EndpointRefused as refused:
         raise InputError(str(refused)) from None
     config = Config(
@@ -62,7 +64,7 @@ def make_s3_client(access: S3Access, policy: S3EndpointPolicy | None = None) -> 
         # MinIO, Ceph and most on-premise endpoints do not serve bucket-named hosts.
         s3={"addressing_style": "path"} if access.endpoint_url else {},
     )
-    return guarded_s3_client_hooks(boto3.client(
+    client = guarded_s3_client_hooks(boto3.client(
         "s3",
         endpoint_url=access.endpoint_url,
         region_name=access.region_name,
@@ -70,6 +72,8 @@ def make_s3_client(access: S3Access, policy: S3EndpointPolicy | None = None) -> 
         aws_secret_access_key=access.aws_secret_access_key.get_secret_value(),
         config=config,
     ), checked)
+    # Connections go to the addresses just checked, never to what DNS answers later.
+    return pin_client_connections(client, checked, policy) if checked is not None else client
 
 
 def s3_failure(error: Exception, action: str, client: S3Client, source: str = "") -> InputError:
