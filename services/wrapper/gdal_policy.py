@@ -10,7 +10,7 @@ Two layers close that, both here so that every open goes through one place:
 
 1. Every open names its driver (``GTIFF``: GTiff, or ``JPEG2000``: JP2OpenJPEG), after a check of the file's magic bytes that turns a
    file of another format into a clear reason for people (``NotTheClaimedFormat``). GDAL then never asks any other
-   driver, whatever the bytes say, and the open options keep georeferencing to what is inside the file.
+   driver, whatever the bytes say.
 2. ``GDAL_CONFIG``, set process-wide by ``ensure_gdal_policy`` when this module is imported (the input and output
    modules import it, so before GDAL registers its drivers) and again by every open: the meta-format and network drivers are not registered at all
    (``GDAL_SKIP``), every curl-based virtual file system (``/vsicurl/``, ``/vsis3/``, ``/vsigs/``, ``/vsiaz/``, ...)
@@ -38,13 +38,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class RasterFormat:
-    """A format the Wrapper accepts: the one GDAL driver that may open it, how to recognise it, its open options."""
+    """A format the Wrapper accepts: the one GDAL driver that may open it and how to recognise it."""
 
     name: str  # for people: "GeoTIFF", "JPEG 2000"
     driver: str
     magics: tuple[bytes, ...]
-    # Georeferencing from inside the file only: no .aux.xml, world file, .tab or .xml sidecar.
-    open_options: Mapping[str, str]
 
     def check_magic(self, head: bytes) -> None:
         """Raise ``NotTheClaimedFormat`` unless ``head`` (the file's first bytes) starts like this format."""
@@ -57,14 +55,12 @@ GTIFF = RasterFormat(
     name="GeoTIFF",
     driver="GTiff",
     magics=(b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"),  # classic TIFF and BigTIFF, both byte orders
-    open_options={"GEOREF_SOURCES": "INTERNAL"},
 )
 JPEG2000 = RasterFormat(
     name="JPEG 2000",
     driver="JP2OpenJPEG",  # the only JPEG 2000 driver in the rasterio wheels
     # The JP2 signature box, or a bare J2K codestream (SOC + SIZ markers).
     magics=(b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51"),
-    open_options={"GEOREF_SOURCES": "INTERNAL"},  # GMLJP2 and GeoJP2 boxes; Sentinel-2 bands use GMLJP2
 )
 MAGIC_BYTES = 16  # enough for every magic above
 
@@ -144,7 +140,7 @@ def open_raster_bytes(data: bytes, fmt: RasterFormat) -> Iterator[DatasetReader]
     ensure_gdal_policy()
     fmt.check_magic(bytes(data[:MAGIC_BYTES]))
     with MemoryFile(data) as memory_file:
-        with memory_file.open(driver=fmt.driver, **fmt.open_options) as dataset:
+        with memory_file.open(driver=fmt.driver) as dataset:
             yield dataset
 
 
@@ -153,7 +149,7 @@ def open_raster_file(path: str, fmt: RasterFormat) -> DatasetReader:
     ensure_gdal_policy()
     with open(path, "rb") as handle:
         fmt.check_magic(handle.read(MAGIC_BYTES))
-    return rasterio.open(path, driver=fmt.driver, **fmt.open_options)
+    return rasterio.open(path, driver=fmt.driver)
 
 
 def _describe_head(head: bytes) -> str:
