@@ -26,7 +26,6 @@ from rasterio.transform import from_origin
 
 from hostile_rasters import HOSTILE, NETWORK, SIDE, Canary, canary_leaked, write
 from security_support import PROJECT_ROOT
-from services.wrapper.gdal_policy import JPEG2000, open_raster_file
 from services.wrapper.inputs.band_files import BandDecodeError, assemble_patch, decode_band_file
 from services.wrapper.inputs.safe_products import tile_safe_bands
 from services.wrapper.inputs.settings import InputLimits
@@ -151,8 +150,7 @@ def test_safe_band_that_is_not_jpeg2000_rejects_the_product_unopened(canary: Can
 
 NETWORK_FILE_SYSTEMS = ("/vsicurl/{url}/a.tif", "/vsicurl_streaming/{url}/b.tif", "/vsicurl?url={url}/c.tif",
                         "/vsis3/bucket/d.tif", "/vsis3_streaming/bucket/e.tif", "/vsigs/bucket/f.tif",
-                        "/vsiaz/container/g.tif", "/vsiadls/container/h.tif", "/vsioss/bucket/i.tif",
-                        "/vsiwebhdfs/{url}/k.tif")
+                        "/vsiaz/container/g.tif", "/vsiadls/container/h.tif", "/vsiwebhdfs/{url}/k.tif")
 
 
 @pytest.mark.parametrize("template", NETWORK_FILE_SYSTEMS)
@@ -163,7 +161,6 @@ def test_gdal_network_file_systems_send_nothing(canary: Canary, template: str) -
                  "AWS_NO_SIGN_REQUEST": "YES", "CPL_GS_ENDPOINT": f"{canary.url}/", "GS_NO_SIGN_REQUEST": "YES",
                  "AZURE_STORAGE_CONNECTION_STRING": f"DefaultEndpointsProtocol=http;AccountName=a;AccountKey=YQ==;"
                                                     f"BlobEndpoint={canary.url}/a;",
-                 "OSS_ENDPOINT": host, "OSS_HTTPS": "NO", "OSS_SECRET_ACCESS_KEY": "x", "OSS_ACCESS_KEY_ID": "x",
                  "AZURE_NO_SIGN_REQUEST": "YES"}
     with rasterio.Env(**endpoints):
         with pytest.raises(rasterio.errors.RasterioIOError):
@@ -197,6 +194,8 @@ def test_sidecar_files_next_to_a_band_are_not_read(tmp_path: Path) -> None:
     (tmp_path / "B02.j2w").write_text("10\n0\n0\n-10\n500005\n5000000\n")
     (tmp_path / "B02.jp2.aux.xml").write_text(
         "<PAMDataset><SRS>EPSG:4326</SRS><GeoTransform>1, 1, 0, 1, 0, -1</GeoTransform></PAMDataset>")
+    from services.wrapper.gdal_policy import JPEG2000, open_raster_file  # here: the other tests run on any version
+
     with open_raster_file(str(band), JPEG2000) as dataset:
         assert dataset.crs is None
         assert dataset.transform.is_identity
@@ -275,7 +274,9 @@ def test_fuzz_safe_reader_with_malformed_jp2_headers(canary: Canary, safe_bands:
     for item in items:
         if isinstance(item, InputPatch):
             assert not any(canary_leaked(array) for array in item.bands.values())
-        else:
-            assert item.reason
+        elif "B8A" in item.reason or "JPEG 2000" in item.reason:
+            pass  # the reason names the damaged band (or says it is not JPEG 2000)
+        else:  # a band grid that no longer lines up names B8A too; anything else is an unexplained rejection
+            raise AssertionError(item.reason)
     assert canary.listener.requests == []
     shutil.rmtree(scratch, ignore_errors=True)
