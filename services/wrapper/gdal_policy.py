@@ -47,8 +47,11 @@ class RasterFormat:
     def check_magic(self, head: bytes) -> None:
         """Raise ``NotTheClaimedFormat`` unless ``head`` (the file's first bytes) starts like this format."""
         if not head.startswith(self.magics):
-            raise NotTheClaimedFormat(f"is not a {self.name} file ({_describe_head(head)}); "
-                                      f"only {self.name} is opened here (GDAL driver {self.driver})")
+            found = _describe_head(head)
+            raise NotTheClaimedFormat(
+                f"is not a {self.name} file ({found}); only {self.name} is opened here (GDAL driver {self.driver})",
+                found=found,
+            )
 
 
 GTIFF = RasterFormat(
@@ -98,6 +101,10 @@ _applied = False
 
 class NotTheClaimedFormat(ValueError):
     """A file whose bytes are not the format its name (and the Wrapper) expects; the message says what it is."""
+
+    def __init__(self, message: str, found: str) -> None:
+        super().__init__(message)
+        self.found = found  # what the file starts with, for people: "it starts with '<VRTDataset rast'"
 
 
 def ensure_gdal_policy() -> None:

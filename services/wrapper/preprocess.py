@@ -127,7 +127,7 @@ def _read_era5_geotiff(data: bytes) -> Era5Stack:
                 crs_wkt = dataset.crs.to_wkt() if dataset.crs else None
                 transform = tuple(dataset.transform)[:6] if crs_wkt is not None else None
     except NotTheClaimedFormat as error:
-        raise PatchInvalid(str(error)) from None
+        raise PatchInvalid(f"is not a readable GeoTIFF ({error.found}; only GDAL's GTiff driver opens it)") from None
     except RasterioError as error:
         raise PatchInvalid(f"is not a readable GeoTIFF ({error})") from None
     if nodata is not None and np.isfinite(nodata):

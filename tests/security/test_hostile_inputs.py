@@ -87,7 +87,7 @@ def test_patch_with_a_disguised_band_is_rejected_with_its_reason_and_the_rest_de
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
 def test_uc6_stack_and_result_reader_open_geotiff_only(canary: Canary, kind: str) -> None:
     payload = HOSTILE[kind](canary)
-    with pytest.raises(PatchInvalid, match="is not a GeoTIFF file"):
+    with pytest.raises(PatchInvalid, match=r"is not a readable GeoTIFF \(it starts with .*only GDAL's GTiff"):
         read_era5_stack(payload, "stack.tif")
     with pytest.raises(OutputFormatError, match="is not a GeoTIFF file"):
         read_geotiff(payload)
