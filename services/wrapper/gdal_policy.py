@@ -8,15 +8,15 @@ endpoint policy, an ISIS3 or PDS label reads ``../../..``-relative files next to
 
 Two layers close that, both here so that every open goes through one place:
 
-1. Every open names its driver (``GTIFF``: GTiff, or ``JPEG2000``: JP2OpenJPEG), after a check of the file's magic bytes that turns a
-   file of another format into a clear reason for people (``NotTheClaimedFormat``). GDAL then never asks any other
-   driver, whatever the bytes say.
-2. ``GDAL_CONFIG``, set process-wide by ``ensure_gdal_policy`` when this module is imported (the input and output
-   modules import it, so before GDAL registers its drivers) and again by every open: the meta-format and network drivers are not registered at all
-   (``GDAL_SKIP``), every curl-based virtual file system (``/vsicurl/``, ``/vsis3/``, ``/vsigs/``, ``/vsiaz/``, ...)
-   refuses every name (``CPL_VSIL_CURL_ALLOWED_FILENAME`` set to a name no path can have), sidecar files
-   (``.ovr``, ``.aux.xml``, ``.msk``, world files, ``.IMD``/``.RPB``) are neither listed nor read, PROJ downloads
-   no grids. This layer holds even for an open that forgot its driver list.
+1. Every open names its one driver (``GTIFF``: GTiff, ``JPEG2000``: JP2OpenJPEG) after a check of the file's
+   magic bytes, which turns a file of another format into a clear reason for people (``NotTheClaimedFormat``).
+   GDAL then never asks any other driver, whatever the bytes say.
+2. ``GDAL_CONFIG``, set once, process-wide, by ``ensure_gdal_policy`` when this module is imported (the input and
+   output modules import it, so it is in force before GDAL registers its drivers): the meta-format and network
+   drivers are not registered at all (``GDAL_SKIP``), every curl-based virtual file system (``/vsicurl/``,
+   ``/vsis3/``, ``/vsigs/``, ``/vsiaz/``, ...) refuses every name (``CPL_VSIL_CURL_ALLOWED_FILENAME`` set to a name
+   no path can have), sidecar files (``.ovr``, ``.aux.xml``, ``.msk``, world files, ``.IMD``/``.RPB``) are neither
+   listed nor read, PROJ downloads no grids. This layer holds even for an open that forgot its driver.
 
 The README's Security section lists each vector with the setting that closes it and the test that shows it.
 """

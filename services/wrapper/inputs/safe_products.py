@@ -122,7 +122,8 @@ def tile_safe_bands(
                 yield PatchRejection(tile_id_prefix, source, f"band {band} {error}")
                 return
             except RasterioError as error:
-                yield PatchRejection(tile_id_prefix, source, f"band {band} does not open as a JPEG 2000 raster ({error})")
+                reason = f"band {band} does not open as a JPEG 2000 raster ({error})"
+                yield PatchRejection(tile_id_prefix, source, reason)
                 return
         fault = _grid_fault(datasets)
         if fault is not None:
