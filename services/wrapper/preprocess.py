@@ -105,12 +105,13 @@ def read_era5_stack(data: bytes, name: str) -> Era5Stack:
 
 def _read_era5_geotiff(data: bytes) -> Era5Stack:
     from rasterio.errors import NotGeoreferencedWarning, RasterioError
-    from rasterio.io import MemoryFile
+
+    from services.wrapper.gdal_policy import GTIFF, NotTheClaimedFormat, open_raster_bytes
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with MemoryFile(data) as memory_file, memory_file.open() as dataset:
+            with open_raster_bytes(data, GTIFF) as dataset:  # GTiff only: a .tif holding VRT XML is refused
                 count = dataset.count
                 dtype = dataset.dtypes[0]
                 if count != UC6_TIME_STEPS * UC6_VARIABLES:
@@ -125,6 +126,8 @@ def _read_era5_geotiff(data: bytes) -> Era5Stack:
                 nodata = dataset.nodata
                 crs_wkt = dataset.crs.to_wkt() if dataset.crs else None
                 transform = tuple(dataset.transform)[:6] if crs_wkt is not None else None
+    except NotTheClaimedFormat as error:
+        raise PatchInvalid(f"is not a readable GeoTIFF ({error.found}; only GDAL's GTiff driver opens it)") from None
     except RasterioError as error:
         raise PatchInvalid(f"is not a readable GeoTIFF ({error})") from None
     if nodata is not None and np.isfinite(nodata):

@@ -13,8 +13,8 @@ from typing import Mapping
 import numpy as np
 from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
-from rasterio.io import MemoryFile
 
+from services.wrapper.gdal_policy import GTIFF, NotTheClaimedFormat, open_raster_bytes
 from services.wrapper.inputs.decode_limits import MAX_BAND_FILE_PIXELS, DecodeLimitExceeded, check_raster
 from services.wrapper.inputs.types import (
     BAND_RESOLUTION_M,
@@ -65,12 +65,16 @@ class BandDecodeError(ValueError):
 
 
 def decode_band_file(data: bytes) -> DecodedBand:
-    """Decode one band file held in memory (GeoTIFF or plain TIFF), keeping georeferencing when present."""
+    """Decode one band file held in memory (GeoTIFF or plain TIFF), keeping georeferencing when present.
+
+    Only GDAL's GTiff driver may open it (``gdal_policy``): a file of any other format is a ``BandDecodeError``
+    that says what the file starts with, never a dataset of another driver.
+    """
     try:
         with warnings.catch_warnings():
             # BigEarthNet v1 mock patches are plain TIFFs; no georeferencing is a normal case, recorded as None.
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with MemoryFile(data) as memory_file, memory_file.open() as dataset:
+            with open_raster_bytes(data, GTIFF) as dataset:
                 if dataset.count != 1:
                     raise BandDecodeError(f"has {dataset.count} bands, expected 1")
                 if dataset.dtypes[0] != "uint16":
@@ -82,6 +86,8 @@ def decode_band_file(data: bytes) -> DecodedBand:
                 array = dataset.read(1)
                 crs = dataset.crs.to_string() if dataset.crs else None
                 transform = dataset.transform if crs is not None else None
+    except NotTheClaimedFormat as error:
+        raise BandDecodeError(str(error)) from None
     except RasterioError as error:
         raise BandDecodeError(f"is not a readable raster ({error})") from None
     return DecodedBand(array=array, crs=crs, transform=transform)

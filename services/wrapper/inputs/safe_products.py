@@ -18,7 +18,6 @@ from contextlib import ExitStack
 from typing import Iterator, Mapping
 
 import numpy as np
-import rasterio
 from affine import Affine
 from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
@@ -27,6 +26,7 @@ from rasterio.errors import RasterioError
 from rasterio.io import DatasetReader
 from rasterio.windows import Window
 
+from services.wrapper.gdal_policy import JPEG2000, NotTheClaimedFormat, open_raster_file
 from services.wrapper.inputs.s3_listing import SAFE_BANDS_10M, SAFE_BANDS_20M, S3Client, SafeGranuleSource, s3_failure
 from services.wrapper.inputs.decode_limits import MAX_SAFE_BAND_PIXELS
 from services.wrapper.inputs.settings import InputLimits
@@ -113,11 +113,18 @@ def tile_safe_bands(
         yield PatchRejection(tile_id_prefix, source, f"product lacks band files {', '.join(missing)}")
         return
     with ExitStack() as stack:
-        try:
-            datasets = {band: stack.enter_context(rasterio.open(path)) for band, path in sorted(band_paths.items())}
-        except RasterioError as error:
-            yield PatchRejection(tile_id_prefix, source, f"a band file does not open as a raster ({error})")
-            return
+        datasets: dict[str, DatasetReader] = {}
+        for band, path in sorted(band_paths.items()):
+            try:
+                # JP2OpenJPEG only (gdal_policy): a ``.jp2`` holding VRT XML or a PDS label is refused, not followed.
+                datasets[band] = stack.enter_context(open_raster_file(path, JPEG2000))
+            except NotTheClaimedFormat as error:
+                yield PatchRejection(tile_id_prefix, source, f"band {band} {error}")
+                return
+            except RasterioError as error:
+                reason = f"band {band} does not open as a JPEG 2000 raster ({error})"
+                yield PatchRejection(tile_id_prefix, source, reason)
+                return
         fault = _grid_fault(datasets)
         if fault is not None:
             yield PatchRejection(tile_id_prefix, source, fault)

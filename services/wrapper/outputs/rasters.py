@@ -20,6 +20,7 @@ from rasterio.crs import CRS
 from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError
 from rasterio.io import MemoryFile
 
+from services.wrapper.gdal_policy import GTIFF, NotTheClaimedFormat, open_raster_bytes
 from services.wrapper.outputs.types import OutputFile, OutputFormatError
 
 GEOTIFF_CONTENT_TYPE = "image/tiff; application=geotiff"
@@ -114,11 +115,11 @@ def geotiff_bytes(
 
 
 def read_geotiff(data: bytes) -> GeoRaster:
-    """Read a GeoTIFF held in memory (all bands)."""
+    """Read a GeoTIFF held in memory (all bands); GDAL's GTiff driver only (``gdal_policy``)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with MemoryFile(bytes(data)) as memory_file, memory_file.open() as dataset:
+            with open_raster_bytes(bytes(data), GTIFF) as dataset:
                 georeferenced = dataset.crs is not None
                 return GeoRaster(
                     array=dataset.read(),
@@ -129,7 +130,7 @@ def read_geotiff(data: bytes) -> GeoRaster:
                     tags=dict(dataset.tags()),
                     band_descriptions=tuple(dataset.descriptions),
                 )
-    except RasterioError as error:
+    except (NotTheClaimedFormat, RasterioError) as error:
         raise OutputFormatError(f"not a readable GeoTIFF: {error}") from None
 
 
