@@ -113,10 +113,11 @@ def test_inference_server_restricts_model_control_with_a_secret_key(docs) -> Non
     [isvc] = of_kind(docs, "InferenceService")
     model = isvc["spec"]["predictor"]["model"]
     restricted = [a for a in model["args"] if a.startswith(("--http-restricted-api=", "--grpc-restricted-protocol="))]
-    assert len(restricted) == 2 and all("model-repository" in a and "$(EOML_RESTRICTED_API_KEY)" in a
+    # The value is not on the command line: the Secret is mounted as a file (tests/security/test_keys_off_command_lines).
+    assert len(restricted) == 2 and all("model-repository" in a and a.endswith(":eoml-admin-key")
                                         for a in restricted)
-    [key] = [e for e in model["env"] if e["name"] == "EOML_RESTRICTED_API_KEY"]
-    assert "secretKeyRef" in key["valueFrom"] and "value" not in key
+    [key_file] = [e for e in model["env"] if e["name"] == "EOML_RESTRICTED_API_KEY_FILE"]
+    assert key_file["value"].endswith("/key") and "valueFrom" not in key_file
 
 
 def test_step_kafka_source_sends_tokens_and_passes_the_crd() -> None:
