@@ -77,7 +77,8 @@ def test_default_deny_egress_with_explicit_allowances(docs) -> None:
         component = policy["metadata"]["labels"]["app.kubernetes.io/component"]
         assert "Egress" in policy["spec"]["policyTypes"], component
         rules = policy["spec"]["egress"]
-        assert all(rule.get("ports") or rule.get("to") for rule in rules)  # no allow-all rule
+        # No rule to any destination or on any port (exact peers: tests/security/test_egress_peers.py).
+        assert all(rule.get("ports") and rule.get("to") for rule in rules)
         assert any(p["port"] == 53 for p in rules[0]["ports"])  # DNS
         for rule in rules:
             for peer in rule.get("to", []):

@@ -284,3 +284,23 @@ which takes these options from argv only, gets it from the preload library (eoml
 - name: LD_PRELOAD
   value: {{ include "eoml.restrictedApiPreloadDir" . }}/{{ include "eoml.restrictedApiPreloadLibrary" . }}
 {{- end -}}
+
+{{/* ipBlock peers for "cidrs"; a 0.0.0.0/0 or ::/0 among them gets "except" (those of its address family). */}}
+{{- define "eoml.egressCidrs" -}}
+{{- $except := .except -}}
+{{- range .cidrs }}
+- ipBlock:
+    cidr: {{ . }}
+    {{- $family := ternary "v6" "v4" (contains ":" .) }}
+    {{- $carved := list }}
+    {{- range $except }}
+    {{- if eq (ternary "v6" "v4" (contains ":" .)) $family }}
+    {{- $carved = append $carved . }}
+    {{- end }}
+    {{- end }}
+    {{- if and (or (eq . "0.0.0.0/0") (eq . "::/0")) $carved }}
+    except:
+      {{- toYaml $carved | nindent 6 }}
+    {{- end }}
+{{- end }}
+{{- end -}}
