@@ -204,3 +204,41 @@ def test_wrapper_notifications_and_dead_letter_records_carry_no_credential_of_th
     assert publisher.published and leaks(json.dumps(publisher.published)) == []
     assert leaks(json.dumps(records)) == []
     assert records[0]["input_message"]["S3_bucket_desc"] == {"folder": "in"}  # the rest is kept for replay
+
+
+# -- the rules themselves (services/core/redaction.py) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["accessKeyId", "aws_access_key_id", "Access-Key-Id", "apiKey", "api_key", "privateKey",
+                                 "authorization", "Authorization", "passphrase", "sessionToken", "client_secret",
+                                 "sasl_password", "X-Amz-Security-Token", "sse_customer_key", "auth", "cookie"])
+def test_credential_like_keys(key: str) -> None:
+    from services.core.redaction import is_credential_key
+
+    assert is_credential_key(key)
+
+
+@pytest.mark.parametrize("key", ["workflow_name", "author", "keyboard", "bucket", "endpoint_url", "s3-bucket-name",
+                                 "key", "folder", "region_name", "component_name"])
+def test_ordinary_keys(key: str) -> None:
+    from services.core.redaction import is_credential_key
+
+    assert not is_credential_key(key)
+
+
+@pytest.mark.parametrize("parameter", ["X-Amz-Signature", "X-Amz-Credential", "X-Amz-Security-Token", "Signature",
+                                       "sig", "token", "access_token", "AWSAccessKeyId", "X-Goog-Signature"])
+def test_signed_url_parameters_are_masked_and_the_rest_kept(parameter: str) -> None:
+    from services.core.redaction import redact_signed_urls
+
+    url = f"https://s3.test/b/k.tif?X-Amz-Expires=300&{parameter}=v4lu3-{parameter}&part=2#frag"
+    assert redact_signed_urls(url) == f"https://s3.test/b/k.tif?X-Amz-Expires=300&{parameter}=***&part=2#frag"
+
+
+def test_the_log_mask_replaces_many_values_in_one_pass_and_keeps_the_newest() -> None:
+    from services.core.redaction import LogMask
+
+    mask = LogMask(capacity=200)
+    values = [f"value-{index:04d}-secret" for index in range(300)]
+    mask.add(values)
+    text = mask.redactor().text(f"a {values[299]} b {values[150]}{values[120]} c {values[0]}")
+    assert text == f"a *** b ****** c {values[0]}"  # value 0 fell out of the bounded mask
