@@ -16,11 +16,24 @@ RUN python -m venv /opt/venv \
  && /opt/venv/bin/python -c "import importlib.util, sys; sys.exit('torch must not be in a service image' if importlib.util.find_spec('torch') else 0)" \
  && /opt/venv/bin/eo-inference-server --help > /dev/null
 
+# The LD_PRELOAD library that gives real Triton its restricted-API key from a file (the chart copies it into the
+# Triton pod with an init container): tritonserver reads those options from argv only.
+# Built on bookworm (glibc 2.36): it uses only long-standing libc symbols, which NVIDIA's Triton images have.
+FROM ${PYTHON_IMAGE} AS preload
+# The compiler's version does not matter to the output's ABI, and Debian's point releases retire pinned versions.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+COPY services/inference/triton_restricted_key_preload.c /src/
+RUN gcc -shared -fPIC -O2 -Wall -o /src/libeoml_restricted_key.so /src/triton_restricted_key_preload.c
+
 FROM ${PYTHON_IMAGE}
 # A fixed numeric UID/GID: Kubernetes can only verify runAsNonRoot against a numeric USER.
 RUN groupadd --system --gid 10001 eoml \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin eoml
 COPY --from=build /opt/venv /opt/venv
+COPY --from=preload /src/libeoml_restricted_key.so /opt/eoml/lib/libeoml_restricted_key.so
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Protocol
 
 from services.core.contracts import Notification, NotificationOptional, NotificationStatus
 from services.core.kafka import producer_config, publish_json
-from services.core.logging import REDACTED
+from services.core import redaction
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,7 @@ class ControllerNotifier(Protocol):
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED)
-    return text
+    return redaction.redact(text, secrets)
 
 
 def controller_notification(status: NotificationStatus, reason: str, workflow_name: str = "",

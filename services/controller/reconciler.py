@@ -184,8 +184,7 @@ class WorkflowController:
         if message is not None:
             workflow_name, component, namespace = (message.workflow_name, message.ML.component_name,
                                                    message.ML.Namespace)
-            if message.S3_bucket is not None:
-                secrets = list(message.S3_bucket.reveal_credentials().values())
+            secrets = sorted(message.credential_values())
         else:
             workflow_name, component, namespace = _best_effort_names(body)
         self.notifier.notify(status, f"{what}: {result.reason}", workflow_name=workflow_name,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from services.core.logging import redact
+from services.core.redaction import redact
 from services.core.step_config import StepConfig, dns1123_name
 from services.core.step_config_k8s import step_annotations, step_labels
 
@@ -171,12 +171,13 @@ def delivery_dead_letter_record(reason: str, *, config_name: str, service_name: 
     """The dead-letter record of an undeliverable step message, in the shape the Wrapper uses for failed steps
     (``reason``, ``config_name``, ``task``, ..., ``input_message``: replay it by publishing that to ``topic_in``),
     plus what the delivery saw. A step message carries no credentials; a workflow message (the controller's own
-    source on ``system.ML``) does, so secret-looking keys are redacted whatever the input."""
+    source on ``system.ML``) does: every credential it carries is redacted by key and by value, JSON held in a
+    string (a structured CloudEvent's ``data``) included (``services.core.redaction``)."""
     try:
-        input_message: Any = redact(json.loads(value))
+        input_message: Any = json.loads(value)
     except (json.JSONDecodeError, UnicodeDecodeError):
         input_message = value[:65536].decode("utf-8", errors="replace")
-    return {
+    return redact({
         "reason": reason,
         "config_name": config_name,
         "task": service_name,
@@ -187,4 +188,4 @@ def delivery_dead_letter_record(reason: str, *, config_name: str, service_name: 
         "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "input_message": input_message,
         "delivery": {"attempts": attempts, "http_status": http_status},
-    }
+    })

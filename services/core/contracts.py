@@ -59,6 +59,19 @@ class WorkflowMessage(_Contract):
     ML: MLService
     S3_bucket: S3Bucket | None = None
 
+    def model_post_init(self, _context: Any) -> None:
+        # Every credential the message carries (S3 keys, values under credential-like keys anywhere) is masked in
+        # this process's log lines from now on.
+        from .redaction import remember_for_logs
+
+        remember_for_logs(self)
+
+    def credential_values(self) -> frozenset[str]:
+        """Every credential value of the message, for ``services.core.redaction.Redactor``."""
+        from .redaction import collect_secrets
+
+        return collect_secrets(self)
+
 
 class S3BucketDesc(_Contract):
     folder: str

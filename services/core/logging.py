@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from datetime import datetime, timezone
 from typing import Any
 
-# Keys whose values never reach a log line, whatever their nesting.
-SECRET_KEY_PATTERN = re.compile(r"(secret|password|passwd|token|credential|access_key|private_key)", re.IGNORECASE)
-REDACTED = "***"
+from .redaction import LOG_MASK, REDACTED, is_credential_key
+
+__all__ = ["REDACTED", "JsonFormatter", "TextFormatter", "configure_logging", "redact"]
 
 _STANDARD_ATTRS = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys() | {"message", "asctime", "taskName"}
@@ -23,15 +22,13 @@ _STANDARD_ATTRS = frozenset(
 
 
 def redact(value: Any) -> Any:
-    """Return a copy of ``value`` with the values of secret-looking keys replaced."""
-    if isinstance(value, dict):
-        return {
-            k: (REDACTED if isinstance(k, str) and SECRET_KEY_PATTERN.search(k) else redact(v))
-            for k, v in value.items()
-        }
-    if isinstance(value, (list, tuple)):
-        return [redact(v) for v in value]
-    return value
+    """A copy of ``value`` for a log line: credential-like keys, the credential values this process has read
+    (``services.core.redaction.LOG_MASK``) and signed URL parameters masked."""
+    return LOG_MASK.redactor().redact(value)
+
+
+def _extra(key: str, value: Any) -> Any:
+    return REDACTED if is_credential_key(key) else redact(value)
 
 
 class JsonFormatter(logging.Formatter):
@@ -40,28 +37,25 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
-                entry[key] = REDACTED if SECRET_KEY_PATTERN.search(key) else redact(value)
+                entry[key] = _extra(key, value)
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        extras = {
-            k: (REDACTED if SECRET_KEY_PATTERN.search(k) else redact(v))
-            for k, v in record.__dict__.items()
-            if k not in _STANDARD_ATTRS and not k.startswith("_")
-        }
-        line = f"{record.levelname:<7} {record.name}: {record.getMessage()}"
+        extras = {k: _extra(k, v) for k, v in record.__dict__.items()
+                  if k not in _STANDARD_ATTRS and not k.startswith("_")}
+        line = f"{record.levelname:<7} {record.name}: {redact(record.getMessage())}"
         if extras:
             line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "\n" + redact(self.formatException(record.exc_info))
         return line
 
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from .contracts import WorkflowMessage
-from .logging import SECRET_KEY_PATTERN
+from .redaction import LOG_MASK, Redactor, collect_secrets, without_credential_keys
 
 CONFIG_NAME_PREFIX = "json-config-"
 DNS1123_MAX = 63
@@ -72,8 +72,19 @@ class StepCredentials(BaseModel):
     # credentials, never in the stored settings.
     extra: dict[str, SecretStr] = {}
 
+    def model_post_init(self, _context: Any) -> None:
+        # Whichever process holds a step's credentials masks them in its log lines from then on.
+        LOG_MASK.add(self.secret_values())
+
     def revealed_extra(self) -> dict[str, str]:
         return {name: value.get_secret_value() for name, value in self.extra.items()}
+
+    def secret_values(self) -> frozenset[str]:
+        """Every credential value of the step (the keys, and the leaves of each extra field, JSON ones included),
+        for ``services.core.redaction.Redactor``."""
+        return (collect_secrets({"credentials": self.revealed_extra()})
+                | {self.aws_access_key_id.get_secret_value(), self.aws_secret_access_key.get_secret_value()}
+                | frozenset(self.revealed_extra().values()))
 
 
 # What of ``S3_bucket`` may be stored in the open; everything else is treated as a credential.
@@ -81,13 +92,8 @@ PUBLIC_S3_FIELDS = ("s3-bucket-name", "region_name", "endpoint_url")
 
 
 def without_secret_keys(value: Any) -> Any:
-    """A copy of ``value`` without the entries whose key looks like a secret (``*token*``, ``*password*``, ...)."""
-    if isinstance(value, dict):
-        return {key: without_secret_keys(item) for key, item in value.items()
-                if not (isinstance(key, str) and SECRET_KEY_PATTERN.search(key))}
-    if isinstance(value, list):
-        return [without_secret_keys(item) for item in value]
-    return value
+    """A copy of ``value`` without the entries whose key looks like a credential (``*token*``, ``apiKey``, ...)."""
+    return without_credential_keys(value)
 
 
 def step_config_from_message(message: WorkflowMessage, bootstrap_servers: str) -> tuple[StepConfig, StepCredentials]:
@@ -103,7 +109,16 @@ def step_config_from_message(message: WorkflowMessage, bootstrap_servers: str) -
     extra = {name: SecretStr(value if isinstance(value, str) else json.dumps(value))
              for name, value in bucket.items()
              if name not in PUBLIC_S3_FIELDS and name not in ("aws_access_key_id", "aws_secret_access_key")}
-    public = without_secret_keys(public)
+    credentials = StepCredentials(
+        aws_access_key_id=message.S3_bucket.aws_access_key_id,
+        aws_secret_access_key=message.S3_bucket.aws_secret_access_key,
+        extra=extra,
+    )
+    # By key (credential-like keys dropped), then by value: a credential of this message under an innocent key, in
+    # JSON held in a string, or in a signed URL never reaches the ConfigMap / config file / status API.
+    redactor = Redactor(credentials.secret_values() | collect_secrets(public))
+    public = redactor.redact(without_secret_keys(public))
+    endpoint_url = redactor.text(endpoint) if endpoint else endpoint
     config = StepConfig(
         config_name=step_config_name(message.Topics.in_),
         workflow_name=message.workflow_name,
@@ -114,14 +129,9 @@ def step_config_from_message(message: WorkflowMessage, bootstrap_servers: str) -
         component_name=message.ML.component_name,
         bucket=message.S3_bucket.bucket_name,
         region_name=message.S3_bucket.region_name,
-        endpoint_url=message.S3_bucket.endpoint_url,
+        endpoint_url=endpoint_url,
         bootstrap_servers=bootstrap_servers,
         message=public,
-    )
-    credentials = StepCredentials(
-        aws_access_key_id=message.S3_bucket.aws_access_key_id,
-        aws_secret_access_key=message.S3_bucket.aws_secret_access_key,
-        extra=extra,
     )
     return config, credentials
 

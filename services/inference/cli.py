@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--grpc-restricted-protocol", dest="grpc_restricted_protocol", action="append",
         metavar="<API>[,<API>...]:<KEY>=<VALUE>",
         help="gRPC API groups answering only calls with metadata triton-grpc-protocol-KEY: VALUE (repeatable)")
+    add("--restricted-api-key-file", dest="restricted_api_key_file", metavar="PATH",
+        help="the VALUE of restricted-API specs given as <API>[,<API>...]:<KEY> (keeps it off the command line; "
+             "or EOML_INFERENCE_RESTRICTED_API_KEY)")
     return parser
 
 
@@ -144,7 +147,8 @@ class ServerProcess:
             if create_http_app is not None:
                 app = create_http_app(
                     self.engine, max_body_bytes=settings.http_max_body_size,
-                    restrictions=parse_restrictions(settings.http_restricted_api, "--http-restricted-api"),
+                    restrictions=parse_restrictions(settings.http_restricted_api, "--http-restricted-api",
+                                                    settings.restricted_api_key_value()),
                 )
                 self.http_runner = await self._start_site(
                     web, app, settings.http_address, settings.http_port, "http", raw_request_bodies=True
@@ -155,7 +159,8 @@ class ServerProcess:
                 address = f"{settings.grpc_address}:{settings.grpc_port}"
                 self.grpc_server = create_grpc_server(
                     self.engine, address=address, max_message_bytes=settings.grpc_max_message_size,
-                    restrictions=parse_restrictions(settings.grpc_restricted_protocol, "--grpc-restricted-protocol"),
+                    restrictions=parse_restrictions(settings.grpc_restricted_protocol, "--grpc-restricted-protocol",
+                                                    settings.restricted_api_key_value()),
                 )
                 await self.grpc_server.start()
                 log.info("grpc frontend listening", extra={"address": address})

@@ -10,6 +10,12 @@ The wheel ships only Triton's Python backend, so the backend directory gets:
 - ``onnxruntime/model.py``: :mod:`services.inference.triton_onnx_shim`, which Triton then uses for
   every ``backend: "onnxruntime"`` / ``platform: "onnxruntime_onnx"`` model, configs unchanged.
 
+Restricted APIs without the key on the command line: tritonserver reads ``--http-restricted-api`` /
+``--grpc-restricted-protocol`` from argv only (no environment variable or config file; see
+``triton_restricted_key_preload.c``). Given ``--restricted-api-key-file``, the options go on the command line
+without their value and a small ``LD_PRELOAD`` library, built here with ``cc``, fills it in from the file inside
+the process: ``ps`` and ``/proc/<pid>/cmdline`` show ``<apis>:<key>`` only.
+
 Only the standard library is used here: any Python 3.11 can run it.
 """
 
@@ -18,12 +24,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 SHIM_SOURCE = Path(__file__).with_name("triton_onnx_shim.py")
+KEY_PRELOAD_SOURCE = Path(__file__).with_name("triton_restricted_key_preload.c")
+KEY_FILE_VARIABLE = "EOML_RESTRICTED_API_KEY_FILE"  # read by the preload library
 PYTHON_STUB_VERSION = "3.11"
 DEFAULT_BACKEND_DIRECTORY = Path("build/triton/backends")
 
@@ -87,10 +96,34 @@ def prepare_backend_directory(installation: TritonInstallation, destination: str
     return destination
 
 
-def triton_environment(installation: TritonInstallation, base: dict[str, str] | None = None) -> dict[str, str]:
+def build_key_preload(destination: str | Path) -> Path:
+    """Compile ``triton_restricted_key_preload.c`` into ``destination`` (again only when the source changed)."""
+    destination = Path(destination).absolute()
+    destination.mkdir(parents=True, exist_ok=True)
+    library = destination / "libeoml_restricted_key.so"
+    if library.exists() and library.stat().st_mtime >= KEY_PRELOAD_SOURCE.stat().st_mtime:
+        return library
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise RuntimeError("building the restricted-API key preload library needs a C compiler (cc)")
+    partial = library.with_suffix(".tmp")
+    subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(partial), str(KEY_PRELOAD_SOURCE)], check=True)
+    os.replace(partial, library)
+    return library
+
+
+def triton_environment(installation: TritonInstallation, base: dict[str, str] | None = None,
+                       restricted_api_key_file: str | Path | None = None,
+                       key_preload: str | Path | None = None) -> dict[str, str]:
     """The environment ``tritonserver`` needs: the wheel's shared libraries, and the venv's ``python3`` first
-    on PATH (the stub's embedded interpreter finds numpy and onnxruntime through it, not through PYTHONPATH)."""
+    on PATH (the stub's embedded interpreter finds numpy and onnxruntime through it, not through PYTHONPATH).
+    With a key file, the preload library that completes value-less restricted-API options from it."""
     environment = dict(os.environ if base is None else base)
+    if restricted_api_key_file is not None:
+        if key_preload is None:
+            raise ValueError("a restricted API key file needs the preload library (build_key_preload)")
+        environment["LD_PRELOAD"] = ":".join(filter(None, [str(key_preload), environment.get("LD_PRELOAD", "")]))
+        environment[KEY_FILE_VARIABLE] = str(Path(restricted_api_key_file).absolute())
     libraries = str(installation.library_directory)
     environment["LD_LIBRARY_PATH"] = ":".join(filter(None, [libraries, environment.get("LD_LIBRARY_PATH", "")]))
     environment["PATH"] = ":".join(filter(None, [str(installation.venv / "bin"), environment.get("PATH", "")]))
@@ -137,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--address", default="0.0.0.0", help="HTTP and gRPC bind address")
+    parser.add_argument("--restricted-api-key-file", default="", metavar="PATH",
+                        help="value of --http-restricted-api/--grpc-restricted-protocol options given as "
+                             "<apis>:<key> (kept off the command line by a preload library)")
     parser.add_argument("tritonserver_args", nargs="*", help="passed to tritonserver after the options above")
     return parser
 
@@ -154,8 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         http_port=options.http_port, grpc_port=options.grpc_port, metrics_port=options.metrics_port,
         address=options.address, extra_args=options.tritonserver_args,
     )
+    key_file = options.restricted_api_key_file or None
+    preload = build_key_preload(Path(options.backend_directory).parent / "preload") if key_file else None
     sys.stdout.flush()
-    os.execve(command[0], command, triton_environment(installation))
+    os.execve(command[0], command, triton_environment(installation, restricted_api_key_file=key_file,
+                                                      key_preload=preload))
     return 0  # not reached
 
 

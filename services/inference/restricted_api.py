@@ -9,6 +9,12 @@ Refusals are Triton's, checked against the real server by ``tests/inference/test
 HTTP 403 ``{"error": "This API is restricted, expecting header '<key>'"}``; gRPC UNAVAILABLE
 ``This protocol is restricted, expecting header 'triton-grpc-protocol-<key>'``. The value is a
 secret: it never appears in an error message or a log line.
+
+Our extension, so the value never sits on a command line (``ps`` shows every process's arguments): a spec without
+``=<value>`` (``<api>[,<api>...]:<key>``) takes the restricted-API key that reached the server by file
+(``--restricted-api-key-file`` / ``EOML_INFERENCE_RESTRICTED_API_KEY_FILE``) or by environment
+(``EOML_INFERENCE_RESTRICTED_API_KEY``). Real Triton reads these options from argv only; for it,
+``triton_restricted_key_preload.c`` completes the same value-less spec from a key file inside the process.
 """
 
 from __future__ import annotations
@@ -69,12 +75,15 @@ class Restriction:
         return presented is not None and hmac.compare_digest(presented.encode(), self.value.encode())
 
 
-def parse_restrictions(specs: Iterable[str], option: str) -> dict[str, Restriction]:
-    """``{group: Restriction}`` from option values; ValueError with Triton's wording for a bad one."""
+def parse_restrictions(specs: Iterable[str], option: str, key_value: str | None = None) -> dict[str, Restriction]:
+    """``{group: Restriction}`` from option values; ValueError with Triton's wording for a bad one. A spec without
+    ``=<value>`` takes ``key_value`` (the key read from a file or the environment); without one it is refused."""
     restrictions: dict[str, Restriction] = {}
     for spec in specs:
         groups_part, colon, setting = spec.partition(":")
         key, equals, value = setting.partition("=")
+        if colon and not equals and key_value:
+            equals, value = "=", key_value
         if not colon or not equals or not groups_part or not key:
             raise ValueError(f"{option} option format is '<config name>:<setting>=<value>'. Got {spec.split(':')[0]}")
         for group in (name.strip() for name in groups_part.split(",")):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from services.core.settings import ENV_PREFIX, ServiceSettings, comma_or_json_list
@@ -49,6 +51,10 @@ class InferenceServerSettings(ServiceSettings):
     # From the environment: a JSON list, or specs separated by ';' (a spec itself holds commas).
     http_restricted_api: Annotated[list[str], NoDecode] = Field(default_factory=list)
     grpc_restricted_protocol: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # The value for specs given without one ("<api>[,<api>...]:<key>"), so that it is on no command line: a file
+    # (a mounted Secret; wins) or the environment variable EOML_INFERENCE_RESTRICTED_API_KEY.
+    restricted_api_key_file: str = ""
+    restricted_api_key: SecretStr = SecretStr("")
 
     @field_validator("model_repository", "load_model", mode="before")
     @classmethod
@@ -61,16 +67,25 @@ class InferenceServerSettings(ServiceSettings):
         # ";" between specs: a spec itself lists API groups with commas.
         return comma_or_json_list(value, ";")
 
-    @field_validator("http_restricted_api", "grpc_restricted_protocol", mode="after")
-    @classmethod
-    def _valid_restrictions(cls, value: list[str], info) -> list[str]:  # noqa: ANN001 - pydantic's ValidationInfo
-        from .restricted_api import parse_restrictions
-
-        parse_restrictions(value, "--" + info.field_name.replace("_", "-"))
-        return value
+    def restricted_api_key_value(self) -> str | None:
+        """The restricted-API key from the file (trailing newlines dropped) or the environment; None if neither."""
+        if self.restricted_api_key_file:
+            try:
+                key = Path(self.restricted_api_key_file).read_text().rstrip("\r\n")
+            except OSError as error:
+                raise ValueError(f"restricted API key file {self.restricted_api_key_file}: {error.strerror}") from None
+            if not key:
+                raise ValueError(f"restricted API key file {self.restricted_api_key_file} is empty")
+            return key
+        return self.restricted_api_key.get_secret_value() or None
 
     @model_validator(mode="after")
     def _consistent(self) -> "InferenceServerSettings":
+        from .restricted_api import parse_restrictions
+
+        key_value = self.restricted_api_key_value()
+        parse_restrictions(self.http_restricted_api, "--http-restricted-api", key_value)
+        parse_restrictions(self.grpc_restricted_protocol, "--grpc-restricted-protocol", key_value)
         if not self.model_repository:
             raise ValueError("at least one model repository is required (--model-repository)")
         if self.load_model and self.model_control_mode != "explicit":

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from services.core.contracts import Notification, NotificationOptional, NotificationStatus
 from services.core.kafka import encode_json, producer_config
-from services.core.logging import REDACTED, redact
+from services.core import redaction
 
 log = logging.getLogger(__name__)
 
@@ -89,21 +89,8 @@ class KafkaPublisher:
 
 
 def scrub(value: Any, secrets: Iterable[str]) -> Any:
-    """``value`` with every occurrence of a secret string replaced and secret-looking keys redacted."""
-    hidden = [s for s in secrets if s]
-
-    def clean(item: Any) -> Any:
-        if isinstance(item, str):
-            for secret in hidden:
-                item = item.replace(secret, REDACTED)
-            return item
-        if isinstance(item, dict):
-            return {k: clean(v) for k, v in item.items()}
-        if isinstance(item, (list, tuple)):
-            return [clean(v) for v in item]
-        return item
-
-    return clean(redact(value))
+    """``value`` with ``secrets`` and every credential it carries itself removed (``services.core.redaction``)."""
+    return redaction.redact(value, secrets)
 
 
 @dataclass

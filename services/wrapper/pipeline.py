@@ -245,7 +245,7 @@ class StepRuntime:
 
 
 def secret_values(credentials: StepCredentials) -> tuple[str, ...]:
-    return (credentials.aws_access_key_id.get_secret_value(), credentials.aws_secret_access_key.get_secret_value())
+    return tuple(sorted(credentials.secret_values()))
 
 
 def failure_reason(error: BaseException) -> str:

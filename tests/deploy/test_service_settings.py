@@ -102,21 +102,25 @@ def test_controller_environment_is_read_as_intended(default_manifest: str, monke
     assert 0 < settings.delivery_retry <= 30
 
 
-def test_cpu_runtime_arguments_and_environment(cpu_runtime_docs: list, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_runtime_arguments_and_environment(cpu_runtime_docs: list, monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path) -> None:
     [runtime] = find(cpu_runtime_docs, "ServingRuntime")
     [container] = runtime["spec"]["containers"]
     env = env_of(container)
     assert {name for name in env if name.startswith(f"{ENV_PREFIX}INFERENCE_")} <= {
-        f"{ENV_PREFIX}INFERENCE_{name}".upper() for name in ("http_port", "grpc_port", "metrics_port")}
-    apply_env(monkeypatch, env)
-    # Triton's restricted-API options, the key expanded from a Secret by Kubernetes ($(VAR) in args).
+        f"{ENV_PREFIX}INFERENCE_{name}".upper()
+        for name in ("http_port", "grpc_port", "metrics_port", "restricted_api_key_file")}
+    # Triton's restricted-API options without their value: the server reads it from the mounted Secret's file.
     restricted = [a for a in container["args"] if a.startswith(RESTRICTED_OPTIONS)]
     assert [a.split("=", 1)[0] for a in restricted] == list(RESTRICTED_OPTIONS)
-    assert all(a.endswith(":eoml-admin-key=$(EOML_RESTRICTED_API_KEY)") for a in restricted)
-    assert container["env"][-1]["valueFrom"]["secretKeyRef"]["key"] == "key"
+    assert all(a.endswith(":eoml-admin-key") for a in restricted)
+    key_file = tmp_path / "key"  # where the ISVC mounts the Secret, here a file of the test's
+    key_file.write_text("admin-key-value\n")
+    apply_env(monkeypatch, {**env, f"{ENV_PREFIX}INFERENCE_RESTRICTED_API_KEY_FILE": str(key_file)})
     args = container["args"] if _server_knows_restricted_options() else \
         [a for a in container["args"] if a not in restricted]
     settings = parse_inference_settings(args)
+    assert settings.restricted_api_key_value() == "admin-key-value"
     assert settings.model_repository == ["/mnt/models"]
     # kserve-tritonserver's ports: the predictor Service and the Wrappers expect them.
     assert (settings.http_port, settings.grpc_port, settings.metrics_port) == (8080, 9000, 8002)

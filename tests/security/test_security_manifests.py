@@ -78,7 +78,8 @@ def test_default_deny_egress_with_explicit_allowances(docs) -> None:
         component = policy["metadata"]["labels"]["app.kubernetes.io/component"]
         assert "Egress" in policy["spec"]["policyTypes"], component
         rules = policy["spec"]["egress"]
-        assert all(rule.get("ports") or rule.get("to") for rule in rules)  # no allow-all rule
+        # No rule to any destination or on any port (exact peers: tests/security/test_egress_peers.py).
+        assert all(rule.get("ports") and rule.get("to") for rule in rules)
         assert any(p["port"] == 53 for p in rules[0]["ports"])  # DNS
         for rule in rules:
             for peer in rule.get("to", []):
@@ -121,10 +122,11 @@ def test_inference_server_restricts_model_control_with_a_secret_key(docs) -> Non
     [isvc] = of_kind(docs, "InferenceService")
     model = isvc["spec"]["predictor"]["model"]
     restricted = [a for a in model["args"] if a.startswith(("--http-restricted-api=", "--grpc-restricted-protocol="))]
-    assert len(restricted) == 2 and all("model-repository" in a and "$(EOML_RESTRICTED_API_KEY)" in a
+    # The value is not on the command line: the Secret is mounted as a file (tests/security/test_keys_off_command_lines).
+    assert len(restricted) == 2 and all("model-repository" in a and a.endswith(":eoml-admin-key")
                                         for a in restricted)
-    [key] = [e for e in model["env"] if e["name"] == "EOML_RESTRICTED_API_KEY"]
-    assert "secretKeyRef" in key["valueFrom"] and "value" not in key
+    [key_file] = [e for e in model["env"] if e["name"] == "EOML_RESTRICTED_API_KEY_FILE"]
+    assert key_file["value"].endswith("/key") and "valueFrom" not in key_file
 
 
 def test_step_kafka_source_sends_tokens_and_passes_the_crd() -> None:

@@ -258,22 +258,54 @@ route accepts fewer senders than the service. */}}
 {{- default (printf "%s-inference-admin-key" (include "eoml.fullname" .)) .Values.inference.restrictedApi.existingSecret -}}
 {{- end -}}
 
-{{/* Triton's restricted API options, the key from the environment (EOML_RESTRICTED_API_KEY, see below). */}}
+{{/* Triton's restricted API options WITHOUT their value ("<apis>:<headerKey>"): a value on the command line is
+in every process list (ps, /proc/<pid>/cmdline, the node's container runtime). The value is the Secret, mounted
+as a file (eoml.restrictedApiKeyFile): our server reads it (EOML_INFERENCE_RESTRICTED_API_KEY_FILE); tritonserver,
+which takes these options from argv only, gets it from the preload library (eoml.restrictedApiPreload*). */}}
 {{- define "eoml.restrictedApiArgs" -}}
 {{- $restricted := .Values.inference.restrictedApi -}}
 {{- if $restricted.enabled -}}
-{{- $spec := printf "%s:%s=$(EOML_RESTRICTED_API_KEY)" (join "," $restricted.apis) $restricted.headerKey -}}
+{{- $spec := printf "%s:%s" (join "," $restricted.apis) $restricted.headerKey -}}
 - {{ printf "--http-restricted-api=%s" $spec | quote }}
 - {{ printf "--grpc-restricted-protocol=%s" $spec | quote }}
 {{- end -}}
 {{- end -}}
 
+{{- define "eoml.restrictedApiKeyDir" -}}/var/run/secrets/eoml/restricted-api{{- end -}}
+{{- define "eoml.restrictedApiPreloadDir" -}}/opt/eoml-preload{{- end -}}
+{{- define "eoml.restrictedApiPreloadLibrary" -}}libeoml_restricted_key.so{{- end -}}
+
 {{- define "eoml.restrictedApiEnv" -}}
 {{- if .Values.inference.restrictedApi.enabled -}}
-- name: EOML_RESTRICTED_API_KEY
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "eoml.restrictedApiSecretName" . }}
-      key: key
+- name: EOML_INFERENCE_RESTRICTED_API_KEY_FILE
+  value: {{ include "eoml.restrictedApiKeyDir" . }}/key
 {{- end -}}
+{{- end -}}
+
+{{/* Real Triton: the preload library completes the value-less options from the key file inside the process. */}}
+{{- define "eoml.restrictedApiPreloadEnv" -}}
+- name: EOML_RESTRICTED_API_KEY_FILE
+  value: {{ include "eoml.restrictedApiKeyDir" . }}/key
+- name: LD_PRELOAD
+  value: {{ include "eoml.restrictedApiPreloadDir" . }}/{{ include "eoml.restrictedApiPreloadLibrary" . }}
+{{- end -}}
+
+{{/* ipBlock peers for "cidrs"; a 0.0.0.0/0 or ::/0 among them gets "except" (those of its address family). */}}
+{{- define "eoml.egressCidrs" -}}
+{{- $except := .except -}}
+{{- range .cidrs }}
+- ipBlock:
+    cidr: {{ . }}
+    {{- $family := ternary "v6" "v4" (contains ":" .) }}
+    {{- $carved := list }}
+    {{- range $except }}
+    {{- if eq (ternary "v6" "v4" (contains ":" .)) $family }}
+    {{- $carved = append $carved . }}
+    {{- end }}
+    {{- end }}
+    {{- if and (or (eq . "0.0.0.0/0") (eq . "::/0")) $carved }}
+    except:
+      {{- toYaml $carved | nindent 6 }}
+    {{- end }}
+{{- end }}
 {{- end -}}
