@@ -1,0 +1,98 @@
+"""The decision rule of ``make bench-check``: is a ratio's drop against the baseline beyond the noise?
+
+Pure functions over numbers (no servers, no files), so ``tests/bench/test_regression_rule.py`` checks the rule
+itself. A metric is a ratio measured once per round (ours/Triton of perf_analyzer infer/s, Wrapper/server-alone
+patches/s); a run has several interleaved rounds, the baseline keeps the rounds it was built from.
+
+The rule, for each metric:
+
+- ``noise`` = the larger of half the spread (max - min) of the baseline's rounds, half the spread of this run's
+  rounds, and ``MIN_RELATIVE_NOISE`` of the baseline median: what the same code was seen to move by;
+- FAIL when this run's median ratio is below ``baseline median - noise``;
+- IMPROVED when it is above ``baseline median + noise`` (update the baseline with ``--write-baseline``);
+- PASS otherwise.
+
+A noisier run widens its own tolerance: on a machine this busy, a small drop cannot be told from noise, and the
+check says so by passing with the spread shown, rather than failing at random. A single round (no spread) still
+gets ``MIN_RELATIVE_NOISE``.
+"""
+
+from __future__ import annotations
+
+import enum
+import statistics
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+# The least tolerance: 5 % of the baseline median, whatever the rounds' spread.
+MIN_RELATIVE_NOISE = 0.05
+
+
+class Verdict(enum.Enum):
+    PASS = "pass"
+    FAIL = "FAIL"
+    IMPROVED = "improved"
+
+
+@dataclass(frozen=True)
+class RatioSummary:
+    """A metric's per-round ratios reduced to what the rule uses."""
+
+    median: float
+    minimum: float
+    maximum: float
+    rounds: tuple[float, ...]
+
+    @classmethod
+    def of(cls, rounds: Sequence[float]) -> "RatioSummary":
+        if not rounds:
+            raise ValueError("a ratio needs at least one round")
+        values = tuple(float(value) for value in rounds)
+        return cls(statistics.median(values), min(values), max(values), values)
+
+    @property
+    def half_spread(self) -> float:
+        return (self.maximum - self.minimum) / 2
+
+    def to_json(self) -> dict[str, Any]:
+        return {"median": self.median, "min": self.minimum, "max": self.maximum, "rounds": list(self.rounds)}
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> "RatioSummary":
+        rounds = document.get("rounds") or [document["median"]]
+        summary = cls.of(rounds)
+        return cls(float(document["median"]), float(document["min"]), float(document["max"]), summary.rounds)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    metric: str
+    verdict: Verdict
+    current: RatioSummary
+    baseline: RatioSummary
+    noise: float
+
+    @property
+    def floor(self) -> float:
+        return self.baseline.median - self.noise
+
+
+def noise_of(current: RatioSummary, baseline: RatioSummary) -> float:
+    return max(current.half_spread, baseline.half_spread, MIN_RELATIVE_NOISE * baseline.median)
+
+
+def judge(metric: str, rounds: Sequence[float], baseline: RatioSummary) -> Judgement:
+    """The verdict on one metric's per-round ratios against its baseline (the rule in the module docstring)."""
+    current = RatioSummary.of(rounds)
+    noise = noise_of(current, baseline)
+    if current.median < baseline.median - noise:
+        verdict = Verdict.FAIL
+    elif current.median > baseline.median + noise:
+        verdict = Verdict.IMPROVED
+    else:
+        verdict = Verdict.PASS
+    return Judgement(metric, verdict, current, baseline, noise)
+
+
+def failed(judgements: Sequence[Judgement]) -> bool:
+    return any(judgement.verdict is Verdict.FAIL for judgement in judgements)
