@@ -66,7 +66,7 @@ help:
 	@echo "make triton          run NVIDIA's real Triton (CPU) on $(REPOSITORY)/, same ports as make serve"
 	@echo "make triton-install  install real Triton (nvidia-pytriton $(PYTRITON_VERSION)) into $(TRITON_VENV)"
 	@echo "make bench           run the benchmarks, tables on stdout, JSON under bench/results/"
-	@echo "make bench-check     regression guard (~6 min): ours/Triton and Wrapper/server ratios vs bench/baseline.json"
+	@echo "make bench-check     regression guard (6-8 min): ours/Triton and Wrapper/server ratios vs bench/baseline.json"
 	@echo "make perf-analyzer   install Triton's perf_analyzer into $(PERF_VENV)"
 	@echo "make deploy          helm upgrade --install onto the current cluster (NAMESPACE, VALUES, SECRET_VALUES)"
 	@echo "make deploy-dry-run  render and validate every manifest into build/manifests/"

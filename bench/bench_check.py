@@ -11,14 +11,15 @@ back to back, on the same cores, moves far less. So this check measures only rat
 - the Wrapper bench (``bench/wrapper_bench.py``, 256 patches, unpinned: the Wrapper and its server share the
   cores as they do in a pod), once per Wrapper round. Metric: Wrapper patches/s / server-alone patches/s, per task.
 
-Each metric's per-round ratios are judged against ``bench/baseline.json`` by :mod:`bench.regression_rule` (the
-rule is in its docstring: a median drop beyond the larger of the measured spreads and 5 % fails). Exit status:
-0 pass, 1 a metric failed, 2 a measurement could not be made.
+Each metric's per-round ratios are judged against ``bench/baseline.json`` by ``bench/regression_rule.py`` (the
+rule is in its docstring: a run fails when its median ratio is below every round the baseline's runs measured,
+and at least 5 % below their median). Exit status: 0 pass, 1 a metric failed, 2 a measurement could not be made.
 
     .venv/bin/python bench/bench_check.py [--rounds 3] [--wrapper-rounds 2] [--write-baseline]
 
-``--write-baseline`` records this run as the baseline: do that only with a measured improvement (see
-bench/README.md). Results: a table on stdout, ``bench/results/bench-check-<UTC stamp>.json``.
+``--write-baseline`` records this run as the baseline, ``--build-baseline RESULTS_JSON...`` pools the rounds of
+several earlier runs into one (better: it sees the run-to-run noise); do either only with a measured improvement
+(see bench/README.md). Results: a table on stdout, ``bench/results/bench-check-<UTC stamp>.json``.
 
 ``--profile DIR``: instead of the check, py-spy samples our server (pinned as above) while perf_analyzer loads it
 with gRPC c16 on uc6; DIR gets the flame graph (SVG), the collapsed stacks and a per-request table of where the
@@ -76,6 +77,9 @@ class PerfPoint:
     protocol: str
     concurrency: int
     window_ms: int
+    # > 0: windows of at least this many requests (perf_analyzer's count_windows) instead of window_ms long; for a
+    # slow model whose batches complete in bursts, a timed window can hold a single completion.
+    window_requests: int = 0
 
     @property
     def metric(self) -> str:
@@ -87,8 +91,8 @@ PERF_POINTS = (
     PerfPoint(UC6, "http", 16, 1000),
     PerfPoint(UC6, "grpc", 1, 1000),
     PerfPoint(UC6, "grpc", 16, 1000),
-    # ResNet-101 on one core: ~0.1 s a request, so a window must be long enough to hold a few dozen.
-    PerfPoint(SSL, "grpc", 16, 3000),
+    # ResNet-101 on one core: ~0.1 s a request, and Triton runs 16 at a time, so windows count requests.
+    PerfPoint(SSL, "grpc", 16, 3000, window_requests=32),
 )
 
 
@@ -142,10 +146,14 @@ def both_servers(repository: Path, triton_venv: Path, work_dir: Path, timeout_s:
 
 
 def perf_analyzer_command(perf_analyzer: str, point: PerfPoint, url: str, csv_path: Path, window_ms: int) -> list[str]:
+    if point.window_requests:
+        window = ["--measurement-mode", "count_windows", "--measurement-request-count", str(point.window_requests)]
+    else:
+        window = ["--measurement-interval", str(window_ms)]
     return pinned(CLIENT_CPU, [
         perf_analyzer, "-m", point.model, "-u", url, "-i", point.protocol,
         "--concurrency-range", f"{point.concurrency}:{point.concurrency}",
-        "--measurement-interval", str(window_ms),
+        *window,
         "--stability-percentage", str(PERF_STABILITY_PERCENTAGE),
         "--max-trials", str(PERF_WINDOWS),
         "-f", str(csv_path),
@@ -154,12 +162,26 @@ def perf_analyzer_command(perf_analyzer: str, point: PerfPoint, url: str, csv_pa
 
 def run_perf_point(perf_analyzer: str, server: bench.ServerProcess, point: PerfPoint, round_index: int,
                    work_dir: Path, window_ms: int | None = None) -> PerfSample:
+    """One perf_analyzer measurement; one retry with windows twice as long if perf_analyzer gave up (it still
+    checks latency agreement, and a window with a single completion has none)."""
+    sample = _perf_attempt(perf_analyzer, server, point, round_index, work_dir, window_ms)
+    if sample.error:
+        longer = PerfPoint(point.model, point.protocol, point.concurrency, 2 * (window_ms or point.window_ms),
+                           2 * point.window_requests)
+        retry = _perf_attempt(perf_analyzer, server, longer, round_index, work_dir, None)
+        retry.point = point
+        return retry
+    return sample
+
+
+def _perf_attempt(perf_analyzer: str, server: bench.ServerProcess, point: PerfPoint, round_index: int,
+                  work_dir: Path, window_ms: int | None) -> PerfSample:
     sample = PerfSample(server.name, point, round_index, load_average=os.getloadavg())
     url = server.grpc_url if point.protocol == "grpc" else server.http_url
     csv_path = work_dir / f"{server.name}-{point.model}-{point.protocol}-c{point.concurrency}.csv"
     csv_path.unlink(missing_ok=True)
     command = perf_analyzer_command(perf_analyzer, point, url, csv_path, window_ms or point.window_ms)
-    timeout_s = 30 + 10 * PERF_WINDOWS * (window_ms or point.window_ms) / 1000
+    timeout_s = 30 + 10 * PERF_WINDOWS * (window_ms or point.window_ms) / 1000 + PERF_WINDOWS * point.window_requests
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=PROJECT_ROOT)
     except subprocess.TimeoutExpired:
@@ -180,7 +202,8 @@ def measure_perf_rounds(perf_analyzer: str, servers: dict[str, bench.ServerProce
     # Warm-up: each model's first requests pay for allocations and thread start-up on both servers.
     for server in servers.values():
         for point in (PERF_POINTS[3], PERF_POINTS[4]):
-            run_perf_point(perf_analyzer, server, point, -1, work_dir, window_ms=500)
+            warm_up = PerfPoint(point.model, point.protocol, point.concurrency, 500, point.window_requests // 4)
+            _perf_attempt(perf_analyzer, server, warm_up, -1, work_dir, None)
     samples: list[PerfSample] = []
     order = [bench.OURS, bench.TRITON]
     for round_index in range(rounds):
@@ -296,14 +319,33 @@ def render_table(judgements: Sequence[Judgement], ratios: dict[str, list[float]]
     return "\n".join(lines)
 
 
-def baseline_document(ratios: dict[str, list[float]], load: dict[str, Any], note: str) -> dict[str, Any]:
+def baseline_document(ratios: dict[str, list[float]], runs: list[dict[str, Any]], note: str) -> dict[str, Any]:
+    """The baseline: each metric's rounds pooled over one or more runs (``runs``: where and under what load)."""
     return {
         "schema": BASELINE_SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), **load},
         "note": note,
+        "runs": runs,
         "metrics": {metric: RatioSummary.of(rounds).to_json() for metric, rounds in ratios.items()},
     }
+
+
+def pooled_results(paths: Sequence[Path]) -> tuple[dict[str, list[float]], list[dict[str, Any]]]:
+    """The per-round ratios of earlier runs (their results JSON), pooled per metric, and what each run was.
+
+    Pooling runs matters: rounds of one run agree more with each other than with a run ten minutes later (the
+    neighbours' load changes between runs more than within one), and the check compares against later runs."""
+    pooled: dict[str, list[float]] = {}
+    runs = []
+    for path in paths:
+        report = json.loads(path.read_text())
+        if report.get("schema") != RESULTS_SCHEMA:
+            raise ValueError(f"{path} is not a bench-check result ({report.get('schema')})")
+        for metric, rounds in report["ratios"].items():
+            pooled.setdefault(metric, []).extend(rounds)
+        runs.append({"results": path.name, "created": report["created"], "machine": report["machine"],
+                     "errors": report["errors"]})
+    return pooled, runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,8 +382,8 @@ def run_check(args: argparse.Namespace) -> int:
     print(render_table(judgements, ratios, unjudged, medians))
     print(f"\nload average (1, 5, 15 min): start {tuple(round(v, 2) for v in load_start)}, "
           f"end {tuple(round(v, 2) for v in load['load_average_end'])}; {elapsed_s:.0f} s")
-    print("rule: FAIL when the median ratio < baseline median - noise; noise = max(half the baseline's spread, "
-          "half this run's spread, 5 % of the baseline median)")
+    print("rule: FAIL when this run's median ratio < floor = baseline median - noise, noise = max(baseline median - "
+          "lowest baseline round, 5 % of the baseline median); the baseline pools the rounds of several runs")
     for error in errors:
         print(f"error: {error}")
 
@@ -369,7 +411,8 @@ def run_check(args: argparse.Namespace) -> int:
         if errors:
             print("not writing a baseline from a run with errors", file=sys.stderr)
             return 2
-        args.baseline.write_text(json.dumps(baseline_document(ratios, load, args.baseline_note), indent=2) + "\n")
+        run = {"results": path.name, "created": report["created"], "machine": report["machine"], "errors": []}
+        args.baseline.write_text(json.dumps(baseline_document(ratios, [run], args.baseline_note), indent=2) + "\n")
         print(f"baseline written: {bench._display_path(args.baseline)}")
     shutil.rmtree(work_dir, ignore_errors=True)
     if errors:
@@ -377,7 +420,8 @@ def run_check(args: argparse.Namespace) -> int:
     if failed(judgements):
         return 1
     if any(j.verdict is Verdict.IMPROVED for j in judgements):
-        print("improved beyond the noise: record it with --write-baseline if the change is meant to stay")
+        print("improved beyond the noise: if the change is meant to stay, rebuild the baseline from three runs of it "
+              "(--build-baseline)")
     return 0
 
 
@@ -392,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
     parser.add_argument("--write-baseline", action="store_true", help="record this run as the baseline")
     parser.add_argument("--baseline-note", default="", help="what the baseline run was (machine load, commit)")
+    parser.add_argument("--build-baseline", type=Path, nargs="+", metavar="RESULTS_JSON",
+                        help="write the baseline from earlier runs' results (rounds pooled), measure nothing")
     parser.add_argument("--results-dir", type=Path, default=PROJECT_ROOT / "bench" / "results")
     parser.add_argument("--server-start-timeout", type=float, default=300.0)
     parser.add_argument("--profile", type=Path, metavar="DIR",
@@ -402,9 +448,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_baseline(args: argparse.Namespace) -> int:
+    ratios, runs = pooled_results(args.build_baseline)
+    args.baseline.write_text(json.dumps(baseline_document(ratios, runs, args.baseline_note), indent=2) + "\n")
+    print(f"baseline written from {len(runs)} runs: {bench._display_path(args.baseline)}")
+    for metric, rounds in ratios.items():
+        summary = RatioSummary.of(rounds)
+        print(f"  {metric:<52} median {summary.median:.2f}  {summary.minimum:.2f}-{summary.maximum:.2f}  "
+              f"({len(rounds)} rounds)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging("WARNING", "text")
+    if args.build_baseline:
+        return build_baseline(args)
     if args.profile is not None:
         from profile_table import run_profile
 

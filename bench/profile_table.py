@@ -44,8 +44,12 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 @dataclass(frozen=True)
 class Frame:
-    function: str
+    function: str  # py-spy qualifies methods: "LoadedVersion.prepare_inputs"
     file: str
+
+    @property
+    def name(self) -> str:
+        return self.function.rsplit(".", 1)[-1]
 
 
 def parse_frame(text: str) -> Frame:
@@ -64,23 +68,24 @@ def _in(file: str, *parts: str) -> bool:
 
 DECODE_FUNCTIONS = {"infer_request_from_proto", "array_from_raw", "array_from_contents", "parameters_from_proto",
                     "decode_infer_request", "_decode_input", "_decode_requested_output", "deserialize_bytes_tensor",
-                    "_checked_shape", "checked_model_version", "reject_shared_memory", "pop_classification"}
+                    "reject_shared_memory", "pop_classification"}
 ENCODE_FUNCTIONS = {"fill_infer_response", "infer_response_to_proto", "array_to_raw", "encode_infer_response",
                     "_raw_buffer", "_json_data", "stream_infer_response", "set_parameters", "build_response",
                     "serialize_bytes_tensor", "classify", "_to_bytes_array"}
-VALIDATION_FUNCTIONS = {"prepare_inputs", "resolve_outputs", "_serving_version", "_record", "newest"}
+VALIDATION_FUNCTIONS = {"prepare_inputs", "resolve_outputs", "_serving_version", "_record", "newest", "_checked_shape",
+                        "checked_model_version"}
 BATCHING_FUNCTIONS = {"execute_batch", "_ready_batch_size", "_count_up_to"}
 
 # (category, predicate on a frame), tried innermost frame first; the first frame that matches decides.
 CATEGORY_RULES: list[tuple[str, Callable[[Frame], bool]]] = [
     ("ORT call (session.run)", lambda f: _in(f.file, "/onnxruntime/") or (
-        f.file.endswith("inference/runtime.py") and f.function in {"run", "_run_with_ort_values"})),
+        f.file.endswith("inference/runtime.py") and f.function in {"OnnxInstance.run", "OnnxInstance._run_with_ort_values"})),
     ("logging", lambda f: _in(f.file, "/logging/__init__.py", "core/logging.py")),
     ("statistics", lambda f: f.file.endswith(("inference/stats.py", "inference/metrics.py"))),
-    ("decode (protobuf -> arrays)", lambda f: f.function in DECODE_FUNCTIONS),
-    ("encode (arrays -> protobuf)", lambda f: f.function in ENCODE_FUNCTIONS),
-    ("validation (shapes, dtypes, version)", lambda f: f.function in VALIDATION_FUNCTIONS),
-    ("batching (concatenate, split)", lambda f: f.function in BATCHING_FUNCTIONS),
+    ("decode (protobuf -> arrays)", lambda f: f.name in DECODE_FUNCTIONS),
+    ("encode (arrays -> protobuf)", lambda f: f.name in ENCODE_FUNCTIONS),
+    ("validation (shapes, dtypes, version)", lambda f: f.name in VALIDATION_FUNCTIONS),
+    ("batching (concatenate, split)", lambda f: f.name in BATCHING_FUNCTIONS),
     ("scheduling (queue, worker hand-off)", lambda f: f.file.endswith(("inference/batching.py",
                                                                         "inference/runtime.py",
                                                                         "inference/engine.py"))),

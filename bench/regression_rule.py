@@ -6,15 +6,18 @@ patches/s); a run has several interleaved rounds, the baseline keeps the rounds 
 
 The rule, for each metric:
 
-- ``noise`` = the larger of half the spread (max - min) of the baseline's rounds, half the spread of this run's
-  rounds, and ``MIN_RELATIVE_NOISE`` of the baseline median: what the same code was seen to move by;
-- FAIL when this run's median ratio is below ``baseline median - noise``;
-- IMPROVED when it is above ``baseline median + noise`` (update the baseline with ``--write-baseline``);
+- the baseline holds the rounds of several runs of the same code, pooled (``bench_check.py --build-baseline``):
+  its lowest and highest round are how far that code was seen to move on this machine;
+- ``low noise`` = baseline median - baseline min, ``high noise`` = baseline max - baseline median, each at least
+  ``MIN_RELATIVE_NOISE`` of the baseline median;
+- FAIL when this run's median ratio is below ``baseline median - low noise``: the middle of this run is below
+  every round measured for the baseline (or 5 % below its median when those agreed within 5 %);
+- IMPROVED when it is above ``baseline median + high noise`` (rebuild the baseline with the new runs);
 - PASS otherwise.
 
-A noisier run widens its own tolerance: on a machine this busy, a small drop cannot be told from noise, and the
-check says so by passing with the spread shown, rather than failing at random. A single round (no spread) still
-gets ``MIN_RELATIVE_NOISE``.
+Why the baseline's extremes and not this run's spread: rounds of one run agree with each other far more than
+with a run ten minutes later (the neighbours' load shifts between runs more than within one), so a run can be
+tight and still off; only rounds pooled over runs show the noise a later run will meet.
 """
 
 from __future__ import annotations
@@ -50,10 +53,6 @@ class RatioSummary:
         values = tuple(float(value) for value in rounds)
         return cls(statistics.median(values), min(values), max(values), values)
 
-    @property
-    def half_spread(self) -> float:
-        return (self.maximum - self.minimum) / 2
-
     def to_json(self) -> dict[str, Any]:
         return {"median": self.median, "min": self.minimum, "max": self.maximum, "rounds": list(self.rounds)}
 
@@ -77,17 +76,21 @@ class Judgement:
         return self.baseline.median - self.noise
 
 
-def noise_of(current: RatioSummary, baseline: RatioSummary) -> float:
-    return max(current.half_spread, baseline.half_spread, MIN_RELATIVE_NOISE * baseline.median)
+def noise_below(baseline: RatioSummary) -> float:
+    return max(baseline.median - baseline.minimum, MIN_RELATIVE_NOISE * baseline.median)
+
+
+def noise_above(baseline: RatioSummary) -> float:
+    return max(baseline.maximum - baseline.median, MIN_RELATIVE_NOISE * baseline.median)
 
 
 def judge(metric: str, rounds: Sequence[float], baseline: RatioSummary) -> Judgement:
     """The verdict on one metric's per-round ratios against its baseline (the rule in the module docstring)."""
     current = RatioSummary.of(rounds)
-    noise = noise_of(current, baseline)
+    noise = noise_below(baseline)
     if current.median < baseline.median - noise:
         verdict = Verdict.FAIL
-    elif current.median > baseline.median + noise:
+    elif current.median > baseline.median + noise_above(baseline):
         verdict = Verdict.IMPROVED
     else:
         verdict = Verdict.PASS
