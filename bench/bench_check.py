@@ -21,6 +21,10 @@ and at least 5 % below their median). Exit status: 0 pass, 1 a metric failed, 2 
 several earlier runs into one (better: it sees the run-to-run noise); do either only with a measured improvement
 (see bench/README.md). Results: a table on stdout, ``bench/results/bench-check-<UTC stamp>.json``.
 
+``--front-end-ceiling``: instead of the check, the same interleaved rounds on the tests' tiny ``simple`` model
+(x + 1), HTTP and gRPC at concurrency 16: what each server's front end and scheduler sustain when the model costs
+nothing.
+
 ``--profile DIR``: instead of the check, py-spy samples our server (pinned as above) while perf_analyzer loads it
 with gRPC c16 on uc6; DIR gets the flame graph (SVG), the collapsed stacks and a per-request table of where the
 server's CPU time goes (see ``bench/profile_table.py``).
@@ -121,9 +125,9 @@ def pinned(cpu: str, command: Sequence[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def both_servers(repository: Path, triton_venv: Path, work_dir: Path, timeout_s: float) -> Iterator[dict[str, bench.ServerProcess]]:
-    """Ours and real Triton, each loading only uc6 and SSL, both pinned to the server core."""
-    models = [UC6, SSL]
+def both_servers(repository: Path, models: Sequence[str], triton_venv: Path, work_dir: Path,
+                 timeout_s: float) -> Iterator[dict[str, bench.ServerProcess]]:
+    """Ours and real Triton, each loading only ``models``, both pinned to the server core."""
     ready = ["/v2/health/ready", *(f"/v2/models/{name}/ready" for name in models)]
     ours_ports = free_ports(3)
     ours_command = [sys.executable, "-m", "services.inference.cli", "--model-repository", str(repository),
@@ -198,17 +202,18 @@ def _perf_attempt(perf_analyzer: str, server: bench.ServerProcess, point: PerfPo
 
 
 def measure_perf_rounds(perf_analyzer: str, servers: dict[str, bench.ServerProcess], rounds: int,
-                        work_dir: Path) -> list[PerfSample]:
+                        work_dir: Path, points: Sequence[PerfPoint] = PERF_POINTS) -> list[PerfSample]:
     # Warm-up: each model's first requests pay for allocations and thread start-up on both servers.
+    warm_up_points = {(p.model, p.protocol): p for p in points if p.concurrency > 1}.values()
     for server in servers.values():
-        for point in (PERF_POINTS[3], PERF_POINTS[4]):
+        for point in warm_up_points:
             warm_up = PerfPoint(point.model, point.protocol, point.concurrency, 500, point.window_requests // 4)
             _perf_attempt(perf_analyzer, server, warm_up, -1, work_dir, None)
     samples: list[PerfSample] = []
     order = [bench.OURS, bench.TRITON]
     for round_index in range(rounds):
         names = order if round_index % 2 == 0 else order[::-1]
-        for point in PERF_POINTS:
+        for point in points:
             for name in names:
                 sample = run_perf_point(perf_analyzer, servers[name], point, round_index, work_dir)
                 log.info("perf point", extra={"server": name, "metric": point.metric, "round": round_index,
@@ -217,13 +222,14 @@ def measure_perf_rounds(perf_analyzer: str, servers: dict[str, bench.ServerProce
     return samples
 
 
-def perf_ratios(samples: Sequence[PerfSample]) -> tuple[dict[str, list[float]], list[str]]:
+def perf_ratios(samples: Sequence[PerfSample],
+                points: Sequence[PerfPoint] = PERF_POINTS) -> tuple[dict[str, list[float]], list[str]]:
     """Per metric, ours/Triton of each round where both were measured; and the errors."""
     by_key = {(s.server, s.point, s.round): s for s in samples if s.round >= 0}
     ratios: dict[str, list[float]] = {}
     errors = [f"{s.server} {s.point.metric} round {s.round}: {s.error}" for s in samples if s.error and s.round >= 0]
     rounds = sorted({s.round for s in samples if s.round >= 0})
-    for point in PERF_POINTS:
+    for point in points:
         for round_index in rounds:
             ours = by_key.get((bench.OURS, point, round_index))
             triton = by_key.get((bench.TRITON, point, round_index))
@@ -286,9 +292,10 @@ def judge_all(ratios: dict[str, list[float]], baseline: dict[str, RatioSummary])
     return judgements, unjudged
 
 
-def absolute_medians(samples: Sequence[PerfSample]) -> dict[str, dict[str, float]]:
+def absolute_medians(samples: Sequence[PerfSample],
+                     points: Sequence[PerfPoint] = PERF_POINTS) -> dict[str, dict[str, float]]:
     medians: dict[str, dict[str, float]] = {}
-    for point in PERF_POINTS:
+    for point in points:
         for server in (bench.OURS, bench.TRITON):
             values = [s.infer_per_s for s in samples if s.point == point and s.server == server and s.round >= 0
                       and s.infer_per_s > 0]
@@ -361,7 +368,7 @@ def run_check(args: argparse.Namespace) -> int:
     errors: list[str] = []
     ratios: dict[str, list[float]] = {}
     if args.rounds > 0:
-        with both_servers(args.repository, args.triton_venv, work_dir, args.server_start_timeout) as servers:
+        with both_servers(args.repository, [UC6, SSL], args.triton_venv, work_dir, args.server_start_timeout) as servers:
             samples = measure_perf_rounds(args.perf_analyzer, servers, args.rounds, work_dir)
         ratios, errors = perf_ratios(samples)
     wrapper_rows: list[dict[str, Any]] = []
@@ -442,10 +449,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-start-timeout", type=float, default=300.0)
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="py-spy our server under perf_analyzer gRPC c16 on uc6 instead of the check")
+    parser.add_argument("--front-end-ceiling", action="store_true",
+                        help="instead of the check: ours vs Triton on the tests' tiny 'simple' model (HTTP, gRPC c16)")
     parser.add_argument("--profile-seconds", type=int, default=30)
     parser.add_argument("--profile-protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--profile-concurrency", type=int, default=16)
     return parser
+
+
+# The tiny model of the tests (x + 1 on FP32[4]): the model costs next to nothing, so the ratio is the front ends'.
+FRONT_END_MODEL = "simple"
+FRONT_END_POINTS = (PerfPoint(FRONT_END_MODEL, "http", 16, 1000), PerfPoint(FRONT_END_MODEL, "grpc", 16, 1000))
+
+
+def run_front_end_ceiling(args: argparse.Namespace) -> int:
+    """Ours vs Triton on a model that costs ~nothing: what each front end (and scheduler) alone sustains."""
+    sys.path.insert(0, str(PROJECT_ROOT / "tests" / "inference"))
+    import tiny_models
+
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-front-ends-"))
+    repository = tiny_models.build_tiny_repository(work_dir / "model_repository", [FRONT_END_MODEL])
+    load_start = os.getloadavg()
+    with both_servers(repository, [FRONT_END_MODEL], args.triton_venv, work_dir, args.server_start_timeout) as servers:
+        samples = measure_perf_rounds(args.perf_analyzer, servers, args.rounds, work_dir, FRONT_END_POINTS)
+    ratios, errors = perf_ratios(samples, FRONT_END_POINTS)
+    load = {"load_average_start": load_start, "load_average_end": os.getloadavg()}
+    print(f"\nfront ends alone: ours vs Triton on the tiny '{FRONT_END_MODEL}' model, {args.rounds} interleaved rounds "
+          f"(servers on cpu {SERVER_CPU}, perf_analyzer on cpu {CLIENT_CPU})")
+    print(render_table([], ratios, list(ratios), absolute_medians(samples, FRONT_END_POINTS)))
+    print(f"\nload average (1, 5, 15 min): start {tuple(round(v, 2) for v in load_start)}, "
+          f"end {tuple(round(v, 2) for v in load['load_average_end'])}")
+    for error in errors:
+        print(f"error: {error}")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = args.results_dir / f"front-ends-{stamp}.json"
+    path.write_text(json.dumps({
+        "schema": RESULTS_SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), **load},
+        "perf_samples": [{**asdict(s), "point": asdict(s.point)} for s in samples],
+        "ratios": ratios, "errors": errors,
+    }, indent=2) + "\n")
+    print(f"results: {bench._display_path(path)}")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return 2 if errors else 0
 
 
 def build_baseline(args: argparse.Namespace) -> int:
@@ -464,6 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("WARNING", "text")
     if args.build_baseline:
         return build_baseline(args)
+    if args.front_end_ceiling:
+        return run_front_end_ceiling(args)
     if args.profile is not None:
         from profile_table import run_profile
 
