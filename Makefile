@@ -50,7 +50,7 @@ TRAIN_ARGS ?=
 
 MODEL_SOURCES := $(wildcard models/*.py) $(wildcard models/checkpoints/*) $(wildcard $(REPOSITORY)/*/config.pbtxt) services/core/sentinel2.py services/core/bigearthnet.py services/core/model_card.py data/bigearthnet-sample/index.json
 
-.PHONY: help install models data train-compressor eval-compression test serve triton triton-install demo platform-up platform-down bench deploy deploy-dry-run upload-models tools perf-analyzer clean
+.PHONY: help install models data train-compressor eval-compression test serve triton triton-install demo platform-up platform-down bench bench-check deploy deploy-dry-run upload-models tools perf-analyzer clean
 
 help:
 	@echo "make demo            start the local platform and run the sample workflows"
@@ -66,6 +66,7 @@ help:
 	@echo "make triton          run NVIDIA's real Triton (CPU) on $(REPOSITORY)/, same ports as make serve"
 	@echo "make triton-install  install real Triton (nvidia-pytriton $(PYTRITON_VERSION)) into $(TRITON_VENV)"
 	@echo "make bench           run the benchmarks, tables on stdout, JSON under bench/results/"
+	@echo "make bench-check     regression guard (6-8 min): ours/Triton and Wrapper/server ratios vs bench/baseline.json"
 	@echo "make perf-analyzer   install Triton's perf_analyzer into $(PERF_VENV)"
 	@echo "make deploy          helm upgrade --install onto the current cluster (NAMESPACE, VALUES, SECRET_VALUES)"
 	@echo "make deploy-dry-run  render and validate every manifest into build/manifests/"
@@ -147,6 +148,14 @@ bench: install models perf-analyzer triton-install $(KSERVE_VENV)/.installed $(B
 	  --plot-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
 	$(PY) bench/wrapper_bench.py --repository $(REPOSITORY) $(WRAPPER_BENCH_ARGS)
 	$(PY) bench/wrapper_bench.py --repository $(REPOSITORY) --granule $(WRAPPER_GRANULE_ARGS)
+
+# The regression guard: interleaved, pinned perf_analyzer rounds against ours and real Triton plus the Wrapper
+# bench, as ratios judged against bench/baseline.json (rule: bench/regression_rule.py); non-zero exit on a drop
+# beyond the measured noise. BENCH_CHECK_ARGS, e.g. "--rounds 5" or "--write-baseline --baseline-note '...'".
+BENCH_CHECK_ARGS ?=
+bench-check: install models perf-analyzer triton-install
+	PERF_VENV=$(PERF_VENV) $(PY) bench/bench_check.py --repository $(REPOSITORY) --triton-venv $(TRITON_VENV) \
+	  --perf-analyzer "$(CURDIR)/bench/perf_analyzer.sh" $(BENCH_CHECK_ARGS)
 
 # KServe pins its own dependencies, so it gets its own venv, with the ONNX Runtime version ours runs.
 $(KSERVE_VENV)/.installed: $(VENV)/.installed

@@ -20,7 +20,9 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from . import triton_parameters
 from .restricted_api import Restriction, grpc_refusal
+from .triton_parameters import pop_classification, reject_shared_memory
 from .protocol import (
     ErrorKind,
     InferenceServerError,
@@ -49,12 +51,6 @@ MIN_MAX_MESSAGE_BYTES = DEFAULT_MAX_MESSAGE_BYTES
 # Requests of one stream whose responses are not written yet. Past this the server stops reading
 # the stream, so HTTP/2 flow control pushes back on a client that sends faster than it reads.
 STREAM_MAX_IN_FLIGHT = 256
-
-CLASSIFICATION_PARAMETER = "classification"
-SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
-LOAD_CONFIG_PARAMETER = "config"
-LOAD_FILE_PARAMETER_PREFIX = "file:"
-UNLOAD_DEPENDENTS_PARAMETER = "unload_dependents"
 
 # Which InferTensorContents field carries each datatype (Triton's mapping: the narrow integer types
 # travel widened to 32 bits). FP16 has no typed field: it can only be sent as raw contents.
@@ -118,15 +114,6 @@ def set_parameters(target: Any, values: dict[str, Any]) -> None:
             parameter.string_param = value.decode("utf-8", errors="replace")
         else:
             parameter.string_param = str(value)
-
-
-def _reject_shared_memory(parameters: Any, what: str) -> None:
-    if any(key in parameters for key in SHARED_MEMORY_PARAMETERS):
-        raise InferenceServerError(
-            ErrorKind.UNSUPPORTED,
-            f"{what} uses shared memory, which this server does not support; "
-            "send tensor data in the request (raw_input_contents) instead",
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +187,7 @@ def infer_request_from_proto(request: service_pb2.ModelInferRequest) -> InferReq
         # Most requests carry no tensor parameters: the map is only searched when it has entries.
         tensor_parameters = tensor.parameters
         if tensor_parameters:
-            _reject_shared_memory(tensor_parameters, f"input '{tensor.name}'")
+            reject_shared_memory(tensor_parameters, f"input '{tensor.name}'")
         shape = _checked_shape(tensor, model_name)
         has_contents = tensor.HasField("contents")
         if raw_contents:
@@ -231,15 +218,10 @@ def infer_request_from_proto(request: service_pb2.ModelInferRequest) -> InferReq
     outputs: list[RequestedOutput] = []
     for tensor in request.outputs:
         tensor_parameters = tensor.parameters
-        if tensor_parameters:
-            _reject_shared_memory(tensor_parameters, f"output '{tensor.name}'")
         parameters = parameters_from_proto(tensor_parameters) if tensor_parameters else {}
-        class_count = parameters.pop(CLASSIFICATION_PARAMETER, 0)
-        if not isinstance(class_count, int) or isinstance(class_count, bool) or class_count < 0:
-            raise invalid(
-                f"output '{tensor.name}': parameter 'classification' must be a non-negative int64_param, "
-                f"got {class_count!r}"
-            )
+        if parameters:
+            reject_shared_memory(parameters, f"output '{tensor.name}'")
+        class_count = pop_classification(parameters, tensor.name)
         outputs.append(RequestedOutput(name=tensor.name, class_count=class_count, parameters=parameters))
     return InferRequest(
         model_name=model_name,
@@ -326,31 +308,11 @@ def repository_index_to_proto(entries: list[RepositoryIndexEntry]) -> service_pb
 
 def load_config_override(request: service_pb2.RepositoryModelLoadRequest) -> str | None:
     """The ``config`` JSON override of a load request; rejects what this server cannot honour."""
-    config_json: str | None = None
-    for key, parameter in request.parameters.items():
-        choice = parameter.WhichOneof("parameter_choice")
-        if key == LOAD_CONFIG_PARAMETER:
-            if choice != "string_param":
-                raise invalid(f"load parameter 'config' of model '{request.model_name}' must be a string_param")
-            config_json = parameter.string_param
-        elif key.startswith(LOAD_FILE_PARAMETER_PREFIX):
-            raise InferenceServerError(
-                ErrorKind.UNSUPPORTED,
-                f"load of model '{request.model_name}': model file overrides ('{key}') are not supported",
-            )
-        else:
-            raise invalid(f"load of model '{request.model_name}': unrecognized load parameter '{key}'")
-    return config_json
+    return triton_parameters.load_config_override(request.model_name, parameters_from_proto(request.parameters))
 
 
 def unload_dependents_flag(request: service_pb2.RepositoryModelUnloadRequest) -> bool:
-    for key, parameter in request.parameters.items():
-        if key != UNLOAD_DEPENDENTS_PARAMETER:
-            raise invalid(f"unload of model '{request.model_name}': unrecognized unload parameter '{key}'")
-        if parameter.WhichOneof("parameter_choice") != "bool_param":
-            raise invalid(f"unload parameter 'unload_dependents' of '{request.model_name}' must be a bool_param")
-        return parameter.bool_param
-    return False
+    return triton_parameters.unload_dependents(request.model_name, parameters_from_proto(request.parameters))
 
 
 def _reject_repository_name(repository_name: str) -> None:

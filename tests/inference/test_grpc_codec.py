@@ -279,7 +279,7 @@ def test_load_request_config_override() -> None:
     assert load_config_override(request) == '{"max_batch_size": 4}'
 
     request.parameters["config"].bool_param = True
-    with expect_error(ErrorKind.INVALID_ARGUMENT, "config", "string_param"):
+    with expect_error(ErrorKind.INVALID_ARGUMENT, "config", "must be a string holding JSON"):
         load_config_override(request)
 
     request = service_pb2.RepositoryModelLoadRequest(model_name="m")
@@ -299,7 +299,7 @@ def test_unload_request_dependents_flag() -> None:
     request.parameters["unload_dependents"].bool_param = True
     assert unload_dependents_flag(request) is True
     request.parameters["unload_dependents"].string_param = "yes"
-    with expect_error(ErrorKind.INVALID_ARGUMENT, "unload_dependents", "bool_param"):
+    with expect_error(ErrorKind.INVALID_ARGUMENT, "unload_dependents", "must be true or false"):
         unload_dependents_flag(request)
 
 

@@ -16,7 +16,7 @@ import tritonclient.http as triton_http
 from tritonclient.grpc import model_config_pb2, service_pb2
 
 from services.inference import triton_json
-from services.inference.http_server import (
+from services.inference.http_codec import (
     HttpStatusError,
     decode_infer_request,
     decompress_body,
@@ -283,19 +283,19 @@ def test_non_utf8_bytes_output_requested_as_json_is_a_clear_error() -> None:
 def test_repository_request_bodies() -> None:
     assert parse_index_request(b"") is False
     assert parse_index_request(b'{"ready": true}') is True
-    assert parse_load_request(b"") is None
+    assert parse_load_request("m", b"") is None
     config = json.dumps({"max_batch_size": 2})
-    assert parse_load_request(json.dumps({"parameters": {"config": config}}).encode()) == config
-    assert parse_unload_request(b"") is False
-    assert parse_unload_request(b'{"parameters": {"unload_dependents": true}}') is True
+    assert parse_load_request("m", json.dumps({"parameters": {"config": config}}).encode()) == config
+    assert parse_unload_request("m", b"") is False
+    assert parse_unload_request("m", b'{"parameters": {"unload_dependents": true}}') is True
     for bad, expected in [
         (lambda: parse_index_request(b'{"ready": "yes"}'), "'ready'"),
-        (lambda: parse_load_request(b'{"parameters": {"config": "{not json"}}'), "not valid JSON"),
-        (lambda: parse_load_request(b'{"parameters": {"config": 5}}'), "must be a string"),
-        (lambda: parse_load_request(b'{"parameters": {"colour": "red"}}'), "unknown load parameter 'colour'"),
-        (lambda: parse_load_request(b'{"parameters": {"file:1/model.onnx": "AAAA"}}'), "not supported"),
-        (lambda: parse_unload_request(b'{"parameters": {"unload_dependents": 1}}'), "unload_dependents"),
-        (lambda: parse_unload_request(b"[]"), "JSON object"),
+        (lambda: parse_load_request("m", b'{"parameters": {"config": "{not json"}}'), "not valid JSON"),
+        (lambda: parse_load_request("m", b'{"parameters": {"config": 5}}'), "must be a string"),
+        (lambda: parse_load_request("m", b'{"parameters": {"colour": "red"}}'), "unknown load parameter 'colour'"),
+        (lambda: parse_load_request("m", b'{"parameters": {"file:1/model.onnx": "AAAA"}}'), "not supported"),
+        (lambda: parse_unload_request("m", b'{"parameters": {"unload_dependents": 1}}'), "unload_dependents"),
+        (lambda: parse_unload_request("m", b"[]"), "JSON object"),
     ]:
         with pytest.raises(InferenceServerError) as caught:
             bad()
@@ -405,7 +405,7 @@ def test_a_large_body_is_decoded_from_shared_memory() -> None:
     """The helper process's side of the large-JSON path: the body the server wrote into shared memory."""
     from multiprocessing import shared_memory
 
-    from services.inference.http_server import decode_shared_infer_request
+    from services.inference.http_decode_pool import decode_shared_infer_request
 
     body = json.dumps({"id": "big", "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [2, 2],
                                                 "data": [1, 2, 3, 4]}]}).encode()
