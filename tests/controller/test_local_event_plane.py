@@ -91,6 +91,8 @@ def test_non_2xx_is_retried_then_the_next_record_follows(kafka_broker, producer)
         publish_json(producer, topic, step_message(1))
         publish_json(producer, topic, step_message(2))
         seen = receiver.wait_for(lambda s: len(s) >= 4)
+        # The receiver records a request before its answer reaches the dispatcher.
+        wait_until(lambda: driver.describe(make_step(kafka_broker, topic)).get("delivered") == 2)
         described = driver.describe(make_step(kafka_broker, topic))
     finally:
         driver.close()
