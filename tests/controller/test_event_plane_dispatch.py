@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator

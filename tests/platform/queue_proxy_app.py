@@ -45,7 +45,8 @@ async def main() -> None:
     app.router.add_get("/readyz", ready)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", int(os.environ.get("APP_PORT") or os.environ["EOML_WRAPPER_HTTP_PORT"])).start()
+    port = int(os.environ.get("APP_PORT") or os.environ["EOML_WRAPPER_HTTP_PORT"])
+    await web.TCPSite(runner, "127.0.0.1", port).start()
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
 

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 MAX_POLL_RECORDS = 50  # config-kafka-source-data-plane: max.poll.records
 AUTO_COMMIT_INTERVAL_S = 5.0  # auto.commit.interval.ms
+DEAD_LETTER_SINK_FAILED = "dead-letter sink failed: offset committed anyway, the record is gone from the consumer group"
 
 
 class Ordering(enum.Enum):
@@ -316,7 +317,7 @@ class StepDispatcher:
                     "error": result.error})
                 return Outcome.DEAD_LETTERED
             error = str(errors[0]) if errors else f"not acknowledged in {self.tuning.dead_letter_write_timeout_s} s"
-        log.error("dead-letter sink failed: offset committed anyway, the record is gone from the consumer group", extra={
+        log.error(DEAD_LETTER_SINK_FAILED, extra={
             "config_name": self.target.config_name, "topic": record.topic, "partition": record.partition,
             "offset": record.offset, "event_id": result.event_id, "dead_letter_topic": topic,
             "delivery_error": result.error, "dead_letter_error": error[:RESPONSE_EXCERPT]})
