@@ -69,6 +69,7 @@ class WorkflowReport:
     finished_at: float | None = None
     results: dict[str, Any] = field(default_factory=dict)
     dead_letters: list[Any] = field(default_factory=list)
+    dead_lettered_at: float | None = None
 
     @property
     def seconds(self) -> float | None:
@@ -236,6 +237,8 @@ def _apply_events(reports: Sequence[WorkflowReport], collector: EventCollector) 
             for step_report in report.steps:
                 if record.topic == f"{step_report.topic_in}.dlq" and record.value not in report.dead_letters:
                     report.dead_letters.append(record.value)
+                    if report.dead_lettered_at is None:
+                        report.dead_lettered_at = record.received_at
             for index, planned in enumerate(report.plan.steps):
                 if record.topic == planned.topic_out and isinstance(record.value, dict):
                     folder = (record.value.get("S3_bucket_desc") or {}).get("folder")
@@ -244,10 +247,17 @@ def _apply_events(reports: Sequence[WorkflowReport], collector: EventCollector) 
                         report.finished_at = record.received_at
 
 
+# A Wrapper writes a failed step's dead-letter record before its CRITICAL notification, and the collector reads
+# monitoring.notify from the beginning: a dead letter settles a workflow only once its CRITICAL had time to arrive.
+DEAD_LETTER_SETTLE_S = 5.0
+
+
 def _settled(report: WorkflowReport) -> bool:
     if report.finished_at is not None and all(s.status == "SUCCESS" for s in report.steps):
         return True
-    return any(s.status == "CRITICAL" for s in report.steps) or bool(report.dead_letters)
+    if any(s.status == "CRITICAL" for s in report.steps):
+        return True
+    return report.dead_lettered_at is not None and time.monotonic() - report.dead_lettered_at >= DEAD_LETTER_SETTLE_S
 
 
 def run_workflows(state: PlatformState, plans: Sequence[WorkflowPlan], timeout_s: float = 600.0,
