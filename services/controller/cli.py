@@ -25,6 +25,8 @@ from services.core.kafka import ensure_topics, producer_config
 from services.core.logging import configure_logging
 from services.core.step_config import LocalStepConfigStore, StepConfigStore
 
+from .api_retry import ApiRetryPolicy, RetryingApi
+from .consumer_positions import ConsumerPositions
 from .http_app import READY_KEY, build_app, kafka_dead_letter_writer
 from .notifications import KafkaNotifier
 from .reconciler import SourceDriver, WorkflowController
@@ -65,7 +67,9 @@ def build_store(settings: ControllerSettings) -> StepConfigStore:
     from .kubernetes_driver import kubernetes_custom_api
 
     host = settings.kubernetes_host or None  # steps found through their KafkaSources: no list on ConfigMaps
-    return KubernetesStepConfigStore(kubernetes_core_api(host), kubernetes_custom_api(host))
+    policy = api_retry_policy(settings)
+    return KubernetesStepConfigStore(RetryingApi(kubernetes_core_api(host), policy),
+                                     RetryingApi(kubernetes_custom_api(host), policy))
 
 
 def build_driver(settings: ControllerSettings) -> SourceDriver:
@@ -75,17 +79,26 @@ def build_driver(settings: ControllerSettings) -> SourceDriver:
         return LocalSourceDriver(settings)
     from .kubernetes_driver import KubernetesSourceDriver, kubernetes_custom_api
 
-    return KubernetesSourceDriver(kubernetes_custom_api(settings.kubernetes_host or None), settings)
+    return KubernetesSourceDriver(RetryingApi(kubernetes_custom_api(settings.kubernetes_host or None),
+                                              api_retry_policy(settings)), settings)
+
+
+def api_retry_policy(settings: ControllerSettings) -> ApiRetryPolicy:
+    return ApiRetryPolicy(attempts=settings.kubernetes_api_attempts, backoff_s=settings.kubernetes_api_backoff_s,
+                          request_timeout_s=settings.kubernetes_api_timeout_s)
 
 
 def build_controller(settings: ControllerSettings, producer: Any = None) -> WorkflowController:
     """The controller with its store and driver; with a Kafka ``producer``, failures are notified on
-    ``monitoring.notify`` and dead-letter topics are created when steps are wired."""
+    ``monitoring.notify``, dead-letter topics are created when steps are wired, and consumer positions survive a
+    source's deletion."""
     notifier = KafkaNotifier(settings.bootstrap_servers, settings.notify_topic, producer) if producer else None
     create_topics = ensure_topics if settings.create_dead_letter_topics else None
+    positions = ConsumerPositions(settings.bootstrap_servers) if producer else None
     return WorkflowController(build_store(settings), build_driver(settings), settings.bootstrap_servers,
                               namespaces=settings.workflow_namespaces, notifier=notifier,
-                              create_topics=create_topics, dead_letter_suffix=settings.dead_letter_suffix)
+                              create_topics=create_topics, dead_letter_suffix=settings.dead_letter_suffix,
+                              positions=positions)
 
 
 async def run(settings: ControllerSettings, mode: str) -> int:

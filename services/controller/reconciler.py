@@ -16,12 +16,19 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
 from services.core.contracts import IGNORED_STATUSES, PUBLISHED, STOPPING, WorkflowMessage
-from services.core.step_config import StepConfig, StepConfigStore, step_config_from_message, step_config_name
+from services.core.step_config import (
+    StepConfig,
+    StepConfigNotFound,
+    StepConfigStore,
+    step_config_from_message,
+    step_config_name,
+)
 
+from .consumer_positions import ConsumerPositions
 from .messages import ANSWER_INVALID, ANSWER_VALID, MessageRejected, parse_workflow_message
 from .notifications import ControllerNotifier, NullNotifier
 from .registry import WorkflowRegistry
-from .wiring import StepRejected, dead_letter_topic
+from .wiring import StepRejected, consumer_group, dead_letter_topic
 
 # Creates Kafka topics that do not exist yet (an admin call); raises when it cannot.
 TopicCreator = Callable[[str, list[str]], None]
@@ -106,7 +113,7 @@ class WorkflowController:
     def __init__(self, store: StepConfigStore, driver: SourceDriver, bootstrap_servers: str,
                  registry: WorkflowRegistry | None = None, namespaces: list[str] | None = None,
                  notifier: ControllerNotifier | None = None, create_topics: TopicCreator | None = None,
-                 dead_letter_suffix: str = ".dlq") -> None:
+                 dead_letter_suffix: str = ".dlq", positions: ConsumerPositions | None = None) -> None:
         self.store = store
         self.driver = driver
         self.bootstrap_servers = bootstrap_servers
@@ -115,6 +122,8 @@ class WorkflowController:
         # None: dead-letter topics are not created here (e.g. no Kafka in a unit test).
         self.create_topics = create_topics
         self.dead_letter_suffix = dead_letter_suffix
+        # Consumer positions kept across source deletion (consumer_positions.py); None: not kept (no Kafka).
+        self.positions = positions
         # None or empty: any namespace (stored steps listed cluster-wide); else only these.
         self.namespaces = sorted(set(namespaces or []))
         # Messages are rare and each touches a few API objects: handling them one at a time keeps a publish and a
@@ -227,9 +236,21 @@ class WorkflowController:
                 self.create_topics(config.bootstrap_servers or self.bootstrap_servers, [topic])
             except Exception as error:
                 raise TopicsNotCreated(f"dead-letter topic {topic!r} not created: {error}"[:300]) from None
+        group = consumer_group(config.workflow_name, config.topic_in)
+        previous_group = self._stored_group(config.namespace, config.config_name, config.topic_in)
+        if self.positions is not None and previous_group is not None and previous_group != group:
+            # Releasing the source below deletes its consumer group: keep its positions first.
+            self.positions.save(previous_group, config.topic_in)
         # A source that cannot be updated in place (a re-publish under another workflow name changes its consumer
         # group) goes before the configuration is overwritten: it must never deliver into the new settings.
-        self.driver.release_conflicting(config)
+        released = self.driver.release_conflicting(config)
+        if released and self.positions is not None and previous_group is not None and previous_group != group:
+            # What the stopped source committed after the first read, where its group outlives it.
+            self.positions.save(previous_group, config.topic_in)
+        if previous_group != group and self.positions is not None:
+            # No source of this group exists now (never wired, stopped, or just released): it starts where the
+            # topic's last source stopped, not at initialOffset.
+            self.positions.seed(group, config.topic_in)
         # Configuration first: once the source exists, deliveries may arrive, and the Wrapper must find it.
         self.store.put(config.namespace, config, credentials)
         source = self.driver.wire(config)
@@ -243,14 +264,32 @@ class WorkflowController:
     def stop(self, message: WorkflowMessage) -> HandlingResult:
         namespace, topic_in = message.ML.Namespace, message.Topics.in_
         config_name = step_config_name(topic_in)
+        stored_group = self._stored_group(namespace, config_name, topic_in)
+        if self.positions is not None and stored_group is not None:
+            # Deleting the source deletes its consumer group: keep its positions for a later re-publish. Every
+            # step reads the controller's Kafka cluster (step_config_from_message): one admin client serves all.
+            self.positions.save(stored_group, topic_in)
         # Source first, then configuration: a delivery in flight can still read its configuration.
         unwired = self.driver.unwire(None, namespace, topic_in)
+        if self.positions is not None and stored_group is not None:
+            self.positions.save(stored_group, topic_in)  # what it committed meanwhile, where its group outlives it
         deleted = self.store.delete(namespace, config_name)
         self.registry.stopped(message.workflow_name, namespace, config_name, topic_in)
         log.info("workflow step stopped", extra={"workflow": message.workflow_name, "namespace": namespace,
                                                  "config_name": config_name, "source_deleted": unwired,
                                                  "config_deleted": deleted})
         return HandlingResult(UNWIRED, valid=True, workflow_name=message.workflow_name, config_name=config_name)
+
+    def _stored_group(self, namespace: str, config_name: str, topic_in: str) -> str | None:
+        """The consumer group of the step as it is wired now (from its stored configuration); None: not wired, or
+        positions are not kept (nothing to read then)."""
+        if self.positions is None:
+            return None
+        try:
+            stored, _ = self.store.get(namespace, config_name)
+        except StepConfigNotFound:
+            return None
+        return consumer_group(stored.workflow_name, topic_in)
 
     # -- status API ------------------------------------------------------------------------------------------
 
