@@ -20,8 +20,10 @@ Known window: the source keeps consuming until it is deleted, so records whose o
 and its deletion are delivered again after a re-publication (at least once; the Wrapper answers a redelivered
 completed input as a duplicate).
 
-Only the admin API is used (``ListConsumerGroupOffsets``, ``AlterConsumerGroupOffsets``); tansu, the local broker,
-implements both.
+Through the admin API (``ListConsumerGroupOffsets``, ``AlterConsumerGroupOffsets``). tansu 0.6, the local broker,
+implements both, but drops the connection on an alter of a group that was deleted before (the offsets are stored
+nevertheless); there, and wherever the admin call fails, the offsets are committed by a consumer that joins no group
+(the same ``OffsetCommit``, which tansu answers).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from services.core.kafka import admin_config
+from services.core.kafka import admin_config, consumer_config
 from services.core.step_config import dns1123_name
 
 from .wiring import CONSUMER_GROUP_PREFIX
@@ -83,14 +85,38 @@ class ConsumerPositions:
         """Commit ``offsets`` for ``group`` (which must have no active member: a deleted or never started source)."""
         if not offsets:
             return
-        from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+        from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 
-        request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p, o) for p, o in sorted(offsets.items())])
-        futures = self._client().alter_consumer_group_offsets([request], request_timeout=self.timeout_s)
-        answer = futures[group].result(self.timeout_s)
+        partitions = [TopicPartition(topic, p, o) for p, o in sorted(offsets.items())]
+        try:
+            futures = self._client().alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, partitions)],
+                                                                  request_timeout=self.timeout_s)
+            answer = futures[group].result(self.timeout_s)
+        except KafkaException as error:
+            # tansu 0.6 stores the offsets of a group deleted before but then drops the connection instead of
+            # answering (its storage looks the deleted group up). A consumer that joins no group commits the same
+            # OffsetCommit request and gets an answer: the fallback, for any broker that fails the admin call.
+            log.warning("offset commit through the admin API failed, committing as a consumer",
+                        extra={"consumer_group": group, "topic": topic, "error": str(error)[:300]})
+            self._admin = None  # its connection was dropped: the next call starts a fresh client
+            self._commit_as_consumer(group, partitions)
+            return
         failed = [tp for tp in answer.topic_partitions if tp.error is not None]
         if failed:
             raise RuntimeError(f"offsets of {group!r} on {topic!r} not committed: {failed[0].error}"[:300])
+
+    def _commit_as_consumer(self, group: str, partitions: list[Any]) -> None:
+        from confluent_kafka import Consumer
+
+        consumer = Consumer(consumer_config(self.bootstrap_servers, group,
+                                            **{"socket.timeout.ms": int(self.timeout_s * 1000)}))
+        try:
+            answer = consumer.commit(offsets=partitions, asynchronous=False)
+        finally:
+            consumer.close()
+        failed = [tp for tp in answer or [] if tp.error is not None]
+        if failed:
+            raise RuntimeError(f"offsets of {group!r} not committed: {failed[0].error}"[:300])
 
     def save(self, group: str, topic: str) -> Offsets:
         """Before the source of ``group`` is deleted: keep its positions in the topic's positions group (never moving
