@@ -27,11 +27,12 @@ from services.core.step_config import LocalStepConfigStore, StepConfigStore
 
 from .api_retry import ApiRetryPolicy, RetryingApi
 from .consumer_positions import ConsumerPositions
-from .http_app import READY_KEY, build_app, kafka_dead_letter_writer
+from .dead_letters import DeadLetterWriter, KafkaDeadLetterWriter
+from .http_app import READY_KEY, build_app
 from .notifications import KafkaNotifier
 from .reconciler import SourceDriver, WorkflowController
 from .settings import ControllerSettings
-from .system_consumer import SystemTopicConsumer
+from .system_consumer import SystemTopicConsumer, max_poll_interval_ms
 from .wiring import DeliveryPolicy, dead_letter_topic
 
 log = logging.getLogger("services.controller")
@@ -88,17 +89,19 @@ def api_retry_policy(settings: ControllerSettings) -> ApiRetryPolicy:
                           request_timeout_s=settings.kubernetes_api_timeout_s)
 
 
-def build_controller(settings: ControllerSettings, producer: Any = None) -> WorkflowController:
+def build_controller(settings: ControllerSettings, producer: Any = None,
+                     dead_letter_writer: DeadLetterWriter | None = None) -> WorkflowController:
     """The controller with its store and driver; with a Kafka ``producer``, failures are notified on
     ``monitoring.notify``, dead-letter topics are created when steps are wired, and consumer positions survive a
-    source's deletion."""
+    source's deletion; with ``dead_letter_writer``, refused messages are kept on ``<system topic>.dlq``."""
     notifier = KafkaNotifier(settings.bootstrap_servers, settings.notify_topic, producer) if producer else None
     create_topics = ensure_topics if settings.create_dead_letter_topics else None
     positions = ConsumerPositions(settings.bootstrap_servers) if producer else None
     return WorkflowController(build_store(settings), build_driver(settings), settings.bootstrap_servers,
                               namespaces=settings.workflow_namespaces, notifier=notifier,
                               create_topics=create_topics, dead_letter_suffix=settings.dead_letter_suffix,
-                              positions=positions)
+                              positions=positions, dead_letter_writer=dead_letter_writer,
+                              system_topic=settings.system_topic)
 
 
 async def run(settings: ControllerSettings, mode: str) -> int:
@@ -107,8 +110,8 @@ async def run(settings: ControllerSettings, mode: str) -> int:
     # Notifications, dead-letter records (KafkaSources dead-letter to ``/dead-letter``; ``consume`` mode writes
     # ``system.ML.dlq`` itself): one producer, configured like every client (TLS/SASL from EOML_KAFKA_*).
     producer = Producer(producer_config(settings.bootstrap_servers, **{"message.timeout.ms": 30000}))
-    controller = build_controller(settings, producer)
-    dead_letter_writer = kafka_dead_letter_writer(producer)
+    dead_letter_writer = KafkaDeadLetterWriter(settings.bootstrap_servers, settings.dead_letter_write_timeout_s)
+    controller = build_controller(settings, producer, dead_letter_writer)
     app = build_app(controller, dead_letter_writer if settings.source_driver == "kubernetes" else None,
                     settings.dead_letter_suffix, verifier_from_settings())
     runner = web.AppRunner(app, access_log=None)
@@ -139,7 +142,8 @@ async def run(settings: ControllerSettings, mode: str) -> int:
                 log.warning("topics not created", extra={"topics": own_topics, "error": str(error)})
             consumer = SystemTopicConsumer(controller, settings.bootstrap_servers, settings.system_topic,
                                            settings.consumer_group, DeliveryPolicy.from_settings(settings),
-                                           dead_letter_writer=dead_letter_writer).start()
+                                           dead_letter_writer=dead_letter_writer,
+                                           max_poll_interval_ms=max_poll_interval_ms(settings)).start()
         app[READY_KEY].set()
         await stop.wait()
     finally:
@@ -149,6 +153,7 @@ async def run(settings: ControllerSettings, mode: str) -> int:
         await asyncio.to_thread(controller.driver.close)
         await runner.cleanup()
         producer.flush(10)
+        dead_letter_writer.producer.flush(10)
     return EXIT_OK
 
 
@@ -178,6 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"eo-controller: invalid settings: {error}", file=sys.stderr)
         return EXIT_BAD_USAGE
     configure_logging(settings.log_level, settings.log_format)
+    if mode == "consume":
+        try:
+            max_poll_interval_ms(settings)
+        except ValueError as error:
+            print(f"eo-controller: invalid settings: {error}", file=sys.stderr)
+            return EXIT_BAD_USAGE
     try:
         return asyncio.run(run(settings, mode))
     except OSError as error:

@@ -9,6 +9,7 @@ sender retries (a temporary one; if every retry fails, the dead-letter path repo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -25,6 +26,7 @@ from services.core.step_config import (
 )
 
 from .consumer_positions import ConsumerPositions
+from .dead_letters import DeadLetterWriter, refused_message_record
 from .messages import ANSWER_INVALID, ANSWER_VALID, MessageRejected, parse_workflow_message
 from .notifications import ControllerNotifier, NullNotifier
 from .registry import WorkflowRegistry
@@ -75,6 +77,12 @@ class HandlingResult:
     retryable: bool = False
     workflow_name: str = ""
     config_name: str = ""
+    # Refused for good and kept on ``<system topic>.dlq`` (dead_letters.py).
+    dead_lettered: bool = False
+
+    @property
+    def refused_for_good(self) -> bool:
+        return self.action in (REJECTED, FAILED) and not self.retryable
 
     @property
     def answer(self) -> dict[str, str]:
@@ -113,7 +121,8 @@ class WorkflowController:
     def __init__(self, store: StepConfigStore, driver: SourceDriver, bootstrap_servers: str,
                  registry: WorkflowRegistry | None = None, namespaces: list[str] | None = None,
                  notifier: ControllerNotifier | None = None, create_topics: TopicCreator | None = None,
-                 dead_letter_suffix: str = ".dlq", positions: ConsumerPositions | None = None) -> None:
+                 dead_letter_suffix: str = ".dlq", positions: ConsumerPositions | None = None,
+                 dead_letter_writer: DeadLetterWriter | None = None, system_topic: str = "system.ML") -> None:
         self.store = store
         self.driver = driver
         self.bootstrap_servers = bootstrap_servers
@@ -124,6 +133,9 @@ class WorkflowController:
         self.dead_letter_suffix = dead_letter_suffix
         # Consumer positions kept across source deletion (consumer_positions.py); None: not kept (no Kafka).
         self.positions = positions
+        # Where a message refused for good is kept (``<system_topic><dead_letter_suffix>``); None: only reported.
+        self.dead_letter_writer = dead_letter_writer
+        self.system_topic = system_topic
         # None or empty: any namespace (stored steps listed cluster-wide); else only these.
         self.namespaces = sorted(set(namespaces or []))
         # Messages are rare and each touches a few API objects: handling them one at a time keeps a publish and a
@@ -145,10 +157,38 @@ class WorkflowController:
             return self.store.list()
         return [config for namespace in self.namespaces for config in self.store.list(namespace)]
 
-    def handle(self, body: bytes | str | Mapping[str, Any], content_type: str = "") -> HandlingResult:
+    def handle(self, body: bytes | str | Mapping[str, Any], content_type: str = "",
+               event_id: str = "") -> HandlingResult:
+        """``event_id``: where the message came from (``ce-id``, or ``partition:<p>/offset:<o>``), for its dead
+        letter."""
         result, message = self._handle(body, content_type)
         self._report(result, message, body)
+        if result.refused_for_good and self.dead_letter_writer is not None:
+            result = self._keep_refused(result, message, body, event_id)
         return result
+
+    def _keep_refused(self, result: HandlingResult, message: WorkflowMessage | None,
+                      body: bytes | str | Mapping[str, Any], event_id: str) -> HandlingResult:
+        """Write the dead-letter record of a refused message; not written: retryable (answered 503 / retried)."""
+        assert self.dead_letter_writer is not None
+        secrets = list(message.S3_bucket.reveal_credentials().values()) \
+            if message is not None and message.S3_bucket is not None else []
+        raw = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        workflow_name = result.workflow_name or _best_effort_names(body)[0]
+        topic = dead_letter_topic(self.system_topic, self.dead_letter_suffix)
+        record = refused_message_record(raw, result.reason, self.system_topic, event_id=event_id,
+                                        workflow_name=workflow_name, config_name=result.config_name, secrets=secrets)
+        try:
+            self.dead_letter_writer(topic, record, [])
+        except Exception as error:  # noqa: BLE001 - e.g. DeadLetterNotWritten: the broker is away
+            log.error("refused workflow message not dead-lettered, to be retried",
+                      extra={"workflow": workflow_name, "dead_letter_topic": topic, "error": str(error)[:300]})
+            return dataclasses.replace(result, retryable=True, valid=True,
+                                       reason=f"{result.reason}; dead-letter write failed: {error}"[:300])
+        log.error("refused workflow message dead-lettered", extra={"workflow": workflow_name, "event_id": event_id,
+                                                                   "dead_letter_topic": topic,
+                                                                   "reason": result.reason})
+        return dataclasses.replace(result, dead_lettered=True)
 
     def _handle(self, body: bytes | str | Mapping[str, Any], content_type: str
                 ) -> tuple[HandlingResult, WorkflowMessage | None]:
