@@ -4,7 +4,8 @@ A real API server cannot run here. This fake implements only the REST endpoints 
 step-config store call (ConfigMaps, Secrets, namespaced custom objects), keeps objects in memory, records every
 request, and behaves like the real one where the code depends on it: 409 AlreadyExists on a second create, 404
 NotFound, 422 on invalid names, custom-object replace needs ``metadata.resourceVersion`` (409 Conflict when stale),
-``labelSelector`` equality filters. With ``crd_schemas`` it also rejects custom objects that do not validate
+``labelSelector`` equality filters, and an object with ``metadata.finalizers`` stays terminating (a
+``deletionTimestamp``) after a DELETE until the test calls ``finalize``. With ``crd_schemas`` it also rejects custom objects that do not validate
 (422), like ``fieldValidation=Strict``. It models the admission webhooks' immutable fields (``IMMUTABLE_FIELDS``: a
 KafkaSource's ``spec.consumerGroup``): an update that changes one is denied with 400, as Knative's webhook does.
 
@@ -110,6 +111,12 @@ class FakeKubernetesApiServer:
             stored["metadata"].setdefault("resourceVersion", str(next(self._versions)))
             self._store.objects[(api_prefix, resource, meta["namespace"], meta["name"])] = stored
 
+    def finalize(self, resource: str, namespace: str, name: str) -> None:
+        """What the owning controller does when it is done with a terminating object: it goes."""
+        with self._lock:
+            for key in [k for k in self._store.objects if k[1:] == (resource, namespace, name)]:
+                del self._store.objects[key]
+
     def fail(self, method: str, status: int, times: int = 1, path_contains: str = "") -> None:
         """Answer the next ``times`` ``method`` requests (whose path contains ``path_contains``) with ``status``: a
         409 storm (concurrent writers), 429 (API priority and fairness) or 5xx (an API server restarting)."""
@@ -208,9 +215,16 @@ class FakeKubernetesApiServer:
             if request.method == "PUT":
                 return self._replace(key, body)
             if request.method == "DELETE":
-                obj = self._store.objects.pop(key, None)
+                obj = self._store.objects.get(key)
                 if obj is None:
                     return _status(404, "NotFound", f'{resource} "{name}" not found')
+                if obj["metadata"].get("finalizers"):
+                    # Like the real API server: an object with finalizers only gets a deletionTimestamp and stays
+                    # (terminating) until its controller removes them (``finalize``).
+                    obj["metadata"].setdefault("deletionTimestamp",
+                                               datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+                    return web.json_response(obj)
+                del self._store.objects[key]
                 return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Success",
                                           "details": {"name": name, "kind": resource}})
         return _status(405, "MethodNotAllowed", request.method)

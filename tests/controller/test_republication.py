@@ -22,7 +22,7 @@ from services.controller.kubernetes_driver import KubernetesSourceDriver
 from services.controller.local_event_plane import LocalSourceDriver
 from services.controller.reconciler import UNWIRED, WIRED, WorkflowController
 from services.controller.settings import ControllerSettings
-from services.controller.wiring import consumer_group
+from services.controller.wiring import consumer_group, kafka_source_name
 from services.core.kafka import admin_config, encode_json, ensure_topics, producer_config
 from services.core.step_config import LocalStepConfigStore, StepConfig, step_config_name
 from services.core.step_config_k8s import KubernetesStepConfigStore
@@ -206,3 +206,48 @@ def test_kubernetes_source_is_recreated_only_after_its_group_got_the_positions(k
                                  (consumer_group("wf-b", topic), {0: 510, 1: 500})]
     assert [r.query.get("propagationPolicy") for r in deletions] == ["Foreground", "Foreground"]
     wait_until(lambda: positions.committed(positions_group(topic), topic) == {0: 510, 1: 500}, timeout_s=5)
+
+
+def test_a_republish_waits_for_the_terminating_source_before_restoring_its_positions(kafka_broker) -> None:
+    """Stop then republish on Kubernetes: the old source is still terminating (Knative's finalizer deletes its
+    consumer group); the positions are committed only once it is gone, else the deletion would wipe them."""
+    from kubernetes import client
+
+    bootstrap = kafka_broker.bootstrap_servers
+    topic = unique("k8s.terminating.in")
+    ensure_topics(bootstrap, [topic], partitions=PARTITIONS)
+    positions = ConsumerPositions(bootstrap)
+    group = consumer_group("wf-t", topic)
+    positions.commit(positions_group(topic), topic, {0: 300, 1: 200})  # saved when the workflow was stopped
+    positions.commit(group, topic, {0: 300, 1: 200})  # the group, not deleted yet
+    seen: list[tuple[str, dict[int, int]]] = []
+    gets = []
+
+    with FakeKubernetesApiServer() as fake_api:
+        api_client = client.ApiClient(client.Configuration(host=fake_api.url))
+        settings = ControllerSettings(bootstrap_servers=bootstrap)
+        driver = KubernetesSourceDriver(client.CustomObjectsApi(api_client), settings, sleep=lambda _s: None)
+        config_name = step_config_name(topic)
+        old = {"apiVersion": "sources.knative.dev/v1beta1", "kind": "KafkaSource",
+               "metadata": {"name": kafka_source_name(topic), "namespace": "uc1", "finalizers": ["kafkasources"],
+                            "deletionTimestamp": "2026-01-01T00:00:00Z"},
+               "spec": {"consumerGroup": group, "topics": [topic]}}
+        fake_api.seed("apis/sources.knative.dev/v1beta1", "kafkasources", old)
+
+        def knative(request: RecordedRequest) -> None:
+            if request.method == "GET" and request.path.endswith(f"/kafkasources/{kafka_source_name(topic)}"):
+                gets.append(request)
+                if len(gets) == 3:  # the finalizer is done: the group is deleted, then the source goes
+                    delete_group(bootstrap, group)
+                    fake_api.finalize("kafkasources", "uc1", kafka_source_name(topic))
+            elif request.method == "POST" and request.path.endswith("/kafkasources"):
+                seen.append((request.body["spec"]["consumerGroup"], positions.committed(group, topic)))
+
+        fake_api.on_request = knative
+        controller = WorkflowController(
+            KubernetesStepConfigStore(client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)), driver,
+            bootstrap, positions=positions)
+        assert controller.handle(encode_json(workflow_message("wf-t", topic, namespace="uc1"))).action == WIRED
+        assert config_name in [c.config_name for c in controller.store.list("uc1")]
+    assert len(gets) >= 3
+    assert seen == [(group, {0: 300, 1: 200})]
