@@ -25,11 +25,14 @@ from services.core.kafka import ensure_topics, producer_config
 from services.core.logging import configure_logging
 from services.core.step_config import LocalStepConfigStore, StepConfigStore
 
-from .http_app import READY_KEY, build_app, kafka_dead_letter_writer
+from .api_retry import ApiRetryPolicy, RetryingApi
+from .consumer_positions import ConsumerPositions
+from .dead_letters import DeadLetterWriter, KafkaDeadLetterWriter
+from .http_app import READY_KEY, build_app
 from .notifications import KafkaNotifier
 from .reconciler import SourceDriver, WorkflowController
 from .settings import ControllerSettings
-from .system_consumer import SystemTopicConsumer
+from .system_consumer import SystemTopicConsumer, max_poll_interval_ms
 from .wiring import DeliveryPolicy, dead_letter_topic
 
 log = logging.getLogger("services.controller")
@@ -65,7 +68,9 @@ def build_store(settings: ControllerSettings) -> StepConfigStore:
     from .kubernetes_driver import kubernetes_custom_api
 
     host = settings.kubernetes_host or None  # steps found through their KafkaSources: no list on ConfigMaps
-    return KubernetesStepConfigStore(kubernetes_core_api(host), kubernetes_custom_api(host))
+    policy = api_retry_policy(settings)
+    return KubernetesStepConfigStore(RetryingApi(kubernetes_core_api(host), policy),
+                                     RetryingApi(kubernetes_custom_api(host), policy))
 
 
 def build_driver(settings: ControllerSettings) -> SourceDriver:
@@ -75,17 +80,28 @@ def build_driver(settings: ControllerSettings) -> SourceDriver:
         return LocalSourceDriver(settings)
     from .kubernetes_driver import KubernetesSourceDriver, kubernetes_custom_api
 
-    return KubernetesSourceDriver(kubernetes_custom_api(settings.kubernetes_host or None), settings)
+    return KubernetesSourceDriver(RetryingApi(kubernetes_custom_api(settings.kubernetes_host or None),
+                                              api_retry_policy(settings)), settings)
 
 
-def build_controller(settings: ControllerSettings, producer: Any = None) -> WorkflowController:
+def api_retry_policy(settings: ControllerSettings) -> ApiRetryPolicy:
+    return ApiRetryPolicy(attempts=settings.kubernetes_api_attempts, backoff_s=settings.kubernetes_api_backoff_s,
+                          request_timeout_s=settings.kubernetes_api_timeout_s)
+
+
+def build_controller(settings: ControllerSettings, producer: Any = None,
+                     dead_letter_writer: DeadLetterWriter | None = None) -> WorkflowController:
     """The controller with its store and driver; with a Kafka ``producer``, failures are notified on
-    ``monitoring.notify`` and dead-letter topics are created when steps are wired."""
+    ``monitoring.notify``, dead-letter topics are created when steps are wired, and consumer positions survive a
+    source's deletion; with ``dead_letter_writer``, refused messages are kept on ``<system topic>.dlq``."""
     notifier = KafkaNotifier(settings.bootstrap_servers, settings.notify_topic, producer) if producer else None
     create_topics = ensure_topics if settings.create_dead_letter_topics else None
+    positions = ConsumerPositions(settings.bootstrap_servers) if producer else None
     return WorkflowController(build_store(settings), build_driver(settings), settings.bootstrap_servers,
                               namespaces=settings.workflow_namespaces, notifier=notifier,
-                              create_topics=create_topics, dead_letter_suffix=settings.dead_letter_suffix)
+                              create_topics=create_topics, dead_letter_suffix=settings.dead_letter_suffix,
+                              positions=positions, dead_letter_writer=dead_letter_writer,
+                              system_topic=settings.system_topic)
 
 
 async def run(settings: ControllerSettings, mode: str) -> int:
@@ -94,8 +110,8 @@ async def run(settings: ControllerSettings, mode: str) -> int:
     # Notifications, dead-letter records (KafkaSources dead-letter to ``/dead-letter``; ``consume`` mode writes
     # ``system.ML.dlq`` itself): one producer, configured like every client (TLS/SASL from EOML_KAFKA_*).
     producer = Producer(producer_config(settings.bootstrap_servers, **{"message.timeout.ms": 30000}))
-    controller = build_controller(settings, producer)
-    dead_letter_writer = kafka_dead_letter_writer(producer)
+    dead_letter_writer = KafkaDeadLetterWriter(settings.bootstrap_servers, settings.dead_letter_write_timeout_s)
+    controller = build_controller(settings, producer, dead_letter_writer)
     app = build_app(controller, dead_letter_writer if settings.source_driver == "kubernetes" else None,
                     settings.dead_letter_suffix, verifier_from_settings())
     runner = web.AppRunner(app, access_log=None)
@@ -126,7 +142,8 @@ async def run(settings: ControllerSettings, mode: str) -> int:
                 log.warning("topics not created", extra={"topics": own_topics, "error": str(error)})
             consumer = SystemTopicConsumer(controller, settings.bootstrap_servers, settings.system_topic,
                                            settings.consumer_group, DeliveryPolicy.from_settings(settings),
-                                           dead_letter_writer=dead_letter_writer).start()
+                                           dead_letter_writer=dead_letter_writer,
+                                           max_poll_interval_ms=max_poll_interval_ms(settings)).start()
         app[READY_KEY].set()
         await stop.wait()
     finally:
@@ -136,6 +153,7 @@ async def run(settings: ControllerSettings, mode: str) -> int:
         await asyncio.to_thread(controller.driver.close)
         await runner.cleanup()
         producer.flush(10)
+        dead_letter_writer.producer.flush(10)
     return EXIT_OK
 
 
@@ -165,6 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"eo-controller: invalid settings: {error}", file=sys.stderr)
         return EXIT_BAD_USAGE
     configure_logging(settings.log_level, settings.log_format)
+    if mode == "consume":
+        try:
+            max_poll_interval_ms(settings)
+        except ValueError as error:
+            print(f"eo-controller: invalid settings: {error}", file=sys.stderr)
+            return EXIT_BAD_USAGE
     try:
         return asyncio.run(run(settings, mode))
     except OSError as error:

@@ -2,7 +2,8 @@
 
 - ``POST /``: a ``system.ML`` record as a KafkaSource delivers it (binary-mode CloudEvent or raw JSON; structured
   mode accepted too). HTTP 200 with production's answers (``Received message And valid`` / ``There was a problem
-  ignoring``); 503 only when the Kubernetes API or the store failed, so that the source retries (bounded).
+  ignoring``; a message refused for good is kept on ``system.ML.dlq`` first, credentials removed); 503 only when the
+  Kubernetes API, the store or that dead-letter write failed, so that the source retries (bounded).
 - ``POST /dead-letter``: the dead-letter sink of the KafkaSources this controller creates and of its own source on
   ``system.ML``: the record goes to ``<topic>.dlq`` (topic read from ``ce-source``) as a JSON error record in the
   Wrapper's dead-letter shape (secret-looking keys redacted), with the CloudEvent attributes (Knative's error
@@ -26,6 +27,7 @@ from aiohttp import web
 from services.core.auth import Verifier, auth_middleware
 from services.core.kafka import encode_json
 
+from .dead_letters import KafkaDeadLetterWriter
 from .reconciler import WorkflowController
 from .wiring import dead_letter_topic, delivery_dead_letter_record, topic_from_cloudevent_source
 
@@ -43,7 +45,8 @@ async def post_record(request: web.Request) -> web.Response:
     controller = request.app[CONTROLLER_KEY]
     body = await request.read()
     # The Kubernetes client is synchronous: keep the event loop free for health checks and status reads.
-    result = await asyncio.to_thread(controller.handle, body, request.headers.get("Content-Type", ""))
+    result = await asyncio.to_thread(controller.handle, body, request.headers.get("Content-Type", ""),
+                                     request.headers.get("ce-id", ""))
     if result.retryable:
         return web.json_response(RETRY_ANSWER, status=503)
     return web.json_response(result.answer)
@@ -139,14 +142,6 @@ def build_app(controller: WorkflowController, dead_letter_writer: DeadLetterWrit
     return app
 
 
-def kafka_dead_letter_writer(producer: Any) -> DeadLetterWriter:
-    """Writes a dead-lettered record with ``producer`` and waits for the broker's acknowledgement."""
-
-    def write(topic: str, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-        errors: list[Any] = []
-        producer.produce(topic, value=value, headers=headers,
-                         on_delivery=lambda err, _msg: errors.append(err) if err else None)
-        if producer.flush(30) or errors:
-            raise RuntimeError(f"not acknowledged: {errors[0] if errors else 'timeout'}")
-
-    return write
+def kafka_dead_letter_writer(producer: Any, timeout_s: float = 30.0) -> DeadLetterWriter:
+    """Writes a dead-lettered record with ``producer`` and waits (bounded) for the broker's acknowledgement."""
+    return KafkaDeadLetterWriter("", timeout_s, producer)

@@ -25,13 +25,25 @@ log = logging.getLogger(__name__)
 KSERVE_GROUP = "serving.kserve.io"
 KSERVE_VERSION = "v1beta1"
 KSERVE_PLURAL = "inferenceservices"
-_REPLACE_ATTEMPTS = 5
+# Attempts to create-or-replace a KafkaSource through 409 Conflicts, with backoff 0.25, 0.5, ... capped at 5 s
+# (~18 s in all; each call retries 429/5xx itself, api_retry.py).
+_CONFLICT_ATTEMPTS = 8
+_CONFLICT_BACKOFF_S = 0.25
+_CONFLICT_BACKOFF_MAX_S = 5.0
 # A deleted KafkaSource lingers until Knative's finalizer has removed its consumer group; bounded wait for that.
 _DELETION_WAIT_S = 60.0
 
 
 def _status(error: Exception) -> int | None:
     return getattr(error, "status", None)
+
+
+class SourceConflict(TimeoutError):
+    """A KafkaSource kept answering 409 Conflict: temporary (another writer, a deletion), so the message is retried."""
+
+
+def _terminating(obj: dict[str, Any]) -> bool:
+    return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
 
 
 def ready_condition(obj: dict[str, Any]) -> tuple[bool, str]:
@@ -69,6 +81,11 @@ class KubernetesSourceDriver:
         current = self._get_source(config.namespace, kafka_source_name(config.topic_in))
         if current is None:
             return False
+        if _terminating(current):
+            # Stopped a moment ago: its consumer group is deleted only once the source is gone (foreground
+            # deletion), and consumer positions are restored after that, never before.
+            self._delete_and_wait(config.namespace, kafka_source_name(config.topic_in))
+            return True
         changed = immutable_fields_changed(current, kafka_source_body(config, self.settings))
         if not changed:
             return False
@@ -83,36 +100,40 @@ class KubernetesSourceDriver:
         if model_ready is not None:
             info["model_ready"] = model_ready
         body = kafka_source_body(config, self.settings)
-        name = body["metadata"]["name"]
+        name, namespace = body["metadata"]["name"], config.namespace
         api = self.custom_api
-        group, version, plural, namespace = KAFKA_SOURCE_API_GROUP, KAFKA_SOURCE_API_VERSION, KAFKA_SOURCE_PLURAL, \
-            config.namespace
-        try:
-            api.create_namespaced_custom_object(group, version, namespace, plural, body)
-            log.info("kafka source created", extra={"namespace": namespace, "kafka_source": name})
-            return info
-        except Exception as error:
-            if _status(error) != 409:
-                raise
-        # A re-publish: replace the spec. Custom resources need the current resourceVersion; a concurrent writer
-        # makes the replace fail with 409, so read and try again (bounded).
-        for attempt in range(1, _REPLACE_ATTEMPTS + 1):
-            current = api.get_namespaced_custom_object(group, version, namespace, plural, name)
-            if immutable_fields_changed(current, body):
+        group, version, plural = KAFKA_SOURCE_API_GROUP, KAFKA_SOURCE_API_VERSION, KAFKA_SOURCE_PLURAL
+        # 409 means different things: AlreadyExists on a create (a re-publish: replace the spec), a stale
+        # resourceVersion on a replace (a concurrent writer: read again), or a create racing a deletion (the object
+        # is gone when read). Each is resolved by reading the current state and trying again, with backoff, bounded.
+        for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
+            if attempt > 1:
+                self._sleep(min(_CONFLICT_BACKOFF_S * 2 ** (attempt - 2), _CONFLICT_BACKOFF_MAX_S))
+            try:
+                api.create_namespaced_custom_object(group, version, namespace, plural, body)
+                log.info("kafka source created", extra={"namespace": namespace, "kafka_source": name})
+                return info
+            except Exception as error:
+                if _status(error) != 409:
+                    raise
+            current = self._get_source(namespace, name)
+            if current is None:
+                continue  # a conflict with a deletion in progress: create again
+            if _terminating(current) or immutable_fields_changed(current, body):
                 # The webhook would refuse the update: recreate (release_conflicting normally did this already).
                 self._delete_and_wait(namespace, name)
-                api.create_namespaced_custom_object(group, version, namespace, plural, body)
-                log.info("kafka source recreated", extra={"namespace": namespace, "kafka_source": name})
-                return info
+                continue
             body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
             try:
                 api.replace_namespaced_custom_object(group, version, namespace, plural, name, body)
                 log.info("kafka source replaced", extra={"namespace": namespace, "kafka_source": name})
                 return info
             except Exception as error:
-                if _status(error) != 409 or attempt == _REPLACE_ATTEMPTS:
+                if _status(error) != 409:
                     raise
-        raise AssertionError("unreachable")
+            finally:
+                body["metadata"].pop("resourceVersion", None)
+        raise SourceConflict(f"KafkaSource {namespace}/{name}: still 409 Conflict after {_CONFLICT_ATTEMPTS} attempts")
 
     def _get_source(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -123,14 +144,23 @@ class KubernetesSourceDriver:
                 return None
             raise
 
-    def _delete_and_wait(self, namespace: str, name: str) -> None:
-        """Delete a KafkaSource and wait (bounded) until it is gone: a create before that answers 409."""
+    def _delete(self, namespace: str, name: str) -> bool:
+        """Delete a KafkaSource in the foreground: the object stays (terminating) until its dependents are gone,
+        among them Knative's internal ConsumerGroup whose finalizer deletes the Kafka consumer group. So "the source
+        is gone" also means "its consumer group is deleted", and offsets committed after that stay. False: none."""
         try:
             self.custom_api.delete_namespaced_custom_object(
-                KAFKA_SOURCE_API_GROUP, KAFKA_SOURCE_API_VERSION, namespace, KAFKA_SOURCE_PLURAL, name)
+                KAFKA_SOURCE_API_GROUP, KAFKA_SOURCE_API_VERSION, namespace, KAFKA_SOURCE_PLURAL, name,
+                propagation_policy="Foreground")
         except Exception as error:
             if _status(error) != 404:
                 raise
+            return False
+        return True
+
+    def _delete_and_wait(self, namespace: str, name: str) -> None:
+        """Delete a KafkaSource and wait (bounded) until it is gone: a create before that answers 409."""
+        self._delete(namespace, name)
         deadline = time.monotonic() + _DELETION_WAIT_S
         while self._get_source(namespace, name) is not None:
             if time.monotonic() >= deadline:
@@ -139,13 +169,8 @@ class KubernetesSourceDriver:
 
     def unwire(self, config: StepConfig | None, namespace: str, topic_in: str) -> bool:
         name = kafka_source_name(topic_in)
-        try:
-            self.custom_api.delete_namespaced_custom_object(
-                KAFKA_SOURCE_API_GROUP, KAFKA_SOURCE_API_VERSION, namespace, KAFKA_SOURCE_PLURAL, name)
-        except Exception as error:
-            if _status(error) == 404:
-                return False
-            raise
+        if not self._delete(namespace, name):
+            return False
         log.info("kafka source deleted", extra={"namespace": namespace, "kafka_source": name})
         return True
 

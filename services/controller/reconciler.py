@@ -9,6 +9,7 @@ sender retries (a temporary one; if every retry fails, the dead-letter path repo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -16,12 +17,20 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
 from services.core.contracts import IGNORED_STATUSES, PUBLISHED, STOPPING, WorkflowMessage
-from services.core.step_config import StepConfig, StepConfigStore, step_config_from_message, step_config_name
+from services.core.step_config import (
+    StepConfig,
+    StepConfigNotFound,
+    StepConfigStore,
+    step_config_from_message,
+    step_config_name,
+)
 
+from .consumer_positions import ConsumerPositions
+from .dead_letters import DeadLetterWriter, refused_message_record
 from .messages import ANSWER_INVALID, ANSWER_VALID, MessageRejected, parse_workflow_message
 from .notifications import ControllerNotifier, NullNotifier
 from .registry import WorkflowRegistry
-from .wiring import StepRejected, dead_letter_topic
+from .wiring import StepRejected, consumer_group, dead_letter_topic
 
 # Creates Kafka topics that do not exist yet (an admin call); raises when it cannot.
 TopicCreator = Callable[[str, list[str]], None]
@@ -68,6 +77,12 @@ class HandlingResult:
     retryable: bool = False
     workflow_name: str = ""
     config_name: str = ""
+    # Refused for good and kept on ``<system topic>.dlq`` (dead_letters.py).
+    dead_lettered: bool = False
+
+    @property
+    def refused_for_good(self) -> bool:
+        return self.action in (REJECTED, FAILED) and not self.retryable
 
     @property
     def answer(self) -> dict[str, str]:
@@ -106,7 +121,8 @@ class WorkflowController:
     def __init__(self, store: StepConfigStore, driver: SourceDriver, bootstrap_servers: str,
                  registry: WorkflowRegistry | None = None, namespaces: list[str] | None = None,
                  notifier: ControllerNotifier | None = None, create_topics: TopicCreator | None = None,
-                 dead_letter_suffix: str = ".dlq") -> None:
+                 dead_letter_suffix: str = ".dlq", positions: ConsumerPositions | None = None,
+                 dead_letter_writer: DeadLetterWriter | None = None, system_topic: str = "system.ML") -> None:
         self.store = store
         self.driver = driver
         self.bootstrap_servers = bootstrap_servers
@@ -115,6 +131,11 @@ class WorkflowController:
         # None: dead-letter topics are not created here (e.g. no Kafka in a unit test).
         self.create_topics = create_topics
         self.dead_letter_suffix = dead_letter_suffix
+        # Consumer positions kept across source deletion (consumer_positions.py); None: not kept (no Kafka).
+        self.positions = positions
+        # Where a message refused for good is kept (``<system_topic><dead_letter_suffix>``); None: only reported.
+        self.dead_letter_writer = dead_letter_writer
+        self.system_topic = system_topic
         # None or empty: any namespace (stored steps listed cluster-wide); else only these.
         self.namespaces = sorted(set(namespaces or []))
         # Messages are rare and each touches a few API objects: handling them one at a time keeps a publish and a
@@ -136,10 +157,38 @@ class WorkflowController:
             return self.store.list()
         return [config for namespace in self.namespaces for config in self.store.list(namespace)]
 
-    def handle(self, body: bytes | str | Mapping[str, Any], content_type: str = "") -> HandlingResult:
+    def handle(self, body: bytes | str | Mapping[str, Any], content_type: str = "",
+               event_id: str = "") -> HandlingResult:
+        """``event_id``: where the message came from (``ce-id``, or ``partition:<p>/offset:<o>``), for its dead
+        letter."""
         result, message = self._handle(body, content_type)
         self._report(result, message, body)
+        if result.refused_for_good and self.dead_letter_writer is not None:
+            result = self._keep_refused(result, message, body, event_id)
         return result
+
+    def _keep_refused(self, result: HandlingResult, message: WorkflowMessage | None,
+                      body: bytes | str | Mapping[str, Any], event_id: str) -> HandlingResult:
+        """Write the dead-letter record of a refused message; not written: retryable (answered 503 / retried)."""
+        assert self.dead_letter_writer is not None
+        secrets = list(message.S3_bucket.reveal_credentials().values()) \
+            if message is not None and message.S3_bucket is not None else []
+        raw = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        workflow_name = result.workflow_name or _best_effort_names(body)[0]
+        topic = dead_letter_topic(self.system_topic, self.dead_letter_suffix)
+        record = refused_message_record(raw, result.reason, self.system_topic, event_id=event_id,
+                                        workflow_name=workflow_name, config_name=result.config_name, secrets=secrets)
+        try:
+            self.dead_letter_writer(topic, record, [])
+        except Exception as error:  # noqa: BLE001 - e.g. DeadLetterNotWritten: the broker is away
+            log.error("refused workflow message not dead-lettered, to be retried",
+                      extra={"workflow": workflow_name, "dead_letter_topic": topic, "error": str(error)[:300]})
+            return dataclasses.replace(result, retryable=True, valid=True,
+                                       reason=f"{result.reason}; dead-letter write failed: {error}"[:300])
+        log.error("refused workflow message dead-lettered", extra={"workflow": workflow_name, "event_id": event_id,
+                                                                   "dead_letter_topic": topic,
+                                                                   "reason": result.reason})
+        return dataclasses.replace(result, dead_lettered=True)
 
     def _handle(self, body: bytes | str | Mapping[str, Any], content_type: str
                 ) -> tuple[HandlingResult, WorkflowMessage | None]:
@@ -226,9 +275,21 @@ class WorkflowController:
                 self.create_topics(config.bootstrap_servers or self.bootstrap_servers, [topic])
             except Exception as error:
                 raise TopicsNotCreated(f"dead-letter topic {topic!r} not created: {error}"[:300]) from None
+        group = consumer_group(config.workflow_name, config.topic_in)
+        previous_group = self._stored_group(config.namespace, config.config_name, config.topic_in)
+        if self.positions is not None and previous_group is not None and previous_group != group:
+            # Releasing the source below deletes its consumer group: keep its positions first.
+            self.positions.save(previous_group, config.topic_in)
         # A source that cannot be updated in place (a re-publish under another workflow name changes its consumer
         # group) goes before the configuration is overwritten: it must never deliver into the new settings.
-        self.driver.release_conflicting(config)
+        released = self.driver.release_conflicting(config)
+        if released and self.positions is not None and previous_group is not None and previous_group != group:
+            # What the stopped source committed after the first read, where its group outlives it.
+            self.positions.save(previous_group, config.topic_in)
+        if previous_group != group and self.positions is not None:
+            # No source of this group exists now (never wired, stopped, or just released): it starts where the
+            # topic's last source stopped, not at initialOffset.
+            self.positions.seed(group, config.topic_in)
         # Configuration first: once the source exists, deliveries may arrive, and the Wrapper must find it.
         self.store.put(config.namespace, config, credentials)
         source = self.driver.wire(config)
@@ -242,14 +303,32 @@ class WorkflowController:
     def stop(self, message: WorkflowMessage) -> HandlingResult:
         namespace, topic_in = message.ML.Namespace, message.Topics.in_
         config_name = step_config_name(topic_in)
+        stored_group = self._stored_group(namespace, config_name, topic_in)
+        if self.positions is not None and stored_group is not None:
+            # Deleting the source deletes its consumer group: keep its positions for a later re-publish. Every
+            # step reads the controller's Kafka cluster (step_config_from_message): one admin client serves all.
+            self.positions.save(stored_group, topic_in)
         # Source first, then configuration: a delivery in flight can still read its configuration.
         unwired = self.driver.unwire(None, namespace, topic_in)
+        if self.positions is not None and stored_group is not None:
+            self.positions.save(stored_group, topic_in)  # what it committed meanwhile, where its group outlives it
         deleted = self.store.delete(namespace, config_name)
         self.registry.stopped(message.workflow_name, namespace, config_name, topic_in)
         log.info("workflow step stopped", extra={"workflow": message.workflow_name, "namespace": namespace,
                                                  "config_name": config_name, "source_deleted": unwired,
                                                  "config_deleted": deleted})
         return HandlingResult(UNWIRED, valid=True, workflow_name=message.workflow_name, config_name=config_name)
+
+    def _stored_group(self, namespace: str, config_name: str, topic_in: str) -> str | None:
+        """The consumer group of the step as it is wired now (from its stored configuration); None: not wired, or
+        positions are not kept (nothing to read then)."""
+        if self.positions is None:
+            return None
+        try:
+            stored, _ = self.store.get(namespace, config_name)
+        except StepConfigNotFound:
+            return None
+        return consumer_group(stored.workflow_name, topic_in)
 
     # -- status API ------------------------------------------------------------------------------------------
 

@@ -78,6 +78,15 @@ class ControllerSettings(ServiceSettings):
     # The audience of this controller's /dead-letter (its EOML_AUTH_AUDIENCE); "" = no token.
     dead_letter_audience: str = ""
 
+    # Kubernetes API calls answered 429 or 5xx (or not answered) are retried: this many attempts in all, backoff
+    # 0.5, 1, 2, ... s, each attempt bounded by the timeout (api_retry.py). Still failing: the message is retried.
+    kubernetes_api_attempts: int = Field(6, ge=1, le=20)
+    kubernetes_api_backoff_s: float = Field(0.5, gt=0, le=60)
+    kubernetes_api_timeout_s: float = Field(10.0, gt=0, le=300)
+    # Bound of one dead-letter write (a refused message, or one given up after every retry): the broker's
+    # acknowledgement is awaited this long, then the write counts as failed and the message is not committed.
+    dead_letter_write_timeout_s: float = Field(30.0, gt=0, le=600)
+
     # Optional: wait (bounded) until this KServe InferenceService ("namespace/name") is Ready before wiring a step.
     # 0 s: do not wait. Not ready in time: the step is wired anyway (deliveries are retried and the Wrapper answers
     # 503 until its model is ready) and the status API says so.

@@ -4,7 +4,8 @@ A real API server cannot run here. This fake implements only the REST endpoints 
 step-config store call (ConfigMaps, Secrets, namespaced custom objects), keeps objects in memory, records every
 request, and behaves like the real one where the code depends on it: 409 AlreadyExists on a second create, 404
 NotFound, 422 on invalid names, custom-object replace needs ``metadata.resourceVersion`` (409 Conflict when stale),
-``labelSelector`` equality filters. With ``crd_schemas`` it also rejects custom objects that do not validate
+``labelSelector`` equality filters, and an object with ``metadata.finalizers`` stays terminating (a
+``deletionTimestamp``) after a DELETE until the test calls ``finalize``. With ``crd_schemas`` it also rejects custom objects that do not validate
 (422), like ``fieldValidation=Strict``. It models the admission webhooks' immutable fields (``IMMUTABLE_FIELDS``: a
 KafkaSource's ``spec.consumerGroup``): an update that changes one is denied with 400, as Knative's webhook does.
 
@@ -22,7 +23,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from aiohttp import web
 
@@ -81,7 +82,11 @@ class FakeKubernetesApiServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
-        self.fail_next: list[tuple[str, int]] = []  # (method, status): the next such request answers that status
+        # (method, status) or (method, status, path fragment): the next such request answers that status.
+        self.fail_next: list[tuple[str, int] | tuple[str, int, str]] = []
+        # Called with every request before it is answered: a test models what a controller in the cluster does
+        # meanwhile (e.g. Knative deleting a consumer group with its source).
+        self.on_request: Callable[[RecordedRequest], None] | None = None
 
     # -- test helpers ----------------------------------------------------------------------------------------
 
@@ -105,6 +110,17 @@ class FakeKubernetesApiServer:
             stored = copy.deepcopy(obj)
             stored["metadata"].setdefault("resourceVersion", str(next(self._versions)))
             self._store.objects[(api_prefix, resource, meta["namespace"], meta["name"])] = stored
+
+    def finalize(self, resource: str, namespace: str, name: str) -> None:
+        """What the owning controller does when it is done with a terminating object: it goes."""
+        with self._lock:
+            for key in [k for k in self._store.objects if k[1:] == (resource, namespace, name)]:
+                del self._store.objects[key]
+
+    def fail(self, method: str, status: int, times: int = 1, path_contains: str = "") -> None:
+        """Answer the next ``times`` ``method`` requests (whose path contains ``path_contains``) with ``status``: a
+        409 storm (concurrent writers), 429 (API priority and fairness) or 5xx (an API server restarting)."""
+        self.fail_next.extend([(method, status, path_contains)] * times)
 
     def calls(self, method: str | None = None, contains: str = "") -> list[RecordedRequest]:
         return [r for r in self.requests if (method is None or r.method == method) and contains in r.path]
@@ -169,11 +185,16 @@ class FakeKubernetesApiServer:
     async def _handle(self, request: web.Request) -> web.Response:
         raw = await request.read()
         body = json.loads(raw) if raw else None
-        self.requests.append(RecordedRequest(request.method, request.path, dict(request.query), body))
-        for index, (method, status) in enumerate(self.fail_next):
-            if method == request.method:
+        recorded = RecordedRequest(request.method, request.path, dict(request.query), body)
+        self.requests.append(recorded)
+        if self.on_request is not None:
+            self.on_request(recorded)
+        for index, (method, status, *fragment) in enumerate(self.fail_next):
+            if method == request.method and (not fragment or fragment[0] in request.path):
                 del self.fail_next[index]
-                return _status(status, "InternalError" if status >= 500 else "Injected", "injected failure")
+                reason = {409: "Conflict", 429: "TooManyRequests"}.get(status, "InternalError" if status >= 500
+                                                                        else "Injected")
+                return _status(status, reason, "injected failure")
         parsed = self._parse(request.path)
         if parsed is None:
             return _status(404, "NotFound", f"the server could not find the requested resource {request.path}")
@@ -194,9 +215,16 @@ class FakeKubernetesApiServer:
             if request.method == "PUT":
                 return self._replace(key, body)
             if request.method == "DELETE":
-                obj = self._store.objects.pop(key, None)
+                obj = self._store.objects.get(key)
                 if obj is None:
                     return _status(404, "NotFound", f'{resource} "{name}" not found')
+                if obj["metadata"].get("finalizers"):
+                    # Like the real API server: an object with finalizers only gets a deletionTimestamp and stays
+                    # (terminating) until its controller removes them (``finalize``).
+                    obj["metadata"].setdefault("deletionTimestamp",
+                                               datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+                    return web.json_response(obj)
+                del self._store.objects[key]
                 return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Success",
                                           "details": {"name": name, "kind": resource}})
         return _status(405, "MethodNotAllowed", request.method)

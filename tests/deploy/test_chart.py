@@ -262,12 +262,55 @@ def test_timeouts_are_consistent_from_the_wrapper_to_the_kafka_source(manifest: 
         assert delivery_timeout >= spec["timeoutSeconds"]
 
 
-def test_the_controller_source_dead_letters_to_the_controller(default_manifest: str) -> None:
+def _iso_seconds(duration: str) -> float:
+    """``PT<h>H<m>M<s>S`` -> seconds (the delivery durations the chart renders)."""
+    import re
+
+    match = re.fullmatch(r"PT(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?", duration)
+    assert match, duration
+    hours, minutes, seconds = match.groups()
+    return int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds or 0)
+
+
+def test_the_controller_source_dead_letters_to_a_kafka_sink_not_to_the_controller(default_manifest: str) -> None:
     docs = documents(default_manifest)
     [source] = find(docs, "KafkaSource")
-    sink = source["spec"]["delivery"]["deadLetterSink"]
-    assert sink["ref"] == source["spec"]["sink"]["ref"] and sink["uri"] == "/dead-letter"
+    [sink] = find(docs, "KafkaSink", api_prefix="eventing.knative.dev/")
+    # Validated against the upstream KafkaSink CRD (deploy/crds/), like every custom kind.
+    assert validate_documents(documents(yaml.safe_dump(sink), "KafkaSink")) == []
+    assert sink["apiVersion"] == "eventing.knative.dev/v1alpha1"
+    assert sink["spec"]["topic"] == "system.ML.dlq" and sink["spec"]["contentMode"] == "binary"
+    assert sink["spec"]["bootstrapServers"] == source["spec"]["bootstrapServers"]
+    assert sink["metadata"]["namespace"] == source["metadata"]["namespace"]
+    dead_letter = source["spec"]["delivery"]["deadLetterSink"]
+    assert dead_letter == {"ref": {"apiVersion": "eventing.knative.dev/v1alpha1", "kind": "KafkaSink",
+                                   "name": sink["metadata"]["name"]}}
+    assert dead_letter["ref"] != source["spec"]["sink"]["ref"]  # never the controller itself
+    # The topic it writes exists when the chart creates the fixed topics.
     assert _controller_env(docs)["EOML_CONTROLLER_NOTIFY_TOPIC"] == "monitoring.notify"
+
+
+def test_the_controller_source_retries_through_a_long_controller_outage(default_manifest: str) -> None:
+    [source] = find(documents(default_manifest), "KafkaSource")
+    delivery = source["spec"]["delivery"]
+    delay_s = _iso_seconds(delivery["backoffDelay"])
+    # Knative's backoff: exponential waits delay*2^n before retry n (docs/reference: computeRetryPolicy).
+    assert delivery["backoffPolicy"] == "exponential"
+    waits_s = [delay_s * 2 ** n for n in range(1, delivery["retry"] + 1)]
+    assert sum(waits_s) == 8190  # 12 retries from 1 s: about 2 h 16 min
+    assert sum(waits_s) > 2 * 3600 > 10 * 60  # a controller down 10 minutes (or 2 hours) loses nothing
+    assert delivery["retry"] <= 12  # still bounded (contracts defect 3)
+
+
+def test_kafka_sink_authenticates_where_kafka_needs_it(tools: Tools, tmp_path: Path) -> None:
+    values = tmp_path / "net.yaml"
+    values.write_text(yaml.safe_dump({"kafka": {"net": KAFKA_NET}}))
+    error = render_error(tools, values=(CI_VALUES, values))
+    assert "controller.deadLetterSink.authSecretName" in error
+    docs = render(tools, "controller.deadLetterSink.authSecretName=eoml-kafka-sink-auth", values=(CI_VALUES, values))
+    [sink] = find(docs, "KafkaSink", api_prefix="eventing.knative.dev/")
+    assert sink["spec"]["auth"] == {"secret": {"ref": {"name": "eoml-kafka-sink-auth"}}}
+    assert validate_documents(docs) == []
 
 
 # -- Kafka security ---------------------------------------------------------------------------------------------------
@@ -282,7 +325,8 @@ KAFKA_NET = {
 
 def test_kafka_net_reaches_every_source_and_every_pod_as_secret_references(tools: Tools, tmp_path: Path) -> None:
     values = tmp_path / "net.yaml"
-    values.write_text(yaml.safe_dump({"kafka": {"net": KAFKA_NET}}))
+    values.write_text(yaml.safe_dump({"kafka": {"net": KAFKA_NET},
+                                      "controller": {"deadLetterSink": {"authSecretName": "eoml-kafka-sink-auth"}}}))
     docs = render(tools, "controller.workflowNamespaces={uc5}", values=(CI_VALUES, values))
     assert validate_documents(docs) == []
     [source] = find(docs, "KafkaSource")
