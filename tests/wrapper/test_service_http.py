@@ -3,8 +3,9 @@ process), a real inference server, moto S3 and tansu Kafka.
 
 The answer comes once the outcome is durable: 200 after the results are announced; 200 "duplicate" for an event
 done before; 200 CRITICAL after a bad body was put on record (one dead-letter record, even when redelivered); 400
-for a bad body to an unknown step; 404 for an unknown step; 503 with Retry-After when every worker is busy or the
-inference server stayed away past its bound; health and readiness (not tied to the inference server).
+for a bad body to an unknown step; 404 for an unknown step; 503 with Retry-After when no worker frees up within
+WORKER_WAIT_S or the inference server stayed away past its bound; health and readiness (not tied to the inference
+server).
 """
 
 from __future__ import annotations
