@@ -49,6 +49,13 @@ def _retry_later(detail: str, **body: Any) -> web.Response:
     return web.json_response({"error": detail, **body}, status=503, headers={"Retry-After": RETRY_AFTER_S})
 
 
+class Waited(enum.Enum):
+    """How waiting for a run ended without its outcome."""
+
+    CALLER_GONE = "caller gone"  # the caller hung up (queue-proxy's 504): the run went on without it
+    NO_WORKER = "no worker"  # it never got a worker within WORKER_WAIT_S
+
+
 async def receive(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     path_name = request.match_info.get("config_name", "")
@@ -88,13 +95,6 @@ async def receive(request: web.Request) -> web.Response:
                                                                          "event_id": delivery.event_id})
         return _retry_later(f"wrapper {Refusal.BUSY.value}: retry later")
     return answer(waited, config_name, delivery.event_id)
-
-
-class Waited(enum.Enum):
-    """How waiting for a run ended without its outcome."""
-
-    CALLER_GONE = "caller gone"  # the caller hung up (queue-proxy's 504): the run went on without it
-    NO_WORKER = "no worker"  # it never got a worker within WORKER_WAIT_S
 
 
 async def await_run(request: web.Request, service: WrapperService,
