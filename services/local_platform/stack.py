@@ -124,6 +124,8 @@ class StackOptions:
     wrapper_timeout_s: float | None = None
     drain_quiet_s: float = 30.0
     grace_s: float | None = None
+    # The Wrapper's command line (default: this Python running services.wrapper.cli).
+    wrapper_command: list[str] | None = None
     # "s3": tansu stores its data in a bucket of a second moto server, so that it survives a broker restart.
     kafka_storage: Literal["memory", "s3"] = "memory"
     progress_interval_s: float = 1.0
@@ -405,7 +407,7 @@ class LocalStack:
         assert self.state is not None
         if port is None:
             port = int(self.state.wrapper_urls[task].rsplit(":", 1)[1])
-        wrapper_argv = [self.options.python, "-m", "services.wrapper.cli"]
+        wrapper_argv = self.options.wrapper_command or [self.options.python, "-m", "services.wrapper.cli"]
         health_url = f"http://127.0.0.1:{port}/readyz"
         serving = self.state.serving
         if serving is None:

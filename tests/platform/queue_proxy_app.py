@@ -13,7 +13,7 @@ import time
 
 from aiohttp import web
 
-EVENTS = os.environ["APP_EVENTS"]
+EVENTS = os.environ.get("APP_EVENTS", os.devnull)
 state = {"active": 0}
 
 
@@ -45,7 +45,7 @@ async def main() -> None:
     app.router.add_get("/readyz", ready)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", int(os.environ["APP_PORT"])).start()
+    await web.TCPSite(runner, "127.0.0.1", int(os.environ.get("APP_PORT") or os.environ["EOML_WRAPPER_HTTP_PORT"])).start()
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
 

@@ -189,3 +189,35 @@ def test_sigkill_when_the_grace_period_runs_out(tmp_path, pods) -> None:
     events = pod.events()
     assert [e["event"] for e in events].count("sigterm") == 1
     assert not any(e["event"] == "end" and e["n"] == "long" for e in events)  # the step was cut off
+
+
+def test_stack_rollout_replaces_a_wrapper_behind_its_queue_proxy(tmp_path) -> None:
+    """``LocalStack.rollout_wrapper`` (``eo-platform rollout``): the old pod drains, its Wrapper gets SIGTERM, a new
+    Wrapper starts behind a new queue-proxy on the same port and serves. The stack's infrastructure is not started
+    here (a state with placeholder endpoints); the test app stands in for the Wrapper."""
+    from services.local_platform.stack import LocalStack, PlatformState, StackOptions
+
+    events = tmp_path / "events.jsonl"
+    options = StackOptions(root=tmp_path, wrapper_command=[sys.executable, str(APP)], drain_quiet_s=0.5,
+                           wrapper_timeout_s=5, extra_env={"APP_EVENTS": str(events)})
+    stack = LocalStack(options)
+    (port,) = free_ports(1)
+    stack.state = PlatformState(root=str(tmp_path), started_at=time.time(), bootstrap_servers="127.0.0.1:1",
+                                s3_endpoint="http://127.0.0.1:1", inference_http="", inference_grpc="127.0.0.1:1",
+                                controller_url="http://127.0.0.1:1", wrapper_urls={"demo": f"http://127.0.0.1:{port}"},
+                                store_root=str(tmp_path / "store"), serving=chart_serving_settings(
+                                    container_concurrency=1, timeout_s=5, drain_quiet_s=0.5))
+    (tmp_path / "logs").mkdir()
+    try:
+        first = stack.start_wrapper("demo")
+        stack.wait_healthy(["wrapper-demo"], timeout_s=20)
+        assert post(f"http://127.0.0.1:{port}", 0.0, "before")[0] == 200
+        report = stack.rollout_wrapper("demo")
+        second = stack.process("wrapper-demo")
+        assert post(f"http://127.0.0.1:{port}", 0.0, "after")[0] == 200
+    finally:
+        stack.stop()
+    assert second.pid != first.pid
+    assert 0.5 <= report["drained_after_s"] < 1.5 and report["killed"] is False
+    seen = [json.loads(line)["event"] for line in events.read_text().splitlines()]
+    assert seen.count("sigterm") == 2  # the old Wrapper at the rollout, the new one when the stack stops
