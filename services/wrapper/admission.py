@@ -11,8 +11,8 @@ be stopped (a step is not cancellable midway). So here:
   or joins it while it still runs) but no longer counts against ``workers``. At most ``max_orphaned_runs``
   orphans run at once, so the threads, memory and scratch space stay bounded;
 - a request that finds every worker taken waits for one (a queue-proxy admitted it; it must not get an instant
-  503), for at most ``worker_wait_s``; only then, or when more requests wait than queue-proxy could have sent, is
-  it refused (``BUSY``, answered 503);
+  503), for at most ``worker_wait_s``; only then, or when more requests wait than queue-proxy's own queue holds,
+  is it refused (``BUSY``, answered 503);
 - a redelivery of an event that is running here (or waiting) joins that run instead of starting another.
 """
 
@@ -34,7 +34,7 @@ R = TypeVar("R")
 class Refusal(enum.Enum):
     """Why a delivery was not admitted (answered 503 + Retry-After)."""
 
-    BUSY = "busy"  # no worker within worker_wait_s, or more waiting than queue-proxy would send
+    BUSY = "busy"  # no worker within worker_wait_s, or more waiting than queue-proxy's queue holds
     STOPPING = "stopping"  # the process is shutting down
 
 

@@ -93,7 +93,7 @@ async def receive(request: web.Request) -> web.Response:
     if waited is Waited.NO_WORKER:
         log.warning("delivery refused: no worker within the wait", extra={"config_name": config_name,
                                                                          "event_id": delivery.event_id})
-        return _retry_later(f"wrapper {Refusal.BUSY.value}: retry later")
+        return _retry_later(f"wrapper {Refusal.BUSY.value}: no worker free within WORKER_WAIT_S, retry later")
     return answer(waited, config_name, delivery.event_id)
 
 

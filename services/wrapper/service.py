@@ -182,6 +182,7 @@ class DeliveryResult:
 # After SHUTDOWN_TIMEOUT_S and stopping the inference pool: how long steps get to reach their next inference
 # request (and end RETRY) before their callers are answered 503 and the process exits under them.
 CUT_OFF_WAIT_S = 10.0
+WAITING_PER_WORKER = 10  # queue-proxy's queue depth per containerConcurrency slot (pkg/queue/sharedmain/main.go)
 STOPPING_RESULT = DeliveryResult("unavailable", "wrapper stopping: retry later")
 
 
@@ -211,9 +212,11 @@ class WrapperService:
         workers = self.settings.workers
         self.admission: RunAdmission[DeliveryResult] = RunAdmission(
             workers, self.settings.orphaned_runs_cap,
-            # queue-proxy sends at most containerConcurrency requests at once, so at most that many can wait here
-            # (a worker still held by a run whose caller just hung up); more came around it: 503 at once.
-            max_waiting=workers,
+            # queue-proxy has at most containerConcurrency requests open here at once, but it sends the next one as
+            # soon as it gives up on one (504), a moment before this process sees that caller go: a whole wave of
+            # timed-out requests may still be counted. Bounded like queue-proxy's own queue (10 x CC); beyond
+            # that something bypasses queue-proxy: 503 at once.
+            max_waiting=WAITING_PER_WORKER * workers,
         )
 
     # ---- admission ---------------------------------------------------------------------------------------

@@ -4,11 +4,10 @@ Real processes: each "pod" is the queue-proxy model (``services/local_platform/q
 slots and a queue of 10 x CC, the revision timeout counted from arrival -> 504, the drain, SIGTERM after it and
 SIGKILL at the grace period) with a real ``eo-wrapper`` behind it; our inference server, moto S3, tansu Kafka.
 
-The test plays the KafkaSource dispatcher as the delivery spec says (EKB ``WebClientCloudEventSender``): an attempt
-with a per-attempt timeout; 5xx, 404 and connection errors are retried, waiting ``backoffDelay x 2^n`` before
-retry n; after ``retry`` retries the record goes to the dead-letter sink (counted here). The burst is 50 concurrent
-deliveries of 50 records, as an unordered KafkaSource keeps up to 50 records in flight (``max.poll.records``);
-the unordered EKB dispatcher model is not used here (not in the local event plane yet).
+Records reach the pod as a KafkaSource delivers them: through the EKB dispatcher model
+(``services/controller/event_plane/dispatcher.py``: ``ordering: unordered``, up to ``max.poll.records`` = 50 records
+in flight, retries with ``backoffDelay x 2^n``, per-attempt timeout, the dead-letter sink ``<Topics.in>.dlq`` after
+the last retry), consuming the step's topic from the earliest offset. Every attempt's answer is recorded on the way.
 
 ``pytest -s`` prints the figures (records, dead letters, duplicates, wall time) of each case.
 """
@@ -25,13 +24,24 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections import Counter
-from dataclasses import dataclass, field
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from confluent_kafka import Producer
 
+from services.controller.event_plane.delivery import DispatchTarget, http_post
+from services.controller.event_plane.dispatcher import (
+    DispatcherTuning,
+    InitialOffset,
+    Ordering,
+    SourceSpec,
+    StepDispatcher,
+)
+from services.controller.wiring import DeliveryPolicy, consumer_group, kafka_source_name
+from services.core.kafka import producer_config
 from services.local_platform.infra import free_ports
 from services.local_platform.queue_proxy import POD_TERMINATED
 from services.wrapper.inputs import S3Access
@@ -43,7 +53,6 @@ from test_delivery_faults import (  # noqa: F401 - fixtures: the module's infere
     TASK,
     assert_complete,
     clean,
-    headers_for,
     make_step,
     next_step_messages,
     server,
@@ -57,51 +66,58 @@ from wrapper_stack import PROJECT_ROOT, InferenceServer, StepFixture, assert_no_
 SHUTDOWN_MARGIN_S = 15
 
 
-@dataclass(frozen=True)
-class DeliverySpec:
-    """A KafkaSource's ``spec.delivery``: retries, exponential backoff, per-attempt timeout."""
-
-    retry: int
-    backoff_delay_s: float
-    timeout_s: float
-
-    def backoff_s(self, retry_number: int) -> float:
-        return self.backoff_delay_s * 2 ** retry_number  # retry n waits delay x 2^n (the first: 2 x delay)
+FAST_COMMITS = DispatcherTuning(auto_commit_interval_s=0.5, poll_timeout_s=0.1, dead_letter_write_timeout_s=5.0)
 
 
-@dataclass
-class Delivery:
-    """One record's delivery: every attempt's answer (status, or the error's name) and how it ended."""
+class RecordingPost:
+    """The dispatcher's HTTP POST, recording every attempt's answer (status, or the error's name) and body by
+    event id, as the pod's caller sees it."""
 
-    offset: int
-    attempts: list[int | str] = field(default_factory=list)
-    bodies: list[str] = field(default_factory=list)
-    final: dict[str, Any] | None = None  # the 2xx body
-    dead_lettered: bool = False
+    def __init__(self) -> None:
+        self.attempts: dict[str, list[int | str]] = defaultdict(list)
+        self.bodies: dict[str, list[bytes]] = defaultdict(list)
+        self._lock = threading.Lock()
 
-
-def dispatch(url: str, step: StepFixture, offset: int, spec: DeliverySpec) -> Delivery:
-    body = json.dumps(step_message("in", meta={"offset": offset})).encode()
-    delivery = Delivery(offset)
-    for retry_number in range(spec.retry + 1):
-        if retry_number:
-            time.sleep(spec.backoff_s(retry_number))
-        request = urllib.request.Request(f"{url}/{step.config.config_name}", data=body, method="POST",
-                                         headers={"Content-Type": "application/json", **headers_for(step, offset)})
+    def __call__(self, url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> tuple[int, bytes]:
+        event_id = headers.get("ce-id", "")
         try:
-            with urllib.request.urlopen(request, timeout=spec.timeout_s) as response:
-                delivery.attempts.append(response.status)
-                delivery.final = json.loads(response.read())
-                return delivery
-        except urllib.error.HTTPError as error:
-            delivery.attempts.append(error.code)
-            delivery.bodies.append(error.read().decode(errors="replace"))
-            if 400 <= error.code < 500 and error.code not in (404, 408, 409, 429):
-                break
-        except (urllib.error.URLError, ConnectionError, OSError) as error:
-            delivery.attempts.append(type(error).__name__)
-    delivery.dead_lettered = True
-    return delivery
+            status, answer = http_post(url, body, headers, timeout_s)
+        except Exception as error:
+            with self._lock:
+                self.attempts[event_id].append(type(error).__name__)
+            raise
+        with self._lock:
+            self.attempts[event_id].append(status)
+            self.bodies[event_id].append(answer)
+        return status, answer
+
+    def final(self, event_id: str) -> dict[str, Any]:
+        """The 2xx answer of an event (its last answer)."""
+        return json.loads(self.bodies[event_id][-1])
+
+
+def produce_steps(step: StepFixture, offsets: range, timestamp_ms: int) -> None:
+    producer = Producer(producer_config(step.bootstrap_servers))
+    for offset in offsets:
+        producer.produce(step.topic_in, value=json.dumps(step_message("in", meta={"offset": offset})).encode(),
+                         timestamp=timestamp_ms)
+    assert producer.flush(30) == 0
+
+
+def start_dispatcher(step: StepFixture, pod_url: str, post: RecordingPost, retry: int, backoff_delay_s: float,
+                     attempt_timeout_s: float) -> StepDispatcher:
+    """The step's KafkaSource (unordered, earliest, exponential backoff) delivering to the pod."""
+    policy = DeliveryPolicy(retry=retry, backoff_policy="exponential", backoff_delay_s=backoff_delay_s,
+                            timeout_s=attempt_timeout_s)
+    group = consumer_group(step.workflow_name, step.topic_in)
+    target = DispatchTarget(namespace=step.namespace, config_name=step.config.config_name,
+                            workflow_name=step.workflow_name, topic_in=step.topic_in, consumer_group=group,
+                            source_name=kafka_source_name(step.topic_in),
+                            url=f"{pod_url}/{step.config.config_name}")
+    spec = SourceSpec(consumer_group=group, initial_offset=InitialOffset.EARLIEST, ordering=Ordering.UNORDERED,
+                      policy=policy)
+    producer = Producer(producer_config(step.bootstrap_servers))
+    return StepDispatcher(target, spec, step.bootstrap_servers, producer, post=post, tuning=FAST_COMMITS).start()
 
 
 class Pod:
@@ -209,6 +225,9 @@ def figures(case: str, **values: Any) -> None:
 
 # ---- rollout mid-step ---------------------------------------------------------------------------------------------
 
+# The event time of the records (their Kafka timestamp, the CloudEvent time): the clean reference's.
+EVENT_TIME_MS = int(datetime(2026, 7, 8, 9, 10, 11, tzinfo=timezone.utc).timestamp() * 1000)
+
 
 @pytest.mark.slow
 def test_rollout_mid_step_drain_sigterm_grace_shorter_than_the_step(
@@ -225,9 +244,8 @@ def test_rollout_mid_step_drain_sigterm_grace_shorter_than_the_step(
                    drain_quiet_s=drain_s, extra_env=slow)
 
     old, new = pod("old-pod").start(), pod("new-pod")
-    spec = DeliverySpec(retry=8, backoff_delay_s=0.25, timeout_s=timeout_s + 10)
-    result: list[Delivery] = []
-    dispatcher = threading.Thread(target=lambda: result.append(dispatch(old.url, step, 21, spec)), daemon=True)
+    post = RecordingPost()
+    dispatcher: StepDispatcher | None = None
     assert server.process is not None
     frozen = False
     try:
@@ -235,7 +253,9 @@ def test_rollout_mid_step_drain_sigterm_grace_shorter_than_the_step(
         # Wrapper's SHUTDOWN_TIMEOUT_S has passed, so the step waits for it mid-way.
         server.process.send_signal(signal.SIGSTOP)
         frozen = True
-        dispatcher.start()
+        produce_steps(step, range(1), EVENT_TIME_MS)
+        dispatcher = start_dispatcher(step, old.url, post, retry=8, backoff_delay_s=0.25,
+                                      attempt_timeout_s=timeout_s + 10)
         wait_until(lambda: any(n["status"] == "START" for n in step.notifications(final=False)), 60, "START")
         old.delete()
         wait_until(lambda: any(line.get("msg", "").startswith("shutdown: steps still running")
@@ -244,31 +264,34 @@ def test_rollout_mid_step_drain_sigterm_grace_shorter_than_the_step(
         frozen = False
         report = old.wait_terminated(timeout_s + 10)
         new.start()  # the new revision's pod, on the same address (the old one is gone: connection refused)
-        dispatcher.join(120)
+        wait_until(lambda: dispatcher.stats.delivered + dispatcher.stats.dead_lettered >= 1, 120, "the delivery")
     finally:
         if frozen:
             server.process.send_signal(signal.SIGCONT)
+        if dispatcher is not None:
+            dispatcher.stop()
         old.stop()
         new.stop()
-    (delivery,) = result
     wall_s = time.monotonic() - started_at
-
-    assert not delivery.dead_lettered and delivery.final is not None, delivery
-    assert delivery.attempts[0] == 503 and delivery.attempts[-1] == 200, delivery.attempts
-    assert "stopping" in delivery.bodies[0]  # cut off by the stopping Wrapper, not failed
+    assert (dispatcher.stats.delivered, dispatcher.stats.dead_lettered) == (1, 0)
+    (event,) = post.attempts  # the record's CloudEvent id
+    attempts = post.attempts[event]
+    assert attempts[0] == 503 and attempts[-1] == 200, attempts
+    final = post.final(event)
+    assert b"stopping" in post.bodies[event][0]  # cut off by the stopping Wrapper, not failed
     assert report["sigterm_after_s"] >= drain_s and not report["killed"] and report["exit_code"] == 0, report
     assert report["exited_after_s"] < timeout_s  # the Wrapper left before the kubelet's SIGKILL
     old_lines = old.log_lines()
     assert [line.get("cut_off") for line in old_lines if line.get("msg") == "wrapper stopped"] == [1]
     assert not [line for line in old_lines if line.get("level") in ("ERROR", "CRITICAL")]
-    assert delivery.final["status"] == "SUCCESS"
-    assert_complete(step, delivery.final["folder"], clean)  # byte-identical to a clean run
+    assert final["status"] == "SUCCESS"
+    assert_complete(step, final["folder"], clean)  # byte-identical to a clean run
     messages = next_step_messages(step)
-    assert [m["S3_bucket_desc"]["folder"] for m in messages] == [delivery.final["folder"]]
+    assert [m["S3_bucket_desc"]["folder"] for m in messages] == [final["folder"]]
     dead, failed, critical = on_record(step)
     assert (dead, failed, critical) == (0, 0, 0)
     assert_no_secrets(old.log_path.read_text(), new.log_path.read_text())
-    figures("rollout mid-step", records=1, attempts=delivery.attempts, next_step_messages=len(messages),
+    figures("rollout mid-step", records=1, event=event, attempts=attempts, next_step_messages=len(messages),
             duplicates=len(messages) - 1, dead_letters=dead, failed_markers=failed, critical=critical,
             drain_s=report["drained_after_s"], sigterm_s=report["sigterm_after_s"],
             old_wrapper_exit_s=report["exited_after_s"], grace_s=timeout_s, wall_s=round(wall_s, 1))
@@ -290,35 +313,36 @@ def test_fifty_record_burst_at_capacity_8_with_queue_timeouts_is_processed_once_
     timeout_s = 2.0
     pod = Pod(step, server.grpc_url, tmp_path / "pod.log", port, workers=8, timeout_s=timeout_s, drain_quiet_s=1.0,
               extra_env={"EOML_WRAPPER_SHUTDOWN_TIMEOUT_S": "30"}).start()
-    spec = DeliverySpec(retry=8, backoff_delay_s=0.2, timeout_s=timeout_s + 5)
-    deliveries: list[Delivery | None] = [None] * records
+    post = RecordingPost()
+    dispatcher: StepDispatcher | None = None
+    produce_steps(step, range(records), int(time.time() * 1000))
     started_at = time.monotonic()
     try:
-        def run(index: int) -> None:
-            deliveries[index] = dispatch(pod.url, step, 1000 + index, spec)
-
-        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(records)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(300)
+        dispatcher = start_dispatcher(step, pod.url, post, retry=8, backoff_delay_s=0.2,
+                                      attempt_timeout_s=timeout_s + 5)
+        wait_until(lambda: dispatcher.stats.delivered + dispatcher.stats.dead_lettered >= records, 300,
+                   "every record delivered or dead-lettered")
         wall_s = time.monotonic() - started_at
+        max_in_flight = dispatcher.stats.max_in_flight
         messages = [r["value"] for r in step.records(
             [step.topic_out], until=lambda r: len(r) >= records, timeout_s=60)]
         messages += [r["value"] for r in step.records([step.topic_out], timeout_s=3)][len(messages):]
         pod_lines = pod.log_lines()
     finally:
+        if dispatcher is not None:
+            dispatcher.stop()
         pod.stop()
-    done = [d for d in deliveries if d is not None]
-    assert len(done) == records
-    answers = Counter(str(a) for d in done for a in d.attempts)
-    wrapper_busy = sum(1 for d in done for body in d.bodies if '"wrapper busy' in body)
+    answers = Counter(str(a) for attempts in post.attempts.values() for a in attempts)
+    wrapper_busy = sum(1 for bodies in post.bodies.values() for body in bodies if b'"wrapper busy' in body)
     folders = Counter(m["S3_bucket_desc"]["folder"] for m in messages)
     starts = [n for n in step.notifications(final=False) if n["status"] == "START"]
     orphaned = sum(1 for line in pod_lines if line.get("msg", "").startswith("caller gone: the run goes on"))
     dead, failed, critical = on_record(step)
+    finals = Counter("duplicate" if body.get("duplicate") else body.get("status")
+                     for body in (post.final(event) for event in post.attempts))
 
-    assert not [d.offset for d in done if d.dead_lettered or d.final is None]
+    assert (dispatcher.stats.delivered, dispatcher.stats.dead_lettered) == (records, 0)
+    assert len(post.attempts) == records and sum(finals.values()) == records
     assert len(folders) == records and set(folders.values()) == {1}  # one next-step message per record
     for folder in folders:
         step.s3.head_object(Bucket=s3_access.bucket_name, Key=folder + ANNOUNCED_SUFFIX)
@@ -326,9 +350,8 @@ def test_fifty_record_burst_at_capacity_8_with_queue_timeouts_is_processed_once_
     assert (dead, failed, critical) == (0, 0, 0)
     assert wrapper_busy == 0  # no admitted request was refused by the Wrapper
     assert answers["504"] >= 1  # the burst did meet queue timeouts
-    finals = Counter("duplicate" if d.final and d.final.get("duplicate") else (d.final or {}).get("status")
-                     for d in done)
     figures("50-record burst at capacity 8", records=records, next_step_messages=len(messages),
             duplicates=len(messages) - len(folders), runs_started=len(starts), dead_letters=dead,
             answers=dict(sorted(answers.items())), wrapper_busy_503=wrapper_busy, orphaned_runs=orphaned,
-            final=dict(finals), revision_timeout_s=timeout_s, wall_s=round(wall_s, 1))
+            final=dict(finals), dispatcher_max_in_flight=max_in_flight, revision_timeout_s=timeout_s,
+            wall_s=round(wall_s, 1))

@@ -110,7 +110,7 @@ def test_admission_queues_for_a_worker_and_an_orphan_frees_its_worker_within_the
         assert isinstance(again, Admitted) and again.joined and again.run is a.run  # a redelivery joins
         d = admission.admit("d", work("d"))
         assert isinstance(d, Admitted) and not d.started
-        assert admission.admit("e", work("e")) == Refused(Refusal.BUSY)  # more waiting than queue-proxy sends
+        assert admission.admit("e", work("e")) == Refused(Refusal.BUSY)  # more waiting than the bound (queue-proxy: 10 x CC)
 
         assert admission.leave(again) is Departure.STILL_WAITED_FOR
         assert admission.leave(a) is Departure.ORPHANED  # a's caller hung up (504): a runs on, c gets its worker
