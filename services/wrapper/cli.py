@@ -52,7 +52,7 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("max-orphaned-runs", int, "runs whose caller hung up that go on outside --workers (default: --workers)"),
     ("infer-retry-max-s", float, "how long a step waits out an unavailable inference server (default 900)"),
     ("result-prefix", str, "bucket prefix of the results (default: the task's production prefix)"),
-    ("shutdown-timeout-s", float, "how long shutdown waits for running steps (default 120)"),
+    ("shutdown-timeout-s", float, "how long shutdown waits for running steps before cutting them off (default 120)"),
     ("spool-dir", str, "where results are spooled before upload (default: the temp dir)"),
     ("quicklook-max-side", int, "longest side of a quicklook PNG in pixels (default 512)"),
     ("cloud-mask-model", str, "served model a workflow's cloud_filter measures with (default s2-cloud-mask)"),
