@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -222,13 +221,13 @@ def test_a_step_still_blocked_at_the_cut_off_is_answered_503_and_never_failed(
         wait_until(lambda: service.state().running == 0, 60, "the abandoned step to end")
     finally:
         frozen()
-        asyncio_stop(app)
+        stop_listener(app)
         service.runtime.close()
     assert_nothing_on_record(step)
     assert not next_step_messages(step, timeout_s=2)
 
 
-def asyncio_stop(app: RunningApp) -> None:
+def stop_listener(app: RunningApp) -> None:
     """Stop the app's HTTP listener only (its service was shut down by the test)."""
     import asyncio
 
