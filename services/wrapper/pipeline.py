@@ -88,6 +88,7 @@ from services.wrapper.results import (
     run_id,
 )
 from services.wrapper.settings import WrapperSettings
+from services.wrapper.stopping import ProcessStopping, StoppableExecutor
 from services.wrapper.outputs.keys import sanitise_name
 from services.wrapper.tasks import GENERIC_RESULT_PREFIX, GENERIC_TASK, TaskSpec, task_spec
 
@@ -159,8 +160,8 @@ class StepRuntime:
     publisher: EventPublisher
     limits: InputLimits
     # Inference requests of every step run here: long-lived threads keep their tritonclient clients (and
-    # connections) from one step to the next.
-    inference_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(thread_name_prefix="infer"))
+    # connections) from one step to the next. Stopped at shutdown: a step asking for more then gets ProcessStopping.
+    inference_pool: ThreadPoolExecutor = field(default_factory=lambda: StoppableExecutor(thread_name_prefix="infer"))
 
     @classmethod
     def from_settings(cls, settings: WrapperSettings, publisher: EventPublisher | None = None) -> "StepRuntime":
@@ -186,7 +187,7 @@ class StepRuntime:
             model_client=client,
             publisher=publisher or KafkaPublisher(settings.kafka_timeout_s),
             limits=InputLimits(),
-            inference_pool=ThreadPoolExecutor(
+            inference_pool=StoppableExecutor(
                 max_workers=settings.requests_in_flight * settings.workers, thread_name_prefix="infer"
             ),
         )
@@ -287,7 +288,7 @@ def _rejection_text(rejection: Rejection) -> str:
 
 def is_transient(error: BaseException) -> bool:
     """Failures a later delivery may not meet: the delivery is answered 5xx and redelivered, nothing is recorded."""
-    if isinstance(error, (InferenceUnavailable, PublishError, StepRetry)):
+    if isinstance(error, (InferenceUnavailable, PublishError, StepRetry, ProcessStopping)):
         return True
     return isinstance(error, (InputError, ResultWriteError)) and bool(getattr(error, "transient", False))
 
