@@ -354,6 +354,24 @@ def test_the_controller_source_dead_letters_to_a_kafka_sink_not_to_the_controlle
     assert _controller_env(docs)["EOML_CONTROLLER_NOTIFY_TOPIC"] == "monitoring.notify"
 
 
+@pytest.mark.parametrize("manifest", ["default_manifest", "prod_manifest"])
+def test_the_controller_source_neither_skips_nor_reorders_workflow_messages(manifest: str, request) -> None:
+    """Issue 17 (Why 7): a re-created controller source (its group deleted with it) must not skip what was
+    published meanwhile, and a workflow's published -> stopping must be handled in that order."""
+    from services.controller.event_plane.dispatcher import InitialOffset, Ordering, SourceSpec
+
+    [source] = find(documents(request.getfixturevalue(manifest)), "KafkaSource")
+    spec = source["spec"]
+    values = yaml.safe_load((REPO_ROOT / "charts" / "eo-inference-platform" / "values.yaml").read_text())
+    assert spec["consumerGroup"] == values["controller"]["consumerGroup"] == "eoml-controller"  # stable, fixed
+    assert spec["initialOffset"] == "earliest"
+    assert spec["ordering"] == "ordered"
+    # The local dispatcher model reads the same spec as the cluster's (tests/controller/test_controller_down.py).
+    model = SourceSpec.from_kafka_source(spec)
+    assert (model.initial_offset, model.ordering) == (InitialOffset.EARLIEST, Ordering.ORDERED)
+    assert (model.policy.retry, model.policy.backoff_policy, model.policy.backoff_delay_s) == (12, "exponential", 1.0)
+
+
 def test_the_controller_source_retries_through_a_long_controller_outage(default_manifest: str) -> None:
     [source] = find(documents(default_manifest), "KafkaSource")
     delivery = source["spec"]["delivery"]
