@@ -66,12 +66,14 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "prox
 
 class ServingSettings(BaseModel):
     """What the chart gives each Wrapper revision: ``containerConcurrency`` (= ``wrappers.workers``) and
-    ``timeoutSeconds``; the pod's grace period is ``timeoutSeconds`` (deploy.go) unless set for a test."""
+    ``timeoutSeconds``; the pod's grace period is ``timeoutSeconds`` (deploy.go) unless set for a test;
+    ``shutdown_margin_s`` is the chart's ``wrappers.shutdownMarginSeconds`` (see ``wrapper_stop_timing``)."""
 
     container_concurrency: int = Field(ge=0)
     timeout_s: float = Field(gt=0)
     drain_quiet_s: float = Field(UPSTREAM_DRAIN_QUIET_S, ge=0)
     grace_s: float | None = Field(None, gt=0)
+    shutdown_margin_s: float = Field(30.0, ge=0)
 
     @model_validator(mode="after")
     def _grace_default(self) -> "ServingSettings":
@@ -90,11 +92,40 @@ class ServingSettings(BaseModel):
 
 def chart_serving_settings(values_path: Path = CHART_VALUES, **overrides: Any) -> ServingSettings:
     """The Wrappers' serving settings as the chart renders them (``templates/wrappers.yaml``: containerConcurrency
-    = ``wrappers.workers``, ``timeoutSeconds`` = ``wrappers.timeoutSeconds``), with ``overrides`` for tests."""
+    = ``wrappers.workers``, ``timeoutSeconds`` = ``wrappers.timeoutSeconds``, the shutdown margin =
+    ``wrappers.shutdownMarginSeconds``), with ``overrides`` for tests."""
     wrappers = (yaml.safe_load(values_path.read_text()) or {}).get("wrappers") or {}
     chart = {"container_concurrency": int(wrappers.get("workers", 1)),
-             "timeout_s": float(wrappers.get("timeoutSeconds", 300))}
+             "timeout_s": float(wrappers.get("timeoutSeconds", 300)),
+             "shutdown_margin_s": float(wrappers.get("shutdownMarginSeconds", 30))}
     return ServingSettings(**{**chart, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+@dataclass(frozen=True)
+class WrapperStopTiming:
+    """The Wrapper's two waits that must fit its revision's timeout (the chart's rule, ``templates/wrappers.yaml``):
+    ``shutdown_timeout_s`` = grace period (``timeoutSeconds``) - the drain - the margin, so the Wrapper's steps end
+    RETRY and it exits before the kubelet's SIGKILL; ``worker_wait_s`` = ``timeoutSeconds``, as long as queue-proxy
+    lets an admitted request wait."""
+
+    shutdown_timeout_s: float
+    worker_wait_s: float
+
+    def env(self) -> dict[str, str]:
+        return {"EOML_WRAPPER_SHUTDOWN_TIMEOUT_S": f"{self.shutdown_timeout_s:g}",
+                "EOML_WRAPPER_WORKER_WAIT_S": f"{self.worker_wait_s:g}"}
+
+
+def wrapper_stop_timing(serving: ServingSettings) -> WrapperStopTiming:
+    """The chart's rule for ``EOML_WRAPPER_SHUTDOWN_TIMEOUT_S`` / ``EOML_WRAPPER_WORKER_WAIT_S`` applied to
+    ``serving`` (the chart's drain is Knative's fixed 30 s; here the model's, which tests shorten). Refuses, as
+    the chart does, a timeout that leaves running steps under 1 s after SIGTERM."""
+    shutdown_timeout_s = serving.grace_period_s - serving.drain_quiet_s - serving.shutdown_margin_s
+    if shutdown_timeout_s < 1:
+        raise ValueError(f"the revision timeout ({serving.grace_period_s:g} s) must exceed queue-proxy's "
+                         f"{serving.drain_quiet_s:g} s drain plus the shutdown margin "
+                         f"({serving.shutdown_margin_s:g} s): running steps need time after SIGTERM")
+    return WrapperStopTiming(shutdown_timeout_s=shutdown_timeout_s, worker_wait_s=serving.timeout_s)
 
 
 class QueueFull(Exception):

@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 
 from .inference_backends import external_grpc_address, inference_command, wait_until_ready
 from .infra import free_port, free_ports, tansu_binary, wait_for_port
-from .queue_proxy import POD_TERMINATED, ServingSettings, chart_serving_settings
+from .queue_proxy import POD_TERMINATED, ServingSettings, chart_serving_settings, wrapper_stop_timing
 from .security import security_env, write_platform_token
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,8 @@ class StackOptions:
     wrapper_timeout_s: float | None = None
     drain_quiet_s: float = 30.0
     grace_s: float | None = None
+    # The chart's wrappers.shutdownMarginSeconds unless set (tests that shorten the timeout shorten it too).
+    shutdown_margin_s: float | None = None
     # The Wrapper's command line (default: this Python running services.wrapper.cli).
     wrapper_command: list[str] | None = None
     # "s3": tansu stores its data in a bucket of a second moto server, so that it survives a broker restart.
@@ -240,9 +242,7 @@ class LocalStack:
             wrapper_urls={task: f"http://127.0.0.1:{port}" for task, port in wrapper_ports.items()},
             store_root=str(store_root),
         )
-        serving = chart_serving_settings(container_concurrency=self.options.wrapper_workers,
-                                         timeout_s=self.options.wrapper_timeout_s,
-                                         drain_quiet_s=self.options.drain_quiet_s, grace_s=self.options.grace_s)
+        serving = self._chart_serving()
         self.state.wrapper_workers = serving.container_concurrency
         self.state.serving = serving if self.options.queue_proxy else None
         if self.options.kafka_storage == "s3":
@@ -385,12 +385,21 @@ class LocalStack:
         self._spawn("controller", [options.python, "-m", "services.controller.cli", "consume"], env,
                     health_url=f"http://127.0.0.1:{port}/readyz")
 
+    def _chart_serving(self) -> ServingSettings:
+        """The Wrappers' serving settings: the chart's, with this stack's options."""
+        options = self.options
+        return chart_serving_settings(container_concurrency=options.wrapper_workers,
+                                      timeout_s=options.wrapper_timeout_s, drain_quiet_s=options.drain_quiet_s,
+                                      grace_s=options.grace_s, shutdown_margin_s=options.shutdown_margin_s)
+
     def wrapper_env(self, task: str, port: int) -> dict[str, str]:
-        """Environment of the Wrapper behind service name ``task`` (its task, or a GENERIC_SERVICES entry)."""
+        """Environment of the Wrapper behind service name ``task`` (its task, or a GENERIC_SERVICES entry);
+        SHUTDOWN_TIMEOUT_S and WORKER_WAIT_S by the chart's rule (``wrapper_stop_timing``)."""
         assert self.state is not None
         options = self.options
         wrapper_task, model = GENERIC_SERVICES.get(task, (task, ""))
-        return {
+        stop_timing = wrapper_stop_timing(self.state.serving or self._chart_serving())
+        return {**stop_timing.env(),
             "EOML_WRAPPER_TASK": wrapper_task, "EOML_WRAPPER_MODEL_NAME": model,
             "EOML_WRAPPER_HTTP_HOST": "127.0.0.1", "EOML_WRAPPER_HTTP_PORT": str(port),
             "EOML_WRAPPER_INFERENCE_URL": self.state.inference_grpc, "EOML_WRAPPER_INFERENCE_PROTOCOL": "grpc",

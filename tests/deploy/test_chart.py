@@ -296,8 +296,41 @@ def test_wrapper_shutdown_and_worker_wait_fit_the_revision_timeout(manifest: str
         assert "terminationGracePeriodSeconds" not in spec  # Knative's to set
 
 
+@pytest.mark.parametrize("timeout_s, margin_s", [(None, None), (90, 20), (600, 45)])
+def test_the_local_stack_gives_its_wrappers_the_charts_shutdown_timeout_and_worker_wait(
+    tools: Tools, tmp_path: Path, timeout_s: int | None, margin_s: int | None,
+) -> None:
+    """One rule for both: the chart's template and the local stack's ``wrapper_env`` (through
+    ``wrapper_stop_timing``) give every Wrapper the same SHUTDOWN_TIMEOUT_S and WORKER_WAIT_S for the same
+    values (the stack's drain at Knative's 30 s, as in the chart)."""
+    from services.local_platform.stack import LocalStack, PlatformState, StackOptions
+
+    set_values = [f"wrappers.timeoutSeconds={timeout_s}"] if timeout_s else []
+    set_values += [f"wrappers.shutdownMarginSeconds={margin_s}"] if margin_s else []
+    keys = ("EOML_WRAPPER_SHUTDOWN_TIMEOUT_S", "EOML_WRAPPER_WORKER_WAIT_S")
+    chart = {tuple(float(env_of(s["spec"]["template"]["spec"]["containers"][0])[key]) for key in keys)
+             for s in _wrappers(render(tools, *set_values))}
+    stack = LocalStack(StackOptions(root=tmp_path, wrapper_timeout_s=timeout_s, shutdown_margin_s=margin_s,
+                                    drain_quiet_s=30.0))
+    stack.state = PlatformState(root=str(tmp_path), started_at=0.0, bootstrap_servers="127.0.0.1:1",
+                                s3_endpoint="http://127.0.0.1:1", inference_http="", inference_grpc="127.0.0.1:1",
+                                controller_url="http://127.0.0.1:1", wrapper_urls={}, store_root=str(tmp_path))
+    for serving in (None, stack._chart_serving()):  # without and with the queue-proxy model
+        stack.state.serving = serving
+        local = {tuple(float(stack.wrapper_env(task, 1)[key]) for key in keys) for task in ("classify", "compress")}
+        assert local == chart, (local, chart)
+    defaults = yaml.safe_load((REPO_ROOT / "charts" / "eo-inference-platform" / "values.yaml").read_text())["wrappers"]
+    (shutdown_timeout, worker_wait), = chart
+    assert worker_wait == (timeout_s or defaults["timeoutSeconds"])
+    assert shutdown_timeout == worker_wait - 30 - (margin_s or defaults["shutdownMarginSeconds"])
+
+
 def test_a_revision_timeout_too_short_for_the_drain_fails_with_a_reason(tools: Tools) -> None:
     assert "must exceed queue-proxy's 30 s drain" in render_error(tools, "wrappers.timeoutSeconds=50")
+    from services.local_platform.queue_proxy import chart_serving_settings, wrapper_stop_timing
+
+    with pytest.raises(ValueError, match="must exceed queue-proxy's 30 s drain"):  # the local stack refuses it too
+        wrapper_stop_timing(chart_serving_settings(timeout_s=50))
     docs = render(tools, "wrappers.timeoutSeconds=90", "wrappers.shutdownMarginSeconds=20")
     assert {env_of(s["spec"]["template"]["spec"]["containers"][0])["EOML_WRAPPER_SHUTDOWN_TIMEOUT_S"]
             for s in _wrappers(docs)} == {"40"}
@@ -319,6 +352,24 @@ def test_the_controller_source_dead_letters_to_a_kafka_sink_not_to_the_controlle
     assert dead_letter["ref"] != source["spec"]["sink"]["ref"]  # never the controller itself
     # The topic it writes exists when the chart creates the fixed topics.
     assert _controller_env(docs)["EOML_CONTROLLER_NOTIFY_TOPIC"] == "monitoring.notify"
+
+
+@pytest.mark.parametrize("manifest", ["default_manifest", "prod_manifest"])
+def test_the_controller_source_neither_skips_nor_reorders_workflow_messages(manifest: str, request) -> None:
+    """Issue 17 (Why 7): a re-created controller source (its group deleted with it) must not skip what was
+    published meanwhile, and a workflow's published -> stopping must be handled in that order."""
+    from services.controller.event_plane.dispatcher import InitialOffset, Ordering, SourceSpec
+
+    [source] = find(documents(request.getfixturevalue(manifest)), "KafkaSource")
+    spec = source["spec"]
+    values = yaml.safe_load((REPO_ROOT / "charts" / "eo-inference-platform" / "values.yaml").read_text())
+    assert spec["consumerGroup"] == values["controller"]["consumerGroup"] == "eoml-controller"  # stable, fixed
+    assert spec["initialOffset"] == "earliest"
+    assert spec["ordering"] == "ordered"
+    # The local dispatcher model reads the same spec as the cluster's (tests/controller/test_controller_down.py).
+    model = SourceSpec.from_kafka_source(spec)
+    assert (model.initial_offset, model.ordering) == (InitialOffset.EARLIEST, Ordering.ORDERED)
+    assert (model.policy.retry, model.policy.backoff_policy, model.policy.backoff_delay_s) == (12, "exponential", 1.0)
 
 
 def test_the_controller_source_retries_through_a_long_controller_outage(default_manifest: str) -> None:

@@ -199,14 +199,14 @@ def test_stack_rollout_replaces_a_wrapper_behind_its_queue_proxy(tmp_path) -> No
 
     events = tmp_path / "events.jsonl"
     options = StackOptions(root=tmp_path, wrapper_command=[sys.executable, str(APP)], drain_quiet_s=0.5,
-                           wrapper_timeout_s=5, extra_env={"APP_EVENTS": str(events)})
+                           wrapper_timeout_s=5, shutdown_margin_s=1, extra_env={"APP_EVENTS": str(events)})
     stack = LocalStack(options)
     (port,) = free_ports(1)
     stack.state = PlatformState(root=str(tmp_path), started_at=time.time(), bootstrap_servers="127.0.0.1:1",
                                 s3_endpoint="http://127.0.0.1:1", inference_http="", inference_grpc="127.0.0.1:1",
                                 controller_url="http://127.0.0.1:1", wrapper_urls={"demo": f"http://127.0.0.1:{port}"},
                                 store_root=str(tmp_path / "store"), serving=chart_serving_settings(
-                                    container_concurrency=1, timeout_s=5, drain_quiet_s=0.5))
+                                    container_concurrency=1, timeout_s=5, drain_quiet_s=0.5, shutdown_margin_s=1))
     (tmp_path / "logs").mkdir()
     try:
         first = stack.start_wrapper("demo")
