@@ -3,8 +3,9 @@ give those guarantees refused at once (issue 17, items 4-6).
 
 Real parts: tansu Kafka, moto S3 (behind a small real HTTP proxy where an S3 must misbehave), our inference server
 (ssl-features -> classify, the workflow the demo runs), the Wrapper's HTTP app for the downstream step. The test
-plays the KafkaSource (EKB) in binary mode: a record's ``ce_*`` headers become the delivery's ``ce-*`` headers,
-its value the body, as EKB delivers a binary-mode CloudEvent record with the producer's id, source and time.
+plays the KafkaSource: each record on the upstream's Topics.out becomes the delivery the local event plane's rule
+(``services/controller/event_plane/cloudevents.py``, modelled on EKB) makes of it, with the producer's id, source
+and time.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Iterator
 import pytest
 from confluent_kafka import Producer
 
+from services.controller.event_plane.cloudevents import KafkaRecord, RecordMode, record_cloudevent
 from services.core.kafka import producer_config
 from services.wrapper import pipeline
 from services.wrapper.inputs import S3Access, make_s3_client
@@ -60,11 +62,13 @@ def upstream(access: S3Access, kafka_broker: Any, tmp_path: Path) -> StepFixture
 
 
 def as_delivery(record: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
-    """What EKB POSTs for a binary-mode CloudEvent record: the value, ce_* headers as ce-* headers."""
-    _, value, headers = record["raw"]
-    http_headers = {f"ce-{name[3:]}": raw.decode() for name, raw in headers if name.startswith("ce_")}
-    http_headers["Content-Type"] = dict(headers)["content-type"].decode()
-    return value, http_headers
+    """What the KafkaSource POSTs for a record, by the local event plane's rule (EKB's): a binary-mode CloudEvent
+    record keeps the producer's id, source, type and time."""
+    key, value, headers = record["raw"]
+    event = record_cloudevent(KafkaRecord(record["topic"], record["partition"], record["offset"], value, key,
+                                          tuple(headers)), "uc-test", "next-step-source")
+    assert event.mode is RecordMode.BINARY
+    return event.data, event.http_headers()
 
 
 def deliver_downstream(server: InferenceServer, down: StepFixture, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
