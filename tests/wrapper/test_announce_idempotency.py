@@ -2,7 +2,7 @@
 give those guarantees refused at once (issue 17, items 4-6).
 
 Real parts: tansu Kafka, moto S3 (behind a small real HTTP proxy where an S3 must misbehave), our inference server
-(ssl-features -> classify, the workflow the demo runs), the Wrapper's HTTP app for the downstream step. The test
+(ssl-features -> classify, the workflow the demo runs), an ``eo-wrapper`` process for the downstream step. The test
 plays the KafkaSource: each record on the upstream's Topics.out becomes the delivery the local event plane's rule
 (``services/controller/event_plane/cloudevents.py``, modelled on EKB) makes of it, with the producer's id, source
 and time.
@@ -11,6 +11,10 @@ and time.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,18 +28,19 @@ from services.core.kafka import producer_config
 from services.wrapper import pipeline
 from services.wrapper.inputs import S3Access, make_s3_client
 from services.wrapper.notifications import KafkaPublisher
-from services.wrapper.pipeline import Earlier, StepRuntime
+from services.wrapper.pipeline import Earlier
 from services.wrapper.results import ANNOUNCED_SUFFIX, FAILED_SUFFIX, MANIFEST_SUFFIX
 from services.wrapper.s3_capability import PROBE_FOLDER
-from services.wrapper.service import WrapperService
 from s3_proxy import DROP_IF_NONE_MATCH, FORWARD, Answer, S3Proxy
-from test_service_http import RunningApp, post
+from test_service_http import get, post
 from wrapper_input_data import sample_patch_names, sample_tar_gz
 from wrapper_stack import (  # noqa: F401 - close_step_runtimes is an autouse fixture
+    PROJECT_ROOT,
     InferenceServer,
     StepFixture,
     assert_no_secrets,
     close_step_runtimes,
+    free_port,
     list_keys,
     object_bytes,
     read_records,
@@ -71,27 +76,43 @@ def as_delivery(record: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
     return event.data, event.http_headers()
 
 
-def deliver_downstream(server: InferenceServer, down: StepFixture, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    runtime = StepRuntime.from_settings(down.settings(server.grpc_url))
-    app = RunningApp(WrapperService(runtime, down.store))
+def deliver_downstream(server: InferenceServer, down: StepFixture, records: list[dict[str, Any]],
+                       log_path: Path) -> list[dict[str, Any]]:
+    """Each record, one after the other, to a real ``eo-wrapper`` process of the downstream task."""
+    port = free_port()
+    env = {**os.environ, "EOML_WRAPPER_TASK": down.task, "EOML_WRAPPER_INFERENCE_URL": server.grpc_url,
+           "EOML_WRAPPER_STORE_ROOT": str(down.store_root), "EOML_WRAPPER_NAMESPACE": down.namespace,
+           "EOML_WRAPPER_NOTIFY_TOPIC": down.notify_topic, "EOML_WRAPPER_LOG_FORMAT": "json"}
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.wrapper.cli", "--http-host", "127.0.0.1", "--http-port", str(port)],
+            cwd=PROJECT_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            try:
+                if get(f"http://127.0.0.1:{port}/readyz")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
         answers = []
         for record in records:
             value, headers = as_delivery(record)
-            status, body, _ = post(f"{app.url}/{down.config.config_name}", value, headers)
+            status, body, _ = post(f"http://127.0.0.1:{port}/{down.config.config_name}", value, headers)
             assert status == 200, body
             answers.append(body)
         return answers
     finally:
-        app.stop()
-        runtime.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
 
 
 def assert_one_downstream_run(server: InferenceServer, access: S3Access, up: StepFixture,
                               records: list[dict[str, Any]], tmp_path: Path) -> None:
     """Every copy of the upstream record is one downstream run: one result folder, one next-step message."""
     down = StepFixture(access, up.bootstrap_servers, tmp_path / "down-store", "classify")
-    answers = deliver_downstream(server, down, records)
+    answers = deliver_downstream(server, down, records, tmp_path / "downstream-wrapper.log")
     assert [a["status"] for a in answers] == ["SUCCESS"] + ["DUPLICATE"] * (len(records) - 1), answers
     assert {a["folder"] for a in answers} == {answers[0]["folder"]}
     assert len(down.records([down.topic_out], timeout_s=3)) == 1
