@@ -2,7 +2,7 @@
 
 Once shutdown has waited ``SHUTDOWN_TIMEOUT_S`` for running steps, the shared inference pool stops taking
 requests; a step that then asks for inference gets ``ProcessStopping`` (not the executor's ``RuntimeError``), which
-``pipeline.is_transient`` counts as transient: nothing is put on record (no dead-letter record, no failed marker,
+``step_types.is_transient`` counts as transient: nothing is put on record (no dead-letter record, no failed marker,
 no CRITICAL), the delivery is answered 503 or not at all, Kafka redelivers it and the next pod writes the same
 bytes into the same run folder.
 """
