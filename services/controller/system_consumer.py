@@ -94,18 +94,21 @@ class SystemTopicConsumer:
     def running(self) -> bool:
         return self._thread.is_alive()
 
-    def consumer_settings(self) -> dict[str, Any]:
-        return consumer_config(self.bootstrap_servers, self.group_id, **{
+    def consumer_overrides(self) -> dict[str, Any]:
+        return {
             "client.id": "eoml-controller",
             # A topic created after the subscription is found at the next metadata refresh (librdkafka's
             # default: 5 min).
             "topic.metadata.refresh.interval.ms": 5000,
-            "max.poll.interval.ms": self.max_poll_interval_ms})
+            "max.poll.interval.ms": self.max_poll_interval_ms}
+
+    def consumer_settings(self) -> dict[str, Any]:
+        return consumer_config(self.bootstrap_servers, self.group_id, **self.consumer_overrides())
 
     def _run(self) -> None:
         from confluent_kafka import Consumer, TopicPartition
 
-        consumer = Consumer(self.consumer_settings())
+        consumer = Consumer(consumer_config(self.bootstrap_servers, self.group_id, **self.consumer_overrides()))
         consumer.subscribe([self.topic])
         log.info("consuming workflow messages", extra={"topic": self.topic, "consumer_group": self.group_id,
                                                        "max_poll_interval_ms": self.max_poll_interval_ms})
