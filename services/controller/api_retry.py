@@ -3,7 +3,7 @@ too many requests), 5xx (an API server or its etcd restarting, a webhook timing 
 
 Every method call of the wrapped client (``CoreV1Api``, ``CustomObjectsApi``) is retried with exponential backoff
 (``backoff_s * 2^(n-1)`` before retry n) up to ``attempts`` times in all, each attempt bounded by
-``request_timeout_s``; the last error is raised as it came, so the caller's ``is_transient`` still classifies it
+``request_timeout_s``; the last error is raised as it came, so the caller still classifies it with ``is_transient``
 (the message is then answered 503 / retried by the consumer, and dead-lettered after the last retry). A 409 is not
 retried here: what it means depends on the call (AlreadyExists on a create, a stale ``resourceVersion`` on a
 replace), so the driver handles it where it knows which.
@@ -17,9 +17,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
-
-RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
-
 
 @dataclass(frozen=True)
 class ApiRetryPolicy:
@@ -36,10 +33,11 @@ class ApiRetryPolicy:
         return self.attempts * self.request_timeout_s + sum(self.backoff(n) for n in range(1, self.attempts))
 
 
-def is_retried(error: BaseException) -> bool:
+def is_transient(error: BaseException) -> bool:
+    """Infrastructure trouble worth a retry: the API server or network (429, 5xx, no answer), not the message."""
     status = getattr(error, "status", None)
     if status is not None:
-        return status == 0 or status in RETRIED_STATUSES
+        return status == 0 or status == 429 or status >= 500
     if isinstance(error, (ConnectionError, TimeoutError)):
         return True
     try:
@@ -70,7 +68,7 @@ class RetryingApi:
                 try:
                     return target(*args, **kwargs)
                 except Exception as error:
-                    if attempt == self._policy.attempts or not is_retried(error):
+                    if attempt == self._policy.attempts or not is_transient(error):
                         raise
                     wait_s = self._policy.backoff(attempt)
                     log.warning("kubernetes API call failed, retrying", extra={

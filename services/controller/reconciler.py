@@ -25,6 +25,7 @@ from services.core.step_config import (
     step_config_name,
 )
 
+from .api_retry import is_transient
 from .consumer_positions import ConsumerPositions
 from .dead_letters import DeadLetterWriter, refused_message_record
 from .messages import ANSWER_INVALID, ANSWER_VALID, MessageRejected, parse_workflow_message
@@ -91,21 +92,6 @@ class HandlingResult:
 
 class TopicsNotCreated(ConnectionError):
     """The step's dead-letter topic could not be created: Kafka trouble, worth a retry."""
-
-
-def is_transient(error: BaseException) -> bool:
-    """Infrastructure trouble worth a retry: the API server or network, not the message."""
-    status = getattr(error, "status", None)
-    if status is not None:
-        return status == 0 or status == 429 or status >= 500
-    if isinstance(error, (ConnectionError, TimeoutError)):
-        return True
-    try:
-        import urllib3
-
-        return isinstance(error, urllib3.exceptions.HTTPError)
-    except ImportError:  # pragma: no cover - urllib3 comes with the kubernetes client
-        return False
 
 
 def _error_text(error: BaseException) -> str:
