@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
 from services.core.contracts import IGNORED_STATUSES, PUBLISHED, STOPPING, WorkflowMessage
+from services.core.metrics import ControllerMetrics
 from services.core.step_config import StepConfig, StepConfigStore, step_config_from_message, step_config_name
 
 from .messages import ANSWER_INVALID, ANSWER_VALID, MessageRejected, parse_workflow_message
@@ -106,11 +107,13 @@ class WorkflowController:
     def __init__(self, store: StepConfigStore, driver: SourceDriver, bootstrap_servers: str,
                  registry: WorkflowRegistry | None = None, namespaces: list[str] | None = None,
                  notifier: ControllerNotifier | None = None, create_topics: TopicCreator | None = None,
-                 dead_letter_suffix: str = ".dlq") -> None:
+                 dead_letter_suffix: str = ".dlq", metrics: ControllerMetrics | None = None) -> None:
         self.store = store
         self.driver = driver
         self.bootstrap_servers = bootstrap_servers
         self.registry = registry or WorkflowRegistry()
+        self.metrics = metrics if metrics is not None else ControllerMetrics()
+        self.metrics.count_wired(self.registry.count_in_state)
         self.notifier: ControllerNotifier = notifier or NullNotifier()
         # None: dead-letter topics are not created here (e.g. no Kafka in a unit test).
         self.create_topics = create_topics
@@ -138,6 +141,7 @@ class WorkflowController:
 
     def handle(self, body: bytes | str | Mapping[str, Any], content_type: str = "") -> HandlingResult:
         result, message = self._handle(body, content_type)
+        self.metrics.handled(result.action)
         self._report(result, message, body)
         return result
 

@@ -7,6 +7,7 @@
   503 + Retry-After for what a redelivery may get past (inference unavailable past its bound, S3 or Kafka failing,
   all workers busy, shutting down, store unavailable); 404 no such step configuration (not written yet: retried);
   400 when the delivery names no step, or its body is no step message and the step is unknown.
+- ``GET /metrics``: Prometheus metrics (``services/core/metrics.py``), open like the health endpoints.
 - ``GET /healthz``: the process is alive. ``GET /readyz``: 200 while deliveries are taken (not during shutdown).
 """
 
@@ -19,6 +20,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from services.core.auth import Verifier, auth_middleware
+from services.core.metrics import delivery_counter, metrics_route
 from services.wrapper.service import (
     BadDelivery,
     DeliveryResult,
@@ -104,9 +106,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 def create_http_app(service: WrapperService, verifier: Verifier | None = None) -> web.Application:
     # ``verifier``: every POST needs a valid sender token (services/core/auth.py); health stays open.
-    app = web.Application(client_max_size=MAX_BODY_BYTES,
-                          middlewares=[auth_middleware(verifier)] if verifier is not None else [])
+    # The delivery counter first (outermost): it counts the auth middleware's refusals too.
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[
+        delivery_counter(service.metrics), *([auth_middleware(verifier)] if verifier is not None else [])])
     app[SERVICE_KEY] = service
+    app.router.add_get("/metrics", metrics_route(service.metrics.registry))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/", receive)

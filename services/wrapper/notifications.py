@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 from services.core.contracts import Notification, NotificationOptional, NotificationStatus
 from services.core.kafka import encode_json, producer_config
 from services.core.logging import REDACTED, redact
+from services.core.metrics import ErrorSource, counts_errors
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class KafkaPublisher:
                 self._producers[bootstrap_servers] = producer
             return producer
 
+    @counts_errors(ErrorSource.KAFKA)
     def publish(self, bootstrap_servers: str, topic: str, value: Mapping[str, Any], key: str = "key") -> RecordPosition:
         """Produce, flush, and return where the broker stored the record; raises if it was not acknowledged."""
         if not bootstrap_servers:

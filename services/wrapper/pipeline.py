@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 from services.core.contracts import S3BucketDesc, StepMessage
+from services.core.metrics import Stage, WrapperMetrics, stage, timed_items, timed_stage
 from services.core.step_config import StepConfig, StepCredentials
 from services.wrapper.batching import Work, batched_inference
 from services.wrapper.handlers import (
@@ -161,6 +162,7 @@ class StepRuntime:
     # Inference requests of every step run here: long-lived threads keep their tritonclient clients (and
     # connections) from one step to the next.
     inference_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(thread_name_prefix="infer"))
+    metrics: WrapperMetrics = field(default_factory=WrapperMetrics)  # this process's series (services/core/metrics.py)
 
     @classmethod
     def from_settings(cls, settings: WrapperSettings, publisher: EventPublisher | None = None) -> "StepRuntime":
@@ -296,6 +298,7 @@ def _now_text() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+@timed_stage(Stage.ANNOUNCE)
 def announce(
     runtime: StepRuntime, config: StepConfig, client: S3Client, folder: str, request: StepRequest,
     next_message: dict[str, Any],
@@ -441,7 +444,8 @@ def run_step(
                         if obj.file.path is not None:
                             os.unlink(obj.file.path)
                 elif collector is not None:
-                    result = runtime.handler.write_unit(ctx, current, collector)
+                    with stage(Stage.WRITE):  # encoding; uploads count in ResultStore
+                        result = runtime.handler.write_unit(ctx, current, collector)
                     for obj in [*result.objects, *side]:
                         store.put(obj, current.key)
                         if obj.file.path is not None:
@@ -455,7 +459,7 @@ def run_step(
                 return runtime.model_client.infer(served, rows)
 
             for item in batched_inference(
-                planned.items, infer, batch_size, settings.requests_in_flight, runtime.inference_pool
+                timed_items(Stage.DOWNLOAD, planned.items), infer, batch_size, settings.requests_in_flight, runtime.inference_pool
             ):
                 unit = item.unit if isinstance(item, Rejection) else item[0].context.unit
                 if unit is not current:

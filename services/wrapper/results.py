@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence
 from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
+from services.core.metrics import Stage, timed_stage
 from services.wrapper.handlers import ResultObject, short_hash
 from services.wrapper.inputs.s3_listing import S3Client, folder_prefix, s3_failure
 from services.wrapper.inputs.types import InputError
@@ -125,6 +126,7 @@ class ResultStore:
         translated: InputError = s3_failure(error, action, self.client, key)
         return ResultWriteError(translated.reason, transient=translated.transient)
 
+    @timed_stage(Stage.WRITE)
     def put(self, obj: ResultObject, input_key: str) -> WrittenObject:
         """Upload one result: from its spooled file (``obj.file.path``; boto3's managed upload, multipart above
         ``MULTIPART_THRESHOLD``) or its bytes."""
@@ -151,6 +153,7 @@ class ResultStore:
         self.written.append(written)
         return written
 
+    @timed_stage(Stage.WRITE)
     def finish(self, manifest: dict[str, Any]) -> str:
         """The manifest, create-only: ``ManifestExists`` when another run of this delivery wrote it first."""
         key = manifest_key(self.folder)
