@@ -1,7 +1,8 @@
 """The local platform's processes: start them on loopback, wait until each is ready, remember them, stop them.
 
 One stack = tansu (Kafka) + moto (S3) + the inference server on the exported repository + the controller in local
-mode (it consumes ``system.ML`` and runs the local event plane) + one Wrapper per task. Kafka keeps its data in
+mode (it consumes ``system.ML`` and runs the local event plane) + one Wrapper per task (+ with ``prometheus``, a
+real Prometheus scraping them all: prometheus.py). Kafka keeps its data in
 memory, or (``kafka_storage="s3"``) in a bucket of a second moto server of its own, so that the broker can be
 restarted (``restart_kafka``) without losing topics, records or committed offsets. Every process is a child
 in its own session, logging to ``<root>/logs/<name>.log``; ``<root>/state.json`` records PIDs, ports and endpoints,
@@ -80,6 +81,8 @@ class PlatformState(BaseModel):
     kafka_storage_endpoint: str = ""
     # The shared token every entry point of the stack requires (0600 file; see security.py).
     auth_token_file: str = ""
+    # ``--prometheus``: the local Prometheus scraping every component (prometheus.py); "" = none.
+    prometheus_url: str = ""
     processes: list[ProcessRecord] = Field(default_factory=list)
 
     def save(self) -> Path:
@@ -121,6 +124,8 @@ class StackOptions:
     # The inference server: "ours" or "triton" (inference_backends.py), or an external one's gRPC address.
     inference: str = "ours"
     inference_url: str = ""
+    # A real Prometheus scraping the stack (``eo-platform up --prometheus``; prometheus.py).
+    prometheus: bool = False
 
 
 def http_status(url: str, timeout_s: float = 2.0) -> int | None:
@@ -214,7 +219,7 @@ class LocalStack:
         shutil.rmtree(store_root, ignore_errors=True)
         store_root.mkdir(parents=True, exist_ok=True)
 
-        names = ("kafka", "s3", "http", "grpc", "metrics", "controller", "kafka_storage")
+        names = ("kafka", "s3", "http", "grpc", "metrics", "controller", "kafka_storage", "prometheus")
         chosen = free_ports(len(names) + len(self.options.tasks))
         ports = dict(zip(names, chosen))
         wrapper_ports = dict(zip(self.options.tasks, chosen[len(names):]))
@@ -235,6 +240,8 @@ class LocalStack:
             for task, port in wrapper_ports.items():
                 self.start_wrapper(task, port)
             self._wait_ready()
+            if self.options.prometheus:
+                self._start_prometheus(ports)
             create_topics(self.state.bootstrap_servers, [SYSTEM_TOPIC, f"{SYSTEM_TOPIC}.dlq", NOTIFY_TOPIC])
         except BaseException:
             self.stop()
@@ -400,6 +407,20 @@ class LocalStack:
             return
         argv, env = inference_command(self.options.inference, python, repository, ports, self.root)
         self._spawn("inference", argv, env, health_url=health_url)
+
+    def _start_prometheus(self, ports: dict[str, int]) -> None:
+        from .prometheus import prometheus_argv, scrape_config, write_config
+
+        assert self.state is not None
+        inference_metrics = "" if self.options.inference_url else f"127.0.0.1:{ports['metrics']}"
+        config = write_config(self.root, scrape_config(self.state.wrapper_urls, self.state.controller_url,
+                                                       inference_metrics))
+        storage = self.root / "prometheus"
+        shutil.rmtree(storage, ignore_errors=True)  # a fresh stack: no series of an earlier one
+        self.state.prometheus_url = f"http://127.0.0.1:{ports['prometheus']}"
+        self._spawn("prometheus", prometheus_argv(config, storage, ports["prometheus"]),
+                    health_url=f"{self.state.prometheus_url}/-/ready")
+        self.wait_healthy(["prometheus"])
 
     def process(self, name: str) -> ProcessRecord:
         assert self.state is not None
