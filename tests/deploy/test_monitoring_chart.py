@@ -70,3 +70,13 @@ def test_rules_and_dashboard_can_be_left_out(tools: Tools) -> None:
     assert not find(docs, "PrometheusRule")
     assert not [c for c in find(docs, "ConfigMap") if "grafana_dashboard" in c["metadata"]["labels"]]
     assert len(find(docs, "PodMonitor")) == 3
+
+
+def test_go_patterns_of_the_crds_are_checked_in_python(tools: Tools) -> None:
+    """PrometheusRule's partial_response_strategy pattern is ``^(?i)(abort|warn)?$`` (Go syntax): still enforced."""
+    docs = render(tools, "monitoring.enabled=true")
+    [rule] = [d for d in docs if d.kind == "PrometheusRule"]
+    rule.body["spec"]["groups"][0]["partial_response_strategy"] = "WARN"
+    assert validate_documents([rule]) == []
+    rule.body["spec"]["groups"][0]["partial_response_strategy"] = "sometimes"
+    assert [p.path for p in validate_documents([rule])] == ["spec.groups[0].partial_response_strategy"]
