@@ -51,7 +51,7 @@ class ControllerSettings(ServiceSettings):
     # KafkaSource ``spec.ordering`` of the step sources. ``unordered``: up to ``max.poll.records`` steps of one
     # partition in flight at once (a long step does not hold back the next, and more Wrapper pods get work); offsets
     # are still committed only up to the first unfinished record, so nothing is lost. ``ordered``: one at a time.
-    # The local event plane always delivers one at a time per partition.
+    # The local event plane models both (services/controller/event_plane/dispatcher.py).
     source_ordering: Literal["ordered", "unordered"] = "unordered"
     # KafkaSource ``spec.net`` of the step sources (TLS/SASL): Secret references only, never values; the Secrets
     # must exist in every workflow namespace (a KafkaSource reads them from its own namespace). JSON in the

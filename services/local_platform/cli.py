@@ -5,6 +5,8 @@
     eo-platform up        start everything and leave it running (state in build/local-platform/state.json)
     eo-platform status    what is running, and the controller's workflows
     eo-platform down      stop what ``up`` started
+    eo-platform rollout TASK                              replace a Wrapper as a Knative rollout does (drain,
+                                                          SIGTERM, SIGKILL at the grace period, new Wrapper)
     eo-platform upload FILE... --bucket B --prefix P     put input files into the local S3
     eo-platform send TOPIC [FILE|-]                       publish one JSON message (system.ML, a step topic, ...)
     eo-platform watch [--topic T]                         print monitoring.notify (or any topic) as it arrives
@@ -45,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--repository", type=Path, default=Path("model_repository"))
         sub.add_argument("--delivery-retry", type=int, default=8)
         sub.add_argument("--delivery-backoff-delay-s", type=float, default=0.25)
-        sub.add_argument("--wrapper-workers", type=int, default=2)
+        sub.add_argument("--wrapper-workers", type=int, default=None,
+                         help="steps per Wrapper = its queue-proxy's containerConcurrency (default: the chart's)")
         sub.add_argument("--kafka-storage", choices=["memory", "s3"], default="memory",
                          help="s3: Kafka keeps its data in a bucket of its own moto server (survives a broker restart)")
         sub.add_argument("--prometheus", action="store_true",
@@ -58,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--keep-running", action="store_true", help="leave the stack up afterwards")
         add_inference_arguments(sub)
     commands.add_parser("down")
+    rollout = commands.add_parser("rollout", help="replace a Wrapper as a Knative rollout does")
+    rollout.add_argument("task", help="the Wrapper's task (ML.ServiceName)")
     commands.add_parser("status")
 
     upload = commands.add_parser("upload")
@@ -178,6 +183,20 @@ def command_down(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def command_rollout(arguments: argparse.Namespace) -> int:
+    state = _running_state(arguments.root)
+    if arguments.task not in state.wrapper_urls:
+        print(f"no Wrapper {arguments.task!r} (running: {', '.join(sorted(state.wrapper_urls))})", file=sys.stderr)
+        return EXIT_USAGE
+    stack = LocalStack(StackOptions(root=arguments.root))
+    stack.state = state
+    print(f"rolling out wrapper-{arguments.task}: draining (quiet period, reset by new requests) ...")
+    report = stack.rollout_wrapper(arguments.task)
+    print(json.dumps({key: report.get(key) for key in ("drained_after_s", "sigterm_after_s", "exited_after_s",
+                                                       "killed", "exit_code")}))
+    return EXIT_OK
+
+
 def command_status(arguments: argparse.Namespace) -> int:
     state = _running_state(arguments.root)
     healthy = True
@@ -285,7 +304,8 @@ def command_watch(arguments: argparse.Namespace) -> int:
         consumer.close()
 
 
-COMMANDS = {"demo": command_demo, "up": command_up, "down": command_down, "status": command_status,
+COMMANDS = {"demo": command_demo, "up": command_up, "down": command_down, "rollout": command_rollout,
+            "status": command_status,
             "upload": command_upload, "send": command_send, "post": command_post, "watch": command_watch}
 
 

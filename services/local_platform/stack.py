@@ -1,10 +1,12 @@
 """The local platform's processes: start them on loopback, wait until each is ready, remember them, stop them.
 
 One stack = tansu (Kafka) + moto (S3) + the inference server on the exported repository + the controller in local
-mode (it consumes ``system.ML`` and runs the local event plane) + one Wrapper per task (+ with ``prometheus``, a
-real Prometheus scraping them all: prometheus.py). Kafka keeps its data in
-memory, or (``kafka_storage="s3"``) in a bucket of a second moto server of its own, so that the broker can be
-restarted (``restart_kafka``) without losing topics, records or committed offsets. Every process is a child
+mode (it consumes ``system.ML`` and runs the local event plane) + one Wrapper per task, each behind a model of
+Knative's queue-proxy (``queue_proxy.py``: containerConcurrency slots and queue, the revision timeout, the drain and
+pod deletion; settings from the chart's values), as one "pod" process per Wrapper (+ with ``prometheus``, a real
+Prometheus scraping them all: prometheus.py). Kafka keeps its data in memory, or (``kafka_storage="s3"``) in a
+bucket of a second moto server of its own, so that the broker can be restarted (``restart_kafka``) without losing
+topics, records or committed offsets. Every process is a child
 in its own session, logging to ``<root>/logs/<name>.log``; ``<root>/state.json`` records PIDs, ports and endpoints,
 so that another invocation (``eo-platform down``/``status``) can find and stop exactly what was started.
 """
@@ -29,7 +31,8 @@ from typing import Iterable, Literal, Mapping
 from pydantic import BaseModel, Field
 
 from .inference_backends import external_grpc_address, inference_command, wait_until_ready
-from .infra import free_ports, tansu_binary, wait_for_port
+from .infra import free_port, free_ports, tansu_binary, wait_for_port
+from .queue_proxy import POD_TERMINATED, ServingSettings, chart_serving_settings
 from .security import security_env, write_platform_token
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,11 @@ class PlatformState(BaseModel):
     auth_token_file: str = ""
     # ``--prometheus``: the local Prometheus scraping every component (prometheus.py); "" = none.
     prometheus_url: str = ""
+    # Each Wrapper's own port (behind its queue-proxy model): scraped directly, as a PodMonitor scrapes the pod.
+    wrapper_app_urls: dict[str, str] = Field(default_factory=dict)
+    # Each Wrapper's queue-proxy model (None: Wrappers without one) and its EOML_WRAPPER_WORKERS.
+    serving: ServingSettings | None = None
+    wrapper_workers: int = 2
     processes: list[ProcessRecord] = Field(default_factory=list)
 
     def save(self) -> Path:
@@ -113,7 +121,16 @@ class StackOptions:
     delivery_backoff_delay_s: float = 0.25
     # Per attempt: the Wrapper answers when the step is durable, so an attempt lasts a whole step.
     delivery_timeout_s: float = 3600.0
-    wrapper_workers: int = 2
+    # EOML_WRAPPER_WORKERS = the queue-proxy's containerConcurrency; None: the chart's wrappers.workers.
+    wrapper_workers: int | None = None
+    # A queue-proxy model in front of each Wrapper (the chart's timeoutSeconds unless set; the drain's quiet period
+    # is used only when a Wrapper is rolled out: ``rollout_wrapper``; ``stop`` stops Wrappers directly).
+    queue_proxy: bool = True
+    wrapper_timeout_s: float | None = None
+    drain_quiet_s: float = 30.0
+    grace_s: float | None = None
+    # The Wrapper's command line (default: this Python running services.wrapper.cli).
+    wrapper_command: list[str] | None = None
     # "s3": tansu stores its data in a bucket of a second moto server, so that it survives a broker restart.
     kafka_storage: Literal["memory", "s3"] = "memory"
     progress_interval_s: float = 1.0
@@ -230,6 +247,11 @@ class LocalStack:
             wrapper_urls={task: f"http://127.0.0.1:{port}" for task, port in wrapper_ports.items()},
             store_root=str(store_root),
         )
+        serving = chart_serving_settings(container_concurrency=self.options.wrapper_workers,
+                                         timeout_s=self.options.wrapper_timeout_s,
+                                         drain_quiet_s=self.options.drain_quiet_s, grace_s=self.options.grace_s)
+        self.state.wrapper_workers = serving.container_concurrency
+        self.state.serving = serving if self.options.queue_proxy else None
         if self.options.kafka_storage == "s3":
             self.state.kafka_storage = f"s3://{KAFKA_STORAGE_BUCKET}/"
             self.state.kafka_storage_endpoint = f"http://127.0.0.1:{ports['kafka_storage']}"
@@ -383,18 +405,55 @@ class LocalStack:
             "EOML_WRAPPER_INFERENCE_URL": self.state.inference_grpc, "EOML_WRAPPER_INFERENCE_PROTOCOL": "grpc",
             "EOML_WRAPPER_STORE": "local", "EOML_WRAPPER_STORE_ROOT": self.state.store_root,
             "EOML_WRAPPER_NAMESPACE": self.state.namespace, "EOML_WRAPPER_NOTIFY_TOPIC": NOTIFY_TOPIC,
-            "EOML_WRAPPER_WORKERS": str(options.wrapper_workers),
+            "EOML_WRAPPER_WORKERS": str(self.state.wrapper_workers),
             "EOML_WRAPPER_PROGRESS_INTERVAL_S": str(options.progress_interval_s),
             "POD_NAME": f"wrapper-{task}",
         }
 
     def start_wrapper(self, task: str, port: int | None = None) -> ProcessRecord:
-        """Start (or restart) the Wrapper of ``task`` on its port."""
+        """Start (or restart) the Wrapper of ``task`` on its port: behind its queue-proxy model (one process, the
+        "pod", listening on the port; the Wrapper itself on a free port behind it), or directly without one."""
         assert self.state is not None
         if port is None:
             port = int(self.state.wrapper_urls[task].rsplit(":", 1)[1])
-        return self._spawn(f"wrapper-{task}", [self.options.python, "-m", "services.wrapper.cli"],
-                           self.wrapper_env(task, port), health_url=f"http://127.0.0.1:{port}/readyz")
+        wrapper_argv = self.options.wrapper_command or [self.options.python, "-m", "services.wrapper.cli"]
+        health_url = f"http://127.0.0.1:{port}/readyz"
+        serving = self.state.serving
+        app_port = port if serving is None else free_port()
+        self.state.wrapper_app_urls[task] = f"http://127.0.0.1:{app_port}"
+        if serving is None:
+            return self._spawn(f"wrapper-{task}", wrapper_argv, self.wrapper_env(task, port), health_url=health_url)
+        argv = [self.options.python, "-m", "services.local_platform.queue_proxy", "--port", str(port),
+                "--app-port", str(app_port), "--container-concurrency", str(serving.container_concurrency),
+                "--timeout-s", str(serving.timeout_s), "--drain-quiet-s", str(serving.drain_quiet_s),
+                "--grace-s", str(serving.grace_period_s), "--", *wrapper_argv]
+        return self._spawn(f"wrapper-{task}", argv, self.wrapper_env(task, app_port), health_url=health_url)
+
+    def rollout_wrapper(self, task: str, wait_ready: bool = True) -> dict[str, object]:
+        """Replace the Wrapper of ``task`` as a Knative rollout replaces its pod: the old pod is deleted as the
+        kubelet does it (preStop ``/wait-for-drain``: the quiet period, reset by every new request; then SIGTERM
+        to the Wrapper; SIGKILL when the grace period, counted from before preStop, runs out), then a new Wrapper
+        starts behind a new queue-proxy on the same port. Returns the old pod's termination report (seconds)."""
+        assert self.state is not None and self.state.serving is not None, "rollouts need the queue-proxy model"
+        record = self.process(f"wrapper-{task}")
+        if _same_process(record):
+            os.kill(record.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + self.state.serving.grace_period_s + 30
+        while pid_alive(record.pid) and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(record.pid, os.WNOHANG)
+            time.sleep(0.1)
+        stop_process(record, timeout_s=10)  # only if it outlived its grace period by far
+        popen = self._popen.pop(record.name, None)
+        if popen is not None:
+            with contextlib.suppress(Exception):
+                popen.wait(1)
+        report = _last_termination_report(record.log)
+        self.start_wrapper(task)
+        self.state.save()
+        if wait_ready:
+            self.wait_healthy([record.name])
+        return report
 
     def _start_inference(self, python: str, repository: Path, ports: dict[str, int], health_url: str) -> None:
         """Ours or real Triton on ``ports``; with ``inference_url``, nothing is started: the stack waits for that
@@ -413,7 +472,7 @@ class LocalStack:
 
         assert self.state is not None
         inference_metrics = "" if self.options.inference_url else f"127.0.0.1:{ports['metrics']}"
-        config = write_config(self.root, scrape_config(self.state.wrapper_urls, self.state.controller_url,
+        config = write_config(self.root, scrape_config(self.state.wrapper_app_urls, self.state.controller_url,
                                                        inference_metrics))
         storage = self.root / "prometheus"
         shutil.rmtree(storage, ignore_errors=True)  # a fresh stack: no series of an earlier one
@@ -457,6 +516,19 @@ class LocalStack:
 
     def _wait_ready(self) -> None:
         self.wait_healthy()
+
+
+def _last_termination_report(log_path: str) -> dict[str, object]:
+    """The ``pod terminated`` line the queue-proxy model printed last into its log ({} if none)."""
+    report: dict[str, object] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(log_path).read_text(errors="replace").splitlines():
+            if line.startswith("{") and POD_TERMINATED in line:
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    if entry.get("msg") == POD_TERMINATED:
+                        report = entry
+    return report
 
 
 def create_topics(bootstrap_servers: str, topics: Iterable[str], timeout_s: float = 15.0) -> None:

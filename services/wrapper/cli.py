@@ -4,7 +4,8 @@
 
 Every option also reads ``EOML_WRAPPER_<OPTION>`` from the environment (the command line wins); see
 ``services/wrapper/settings.py`` and the README. SIGTERM/SIGINT: refuse new deliveries (503), let running steps
-finish (at most ``--shutdown-timeout-s``; a delivery cut off gets no 2xx and Kafka redelivers it), exit 0.
+finish (at most ``--shutdown-timeout-s``), then cut off the rest (503, never a failure: Kafka redelivers them and
+the next pod writes the same bytes), exit 0.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import Sequence
@@ -22,7 +24,7 @@ from services.core.logging import configure_logging
 from services.core.auth import verifier_from_settings
 from services.wrapper.http_app import create_http_app
 from services.wrapper.pipeline import StepRuntime
-from services.wrapper.service import WrapperService, make_store
+from services.wrapper.service import ShutdownReport, WrapperService, make_store
 from services.wrapper.settings import TASK_NAMES, WrapperSettings
 
 log = logging.getLogger("services.wrapper")
@@ -45,10 +47,12 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("bootstrap-servers", str, "Kafka bootstrap servers (default: the step configuration's)"),
     ("notify-topic", str, "notification topic (default monitoring.notify)"),
     ("dlq-topic", str, "dead-letter topic (default <Topics.in>.dlq)"),
-    ("workers", int, "steps processed at once, = Knative containerConcurrency (default 2); more: 503"),
+    ("workers", int, "steps processed at once, = Knative containerConcurrency (default 2); more wait for one"),
+    ("worker-wait-s", float, "how long a delivery waits for a worker before 503 (default 300: timeoutSeconds)"),
+    ("max-orphaned-runs", int, "runs whose caller hung up that go on outside --workers (default: --workers)"),
     ("infer-retry-max-s", float, "how long a step waits out an unavailable inference server (default 900)"),
     ("result-prefix", str, "bucket prefix of the results (default: the task's production prefix)"),
-    ("shutdown-timeout-s", float, "how long shutdown waits for running steps (default 120)"),
+    ("shutdown-timeout-s", float, "how long shutdown waits for running steps before cutting them off (default 120)"),
     ("spool-dir", str, "where results are spooled before upload (default: the temp dir)"),
     ("quicklook-max-side", int, "longest side of a quicklook PNG in pixels (default 512)"),
     ("cloud-mask-model", str, "served model a workflow's cloud_filter measures with (default s2-cloud-mask)"),
@@ -89,7 +93,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> WrapperSettings:
         raise  # unreachable: parser.exit raises SystemExit
 
 
-async def serve(settings: WrapperSettings) -> int:
+async def serve(settings: WrapperSettings) -> ShutdownReport:
     from aiohttp import web
 
     service = WrapperService(StepRuntime.from_settings(settings), make_store(settings))
@@ -108,21 +112,29 @@ async def serve(settings: WrapperSettings) -> int:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("stop requested: finishing running steps")
-    # New deliveries get 503 while running steps finish; then the listener closes.
-    finished = await loop.run_in_executor(None, service.shutdown, settings.shutdown_timeout_s)
+    # New deliveries get 503 while running steps finish (or are cut off); then the listener closes.
+    report = await loop.run_in_executor(None, service.shutdown, settings.shutdown_timeout_s)
     await runner.cleanup()
-    log.info("wrapper stopped", extra={"all_steps_finished": finished})
-    return EXIT_OK
+    log.info("wrapper stopped", extra={"finished": report.finished, "cut_off": report.cut_off,
+                                       "abandoned": report.abandoned})
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     configure_logging(settings.log_level, settings.log_format)
     try:
-        return asyncio.run(serve(settings))
+        report = asyncio.run(serve(settings))
     except Exception:
         log.exception("wrapper failed")
         return EXIT_FAILED
+    if report.abandoned:
+        # Steps still run in worker threads that cannot be stopped from outside, and the interpreter would wait
+        # for them at exit. Their deliveries were answered 503, so Kafka redelivers them and the redelivery writes
+        # the same bytes into the same run folder: leave now, as the kubelet's SIGKILL would a little later.
+        logging.shutdown()
+        os._exit(EXIT_OK)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

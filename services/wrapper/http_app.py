@@ -5,7 +5,9 @@
   200 SUCCESS (results, manifest, next-step message, announced marker), 200 ``duplicate`` (announced or failed
   before), 200 CRITICAL (a permanent failure, on record: dead-letter record, CRITICAL, failed marker), 200 IGNORED;
   503 + Retry-After for what a redelivery may get past (inference unavailable past its bound, S3 or Kafka failing,
-  all workers busy, shutting down, store unavailable); 404 no such step configuration (not written yet: retried);
+  no worker free within ``WORKER_WAIT_S``, shutting down, store unavailable); a delivery that finds every worker
+  taken waits for one (queue-proxy admitted it), and a caller that hangs up leaves its run running, orphaned
+  (``admission.py``); 404 no such step configuration (not written yet: retried);
   400 when the delivery names no step, or its body is no step message and the step is unknown.
 - ``GET /metrics``: Prometheus metrics (``services/core/metrics.py``), open like the health endpoints.
 - ``GET /healthz``: the process is alive. ``GET /readyz``: 200 while deliveries are taken (not during shutdown).
@@ -14,6 +16,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import enum
 import logging
 from typing import Any, Callable
 
@@ -21,6 +25,7 @@ from aiohttp import web
 
 from services.core.auth import Verifier, auth_middleware
 from services.core.metrics import delivery_counter, metrics_route
+from services.wrapper.admission import Admitted, Refusal, Refused
 from services.wrapper.service import (
     BadDelivery,
     DeliveryResult,
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 SERVICE_KEY: web.AppKey[WrapperService] = web.AppKey("wrapper_service", WrapperService)
 MAX_BODY_BYTES = 1024 * 1024  # a step message is a few hundred bytes
 RETRY_AFTER_S = "5"
+CALLER_CHECK_S = 0.2  # how often a waiting handler looks whether its caller is still connected
 
 
 def _json(http_status: int, **body: Any) -> web.Response:
@@ -43,6 +49,13 @@ def _json(http_status: int, **body: Any) -> web.Response:
 
 def _retry_later(detail: str, **body: Any) -> web.Response:
     return web.json_response({"error": detail, **body}, status=503, headers={"Retry-After": RETRY_AFTER_S})
+
+
+class Waited(enum.Enum):
+    """How waiting for a run ended without its outcome."""
+
+    CALLER_GONE = "caller gone"  # the caller hung up (queue-proxy's 504): the run went on without it
+    NO_WORKER = "no worker"  # it never got a worker within WORKER_WAIT_S
 
 
 async def receive(request: web.Request) -> web.Response:
@@ -66,16 +79,49 @@ async def receive(request: web.Request) -> web.Response:
         work = lambda: service.deliver_unreadable(config_name, delivery, reason)  # noqa: E731
     else:
         work = lambda: service.deliver(config_name, delivery, message, raw)  # noqa: E731
-    started = service.submit(run_key or f"{config_name}/{id(request)}", work)
-    if isinstance(started, str):
-        log.warning(f"delivery refused: {'all workers busy' if started == 'busy' else 'stopping'}",
-                    extra={"config_name": config_name, "event_id": delivery.event_id, **service.state()})
-        return _retry_later(f"wrapper {started}: retry later")
+    admission = service.submit(run_key or f"{config_name}/{id(request)}", work)
+    if isinstance(admission, Refused):
+        log.warning("delivery refused", extra={"config_name": config_name, "event_id": delivery.event_id,
+                                               "reason": admission.reason.value,
+                                               **dataclasses.asdict(service.state())})
+        return _retry_later(f"wrapper {admission.reason.value}: retry later")
     try:
-        result = await asyncio.wrap_future(started)
+        waited = await await_run(request, service, admission)
     except Exception as error:  # noqa: BLE001 - a bug in the Wrapper: Kafka redelivers
         return _json(500, error=f"internal error: {type(error).__name__}")
-    return answer(result, config_name, delivery.event_id)
+    if waited is Waited.CALLER_GONE:
+        log.info("caller gone before the outcome", extra={"config_name": config_name, "event_id": delivery.event_id})
+        return _json(499, error="caller gone")  # nobody reads it
+    if waited is Waited.NO_WORKER:
+        log.warning("delivery refused: no worker within the wait", extra={"config_name": config_name,
+                                                                         "event_id": delivery.event_id})
+        return _retry_later(f"wrapper {Refusal.BUSY.value}: no worker free within WORKER_WAIT_S, retry later")
+    return answer(waited, config_name, delivery.event_id)
+
+
+async def await_run(request: web.Request, service: WrapperService,
+                    admission: Admitted[DeliveryResult]) -> DeliveryResult | Waited:
+    """The run's outcome, unless the caller hangs up first or no worker frees up within ``worker_wait_s``.
+
+    A caller that hung up leaves the run (``RunAdmission.leave``): the run goes on, orphaned, and its worker is free
+    for the next delivery queue-proxy sends. aiohttp does not cancel a handler when its client goes away, so the
+    connection is looked at between waits."""
+    outcome = asyncio.wrap_future(admission.outcome)
+    loop = asyncio.get_running_loop()
+    worker_deadline = loop.time() + service.settings.worker_wait_s
+    try:
+        while True:
+            done, _ = await asyncio.wait({outcome}, timeout=CALLER_CHECK_S)
+            if done:
+                return outcome.result()
+            if request.transport is None or request.transport.is_closing():
+                service.admission.leave(admission)
+                return Waited.CALLER_GONE
+            if loop.time() >= worker_deadline and service.admission.withdraw_if_waiting(admission):
+                return Waited.NO_WORKER
+    except asyncio.CancelledError:  # the server is closing the connection
+        service.admission.leave(admission)
+        raise
 
 
 def answer(result: DeliveryResult, config_name: str, event_id: str) -> web.Response:
@@ -95,7 +141,7 @@ def answer(result: DeliveryResult, config_name: str, event_id: str) -> web.Respo
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return _json(200, live=True, **request.app[SERVICE_KEY].state())
+    return _json(200, live=True, **dataclasses.asdict(request.app[SERVICE_KEY].state()))
 
 
 async def readyz(request: web.Request) -> web.Response:

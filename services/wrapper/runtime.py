@@ -14,6 +14,7 @@ from services.wrapper.inputs import InputLimits, S3Access
 from services.wrapper.notifications import EventPublisher, KafkaPublisher, StepNotifier
 from services.wrapper.outputs.keys import sanitise_name
 from services.wrapper.settings import WrapperSettings
+from services.wrapper.stopping import StoppableExecutor
 from services.wrapper.tasks import GENERIC_RESULT_PREFIX, GENERIC_TASK, TaskSpec, task_spec
 
 
@@ -28,8 +29,8 @@ class StepRuntime:
     publisher: EventPublisher
     limits: InputLimits
     # Inference requests of every step run here: long-lived threads keep their tritonclient clients (and
-    # connections) from one step to the next.
-    inference_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(thread_name_prefix="infer"))
+    # connections) from one step to the next. Stopped at shutdown: a step asking for more then gets ProcessStopping.
+    inference_pool: ThreadPoolExecutor = field(default_factory=lambda: StoppableExecutor(thread_name_prefix="infer"))
     metrics: WrapperMetrics = field(default_factory=WrapperMetrics)  # this process's series (services/core/metrics.py)
 
     @classmethod
@@ -56,7 +57,7 @@ class StepRuntime:
             model_client=client,
             publisher=publisher or KafkaPublisher(settings.kafka_timeout_s),
             limits=InputLimits(),
-            inference_pool=ThreadPoolExecutor(
+            inference_pool=StoppableExecutor(
                 max_workers=settings.requests_in_flight * settings.workers, thread_name_prefix="infer"
             ),
         )

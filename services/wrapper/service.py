@@ -2,9 +2,16 @@
 
 A delivery is processed while its HTTP request waits (``deliver`` runs in a worker thread; the HTTP shell awaits
 it): the answer says what became of the step only once that is durable, so Kafka (the KafkaSource's committed
-offset) is the only queue of step messages. At most ``workers`` deliveries run at once (Knative's
-``containerConcurrency``); one more is refused at once (``busy``: 503 + Retry-After), never queued here. A
-redelivery of an event that is running here right now shares that run's outcome instead of starting another.
+offset) is the only queue of step messages. Admission (``admission.RunAdmission``) matches Knative's queue-proxy:
+``workers`` (= ``containerConcurrency``) runs with a caller at once; a request queue-proxy admitted waits for a
+worker (bounded by ``WORKER_WAIT_S``) instead of an instant 503; a run whose caller hung up (queue-proxy's 504)
+goes on outside that count, at most ``max_orphaned_runs`` of them. A redelivery of an event that is running here
+right now shares that run's outcome instead of starting another.
+
+Shutdown (``shutdown``) never fails a step: running steps get ``SHUTDOWN_TIMEOUT_S``; then the inference pool stops,
+so a step asking for more inference ends ``RETRY`` (``stopping.ProcessStopping``, transient: nothing put on record)
+and is answered 503; a step blocked elsewhere is answered 503 too and left to the process exit. Kafka redelivers
+both, and the next pod writes the same bytes into the same run folder.
 
 Delivery parsing is a plain function (``parse_delivery``) over headers and body, so tests call it directly.
 """
@@ -14,8 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal, Mapping
@@ -31,6 +37,7 @@ from services.core.step_config import (
     StepCredentials,
     step_config_name,
 )
+from services.wrapper.admission import AdmissionState, Admitted, Refused, RunAdmission
 from services.wrapper.inputs import make_s3_client
 from services.wrapper.pipeline import (
     UNREADABLE_FOLDER,
@@ -172,8 +179,29 @@ class DeliveryResult:
         return cls(outcome.status, outcome.reason, outcome.output_folder, outcome.earlier)
 
 
+# After SHUTDOWN_TIMEOUT_S and stopping the inference pool: how long steps get to reach their next inference
+# request (and end RETRY) before their callers are answered 503 and the process exits under them.
+CUT_OFF_WAIT_S = 10.0
+WAITING_PER_WORKER = 10  # queue-proxy's queue depth per containerConcurrency slot (pkg/queue/sharedmain/main.go)
+STOPPING_RESULT = DeliveryResult("unavailable", "wrapper stopping: retry later")
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownReport:
+    """How shutdown went: ``finished`` ran to their end, ``cut_off`` ended RETRY when inference stopped,
+    ``abandoned`` were still running at the end (answered 503; the process must exit under them)."""
+
+    finished: int
+    cut_off: int
+    abandoned: int
+
+    @property
+    def clean(self) -> bool:
+        return self.cut_off == 0 and self.abandoned == 0
+
+
 class WrapperService:
-    """Step configurations + at most ``workers`` deliveries running ``run_step`` at once."""
+    """Step configurations + deliveries running ``run_step`` under ``RunAdmission``."""
 
     def __init__(self, runtime: StepRuntime, store: StepConfigStore,
                  on_outcome: Callable[[StepOutcome], None] | None = None) -> None:
@@ -181,56 +209,24 @@ class WrapperService:
         self.settings = runtime.settings
         self.store = store
         self.on_outcome = on_outcome
-        self._pool = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="step")
-        self._lock = threading.Lock()
-        self._running: dict[str, Future[DeliveryResult]] = {}  # by run key (config name + run id)
-        self._stopping = False
-        self._completed = 0
+        workers = self.settings.workers
+        self.admission: RunAdmission[DeliveryResult] = RunAdmission(
+            workers, self.settings.orphaned_runs_cap,
+            # queue-proxy has at most containerConcurrency requests open here at once, but it sends the next one as
+            # soon as it gives up on one (504), a moment before this process sees that caller go: a whole wave of
+            # timed-out requests may still be counted. Bounded like queue-proxy's own queue (10 x CC); beyond
+            # that something bypasses queue-proxy: 503 at once.
+            max_waiting=WAITING_PER_WORKER * workers,
+        )
         self.metrics = runtime.metrics
-        self.metrics.runs_in_flight.set_function(lambda: len(self._running))
-        self.metrics.workers.set(self.settings.workers)
+        self.metrics.runs_in_flight.set_function(lambda: self.admission.state().running)
+        self.metrics.workers.set(workers)
 
     # ---- admission ---------------------------------------------------------------------------------------
 
-    def submit(self, run_key: str, work: Callable[[], DeliveryResult]) -> Future[DeliveryResult] | str:
-        """Start ``work`` in a worker, or say why not: ``"busy"`` (``workers`` running) or ``"stopping"``. A run key
-        already running here gets that run's future (a redelivery while the first delivery still runs)."""
-        with self._lock:
-            if self._stopping:
-                return "stopping"
-            if run_key in self._running:
-                return self._running[run_key]
-            if len(self._running) >= self.settings.workers:
-                return "busy"
-            future: Future[DeliveryResult] = Future()
-            # Running from now on: a waiter that goes away (the source hung up) cannot cancel it for the others.
-            future.set_running_or_notify_cancel()
-            self._running[run_key] = future
-
-        def run() -> None:
-            result: DeliveryResult | None = None
-            failure: BaseException | None = None
-            try:
-                result = work()
-            except BaseException as error:  # noqa: BLE001 - a bug: the HTTP shell answers 500, Kafka redelivers
-                log.exception("delivery worker raised", extra={"run_key": run_key})
-                failure = error
-            # The worker is free before anyone is answered: the source's next delivery finds room.
-            with self._lock:
-                self._running.pop(run_key, None)
-                self._completed += 1
-            if failure is not None:
-                future.set_exception(failure)
-            else:
-                future.set_result(result)  # type: ignore[arg-type]
-
-        try:
-            self._pool.submit(run)
-        except RuntimeError:  # the pool shut down meanwhile
-            with self._lock:
-                self._running.pop(run_key, None)
-            return "stopping"
-        return future
+    def submit(self, run_key: str, work: Callable[[], DeliveryResult]) -> Admitted[DeliveryResult] | Refused:
+        """Start ``work`` (or queue it for a worker), join the running run of ``run_key``, or refuse (``Refused``)."""
+        return self.admission.admit(run_key, work)
 
     # ---- deliveries (blocking: run in a worker) -------------------------------------------------------------
 
@@ -296,26 +292,32 @@ class WrapperService:
 
     def readiness(self) -> tuple[bool, str]:
         """Ready while taking deliveries; the inference server's state does not matter (steps wait for it)."""
-        with self._lock:
-            stopping = self._stopping
-        return (False, "stopping") if stopping else (True, "ready")
+        return (False, "stopping") if self.admission.stopping else (True, "ready")
 
-    def state(self) -> dict[str, int]:
-        with self._lock:
-            return {"workers": self.settings.workers, "running": len(self._running), "completed": self._completed}
+    def state(self) -> AdmissionState:
+        return self.admission.state()
 
-    def shutdown(self, timeout_s: float | None = None) -> bool:
-        """Refuse new deliveries (503), let running ones finish (up to ``timeout_s``); True when all finished.
+    def shutdown(self, timeout_s: float | None = None, cut_off_wait_s: float = CUT_OFF_WAIT_S) -> ShutdownReport:
+        """Refuse new deliveries (503), let running ones finish (up to ``timeout_s``), then cut off the rest.
 
-        A delivery still running after that gets no answer: Kafka redelivers it, and its run folder (never
-        announced) is where the redelivery writes the same bytes again."""
-        with self._lock:
-            self._stopping = True
-            pending = list(self._running.values())
+        A step cut off is never failed for good: it ends ``RETRY`` at its next inference request
+        (``ProcessStopping``) or is answered 503 while it runs on until the process exits; Kafka redelivers it,
+        and its run folder (never announced) is where the redelivery writes the same bytes again."""
+        running = self.admission.stop(STOPPING_RESULT)
         timeout = self.settings.shutdown_timeout_s if timeout_s is None else timeout_s
-        _, not_done = wait(pending, timeout=timeout)
+        done, not_done = wait(running, timeout=timeout)
+        cut_off = abandoned = 0
         if not_done:
-            log.warning("shutdown: steps still running", extra={"steps": len(not_done)})
-        self._pool.shutdown(wait=not not_done, cancel_futures=False)
-        self.runtime.close()
-        return not not_done
+            log.warning("shutdown: steps still running after the shutdown timeout: stopping their inference",
+                        extra={"steps": len(not_done), "timeout_s": timeout})
+            self.runtime.inference_pool.shutdown(wait=False)  # their next request: ProcessStopping, RETRY
+            ended, _ = wait(not_done, timeout=cut_off_wait_s)
+            cut_off = len(ended)
+            abandoned = self.admission.answer_unfinished(STOPPING_RESULT)
+            if abandoned:
+                log.warning("shutdown: steps left to the process exit, their deliveries answered 503",
+                            extra={"steps": abandoned})
+        self.admission.close(wait=not abandoned)
+        if not abandoned:
+            self.runtime.close()  # nothing uses the runtime any more
+        return ShutdownReport(finished=len(done), cut_off=cut_off, abandoned=abandoned)

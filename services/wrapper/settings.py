@@ -72,9 +72,17 @@ class WrapperSettings(ServiceSettings):
     dlq_topic: str = ""  # "" = "<Topics.in>.dlq"
     kafka_timeout_s: float = Field(30.0, gt=0)
 
-    # Steps run at once (Knative ``containerConcurrency`` must equal it); a delivery beyond that is answered 503 with
-    # Retry-After: there is no queue of our own, Kafka (and Knative's activator/queue-proxy) hold what waits.
+    # Steps run at once for callers (Knative ``containerConcurrency`` must equal it; services/wrapper/admission.py).
+    # A delivery that finds them all taken waits up to WORKER_WAIT_S for one (the revision's timeoutSeconds:
+    # queue-proxy has answered 504 by then), then 503 + Retry-After. Kafka holds what waits beyond that.
     workers: int = Field(2, ge=1, le=64)
+    worker_wait_s: float = Field(300.0, ge=0)
+    # Runs whose caller hung up (queue-proxy's 504) go on to their durable end outside ``workers``; at most this
+    # many at once (None = ``workers``), so threads, memory and scratch space stay bounded.
+    max_orphaned_runs: int | None = Field(None, ge=0, le=64)
+    # SIGTERM: running steps get this long; then they are cut off (ProcessStopping: RETRY, never a failure) and
+    # the process exits. Kubernetes counts the grace period (= the revision's timeoutSeconds) from before
+    # queue-proxy's 30 s drain, so the chart sets timeoutSeconds - drain - a margin.
     shutdown_timeout_s: float = Field(120.0, ge=0)
     # A delivery that lost the create-only manifest write to another run of the same event waits this long for
     # that run's announced marker (then 200), else answers 503.
@@ -109,6 +117,10 @@ class WrapperSettings(ServiceSettings):
     s3_read_timeout_s: float = Field(60.0, gt=0)
     # Non-image inputs read whole (feature files, codes files, UC6 stacks).
     max_file_bytes: int = Field(1 * GIB, ge=1)
+
+    @property
+    def orphaned_runs_cap(self) -> int:
+        return self.workers if self.max_orphaned_runs is None else self.max_orphaned_runs
 
     @field_validator("compress_quantiser_scale")
     @classmethod

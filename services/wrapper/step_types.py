@@ -16,6 +16,7 @@ from services.wrapper.inference_client import InferenceError, InferenceUnavailab
 from services.wrapper.inputs.types import InputError
 from services.wrapper.outputs.types import OutputFormatError
 from services.wrapper.results import ResultWriteError, WrittenObject, run_id
+from services.wrapper.stopping import ProcessStopping
 
 if TYPE_CHECKING:
     from services.wrapper.handlers.base import Rejection
@@ -112,7 +113,7 @@ def is_transient(error: BaseException) -> bool:
     """Failures a later delivery may not meet: the delivery is answered 5xx and redelivered, nothing is recorded.
 
     The one place that decides it: extend it here (e.g. for errors raised because the process is stopping)."""
-    if isinstance(error, (InferenceUnavailable, PublishError, StepRetry)):
+    if isinstance(error, (InferenceUnavailable, PublishError, StepRetry, ProcessStopping)):
         return True
     return isinstance(error, (InputError, ResultWriteError)) and bool(getattr(error, "transient", False))
 

@@ -262,6 +262,37 @@ def test_timeouts_are_consistent_from_the_wrapper_to_the_kafka_source(manifest: 
         assert delivery_timeout >= spec["timeoutSeconds"]
 
 
+KNATIVE_DRAIN_S = 30  # queue-proxy's quiet period before SIGTERM (serving pkg/queue/sharedmain/main.go)
+WRAPPER_CUT_OFF_S = 10  # services/wrapper/service.py CUT_OFF_WAIT_S
+
+
+@pytest.mark.parametrize("manifest", ["default_manifest", "prod_manifest"])
+def test_wrapper_shutdown_and_worker_wait_fit_the_revision_timeout(manifest: str, request) -> None:
+    from services.wrapper.service import CUT_OFF_WAIT_S
+
+    assert CUT_OFF_WAIT_S == WRAPPER_CUT_OFF_S
+    docs = documents(request.getfixturevalue(manifest))
+    for service in _wrappers(docs):
+        spec = service["spec"]["template"]["spec"]
+        env = env_of(spec["containers"][0])
+        # Knative sets terminationGracePeriodSeconds = timeoutSeconds, counted from before the drain (preStop):
+        # the Wrapper's shutdown timeout plus its cut-off must end before the kubelet's SIGKILL.
+        grace = spec["timeoutSeconds"]
+        shutdown_timeout = float(env["EOML_WRAPPER_SHUTDOWN_TIMEOUT_S"])
+        assert 0 < shutdown_timeout and KNATIVE_DRAIN_S + shutdown_timeout + WRAPPER_CUT_OFF_S < grace
+        assert shutdown_timeout == grace - KNATIVE_DRAIN_S - 30  # the default margin
+        # An admitted delivery waits for a worker as long as queue-proxy lets it wait.
+        assert float(env["EOML_WRAPPER_WORKER_WAIT_S"]) == grace
+        assert "terminationGracePeriodSeconds" not in spec  # Knative's to set
+
+
+def test_a_revision_timeout_too_short_for_the_drain_fails_with_a_reason(tools: Tools) -> None:
+    assert "must exceed queue-proxy's 30 s drain" in render_error(tools, "wrappers.timeoutSeconds=50")
+    docs = render(tools, "wrappers.timeoutSeconds=90", "wrappers.shutdownMarginSeconds=20")
+    assert {env_of(s["spec"]["template"]["spec"]["containers"][0])["EOML_WRAPPER_SHUTDOWN_TIMEOUT_S"]
+            for s in _wrappers(docs)} == {"40"}
+
+
 def test_the_controller_source_dead_letters_to_the_controller(default_manifest: str) -> None:
     docs = documents(default_manifest)
     [source] = find(docs, "KafkaSource")

@@ -3,8 +3,9 @@ process), a real inference server, moto S3 and tansu Kafka.
 
 The answer comes once the outcome is durable: 200 after the results are announced; 200 "duplicate" for an event
 done before; 200 CRITICAL after a bad body was put on record (one dead-letter record, even when redelivered); 400
-for a bad body to an unknown step; 404 for an unknown step; 503 with Retry-After when every worker is busy or the
-inference server stayed away past its bound; health and readiness (not tied to the inference server).
+for a bad body to an unknown step; 404 for an unknown step; 503 with Retry-After when no worker frees up within
+WORKER_WAIT_S or the inference server stayed away past its bound; health and readiness (not tied to the inference
+server).
 """
 
 from __future__ import annotations
@@ -254,13 +255,14 @@ def test_health_and_readiness(app: RunningApp, store_root: Path) -> None:
         orphan.stop()
 
 
-def test_busy_workers_answer_503_and_an_inference_outage_past_its_bound_is_503(
+def test_no_worker_within_the_wait_is_503_and_an_inference_outage_past_its_bound_is_503(
     s3_access: S3Access, kafka_broker: Any, store_root: Path
 ) -> None:
     # One worker and an inference server that never answers: the first delivery holds the worker for as long as
-    # its retry bound allows, then is answered 503 (Kafka redelivers it later).
+    # its retry bound allows, then is answered 503 (Kafka redelivers it later). Another event waits for the
+    # worker for WORKER_WAIT_S (1 s here), then is answered 503 "busy".
     service = make_service(
-        "ssl-features", store_root, f"127.0.0.1:{free_port()}", workers=1,
+        "ssl-features", store_root, f"127.0.0.1:{free_port()}", workers=1, worker_wait_s=1,
         infer_retry_max_s=4, infer_backoff_initial_s=0.2, infer_backoff_max_s=0.5,
     )
     running = RunningApp(service)
@@ -274,7 +276,7 @@ def test_busy_workers_answer_503_and_an_inference_outage_past_its_bound_is_503(
                    for k in ("first", "same-event")]
         threads[0].start()
         deadline = time.monotonic() + 10
-        while service.state()["running"] == 0 and time.monotonic() < deadline:
+        while service.state().running == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         threads[1].start()  # the same event while it runs: shares the running delivery, no second run
         other = post(url, message, cloudevent_headers(step, offset=2))
@@ -289,7 +291,7 @@ def test_busy_workers_answer_503_and_an_inference_outage_past_its_bound_is_503(
         statuses = [n["status"] for n in step.notifications(final=False)]
         assert statuses.count("START") == 1 and "CRITICAL" not in statuses  # not failed for good: retried
         assert not step.records([step.dlq_topic, step.topic_out], timeout_s=2)
-        assert service.state()["running"] == 0
+        assert service.state().running == 0
     finally:
         running.stop()
 
