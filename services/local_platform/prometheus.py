@@ -1,11 +1,12 @@
 """A real Prometheus (Debian's ``prometheus`` package, ``make prometheus``) scraping the local platform.
 
-``eo-platform up --prometheus`` starts it on loopback after the other processes: every Wrapper's ``/metrics`` on
-its own port (not through its queue-proxy model, as a PodMonitor scrapes the pod: a scrape must not take one of
-the Wrapper's containerConcurrency slots), the controller's, and the inference server's metrics port, once a second, with the chart's alert rules
-(``charts/eo-inference-platform/files/prometheus-alerts.yaml``) loaded. Each target carries ``eoml_component``
-(wrapper, controller, inference-server), as the chart's PodMonitors set it, so the rules and the dashboard's
-queries work the same here and on a cluster. Storage is ``<stack root>/prometheus`` (under build/).
+``eo-platform up --prometheus`` starts it on loopback after the other processes. It scrapes, once a second, every
+Wrapper's ``/metrics`` on its own port (not through its queue-proxy model, as a PodMonitor scrapes the pod: a
+scrape must not take one of the Wrapper's containerConcurrency slots), the controller's, and the inference
+server's metrics port, with the chart's alert rules (``charts/eo-inference-platform/files/prometheus-alerts.yaml``)
+loaded. Each target carries ``eoml_component`` (wrapper, controller, inference-server), as the chart's PodMonitors
+set it, so the rules and the dashboard's queries work the same here and on a cluster. Storage is
+``<stack root>/prometheus`` (under build/).
 """
 
 from __future__ import annotations

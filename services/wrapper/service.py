@@ -242,7 +242,8 @@ class WrapperService:
         )
         with self.metrics.step(self.runtime.spec.name) as clock:
             outcome = run_step(self.runtime, request, config, credentials)
-        self.metrics.step_ended(self.runtime.spec.name, outcome.status, clock, outcome.patches, len(outcome.rejections))
+        self.metrics.step_ended(self.runtime.spec.name, outcome.status, clock, outcome.patches,
+                                len(outcome.rejections))
         if self.on_outcome is not None:
             self.on_outcome(outcome)
         return DeliveryResult.of(outcome)

@@ -35,7 +35,8 @@ def test_pod_monitors_select_each_component_on_its_metrics_port(tools: Tools) ->
     for component, monitor in monitors.items():
         assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
         [endpoint] = monitor["spec"]["podMetricsEndpoints"]
-        assert {"action": "replace", "targetLabel": "eoml_component", "replacement": component} in endpoint["relabelings"]
+        component_label = {"action": "replace", "targetLabel": "eoml_component", "replacement": component}
+        assert component_label in endpoint["relabelings"]
 
     # Wrappers and controller: Knative Services whose pod template labels the PodMonitor selects, on the port the
     # container listens on (the user container's own /metrics, not queue-proxy's).
@@ -62,7 +63,8 @@ def test_alert_rules_and_dashboard_are_the_tested_files(tools: Tools) -> None:
     [rule] = find(docs, "PrometheusRule", api_prefix=MONITORING)
     assert rule["spec"] == yaml.safe_load((FILES / "prometheus-alerts.yaml").read_text())
     [dashboard] = [c for c in find(docs, "ConfigMap") if c["metadata"]["labels"].get("grafana_dashboard") == "1"]
-    assert json.loads(dashboard["data"]["eoml-platform.json"]) == json.loads((FILES / "grafana-dashboard.json").read_text())
+    shipped = json.loads((FILES / "grafana-dashboard.json").read_text())
+    assert json.loads(dashboard["data"]["eoml-platform.json"]) == shipped
 
 
 def test_rules_and_dashboard_can_be_left_out(tools: Tools) -> None:
