@@ -21,7 +21,6 @@ from services.wrapper.compression_request import compression_request_of, operati
 from services.wrapper.generic_task import CLOUD_FILTER_FIELD, QUICKLOOK_SUFFIX, CloudMeter, cloud_filter_of
 from services.wrapper.handlers.base import InputUnit, Rejection, StepContext, bits_per_pixel, served_prior
 from services.wrapper.inference_client import ServedModel
-from services.wrapper.inputs.s3_listing import S3Client
 from services.wrapper.inputs.types import InputError
 from services.wrapper.notifications import ProgressReporter, StepNotifier
 from services.wrapper.outputs.compressed import OperatingPoint
@@ -54,10 +53,12 @@ def rejection_text(rejection: Rejection) -> str:
 
 
 def process_input(
-    runtime: StepRuntime, message: StepMessage, client: S3Client, bucket: str, write_folder: str,
-    created: datetime, notifier: StepNotifier, log_fields: dict[str, Any],
+    runtime: StepRuntime, message: StepMessage, store: ResultStore, created: datetime, notifier: StepNotifier,
+    log_fields: dict[str, Any],
 ) -> Processed:
-    """Run the model over the step's input and upload every unit's results under ``write_folder``."""
+    """Run the model over the step's input (in ``store``'s bucket) and upload every unit's results with ``store``
+    (into the run's attempt folder)."""
+    client, bucket, write_folder = store.client, store.bucket, store.folder
     settings = runtime.settings
     folder, filename = message.S3_bucket_desc.folder, message.S3_bucket_desc.filename
     served = runtime.model_client.resolve()
@@ -73,7 +74,6 @@ def process_input(
         )
         planned = runtime.handler.open(ctx)
         result = Processed(served=served, created=created, batch_size=batch_size, units=len(planned.units))
-        store = ResultStore(client, bucket, write_folder)
         progress = ProgressReporter(notifier, len(planned.units), settings.progress_interval_s)
         unit_stats: list[dict[str, Any]] = []
         current: InputUnit | None = None
