@@ -64,8 +64,10 @@ def test_prometheus_sees_what_a_workflow_did(stack: LocalStack) -> None:
     assert report.status == "succeeded", report.reason
 
     client = s3_client(state)
+    # The announced folder is the run's winning attempt; the manifest is beside the run folder.
     manifests = {step.service: json.loads(client.get_object(
-        Bucket=workflow.bucket, Key=f"{step.output_folder}.manifest.json")["Body"].read()) for step in report.steps}
+        Bucket=workflow.bucket, Key=f"{step.output_folder.rsplit('/', 1)[0]}.manifest.json")["Body"].read())
+        for step in report.steps}
     models = {task: manifest["model"]["name"] for task, manifest in manifests.items()}
 
     wait_for_value(state, 'sum(eoml_steps_total{outcome="succeeded"})', len(TASKS))
