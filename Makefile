@@ -50,7 +50,7 @@ TRAIN_ARGS ?=
 
 MODEL_SOURCES := $(wildcard models/*.py) $(wildcard models/checkpoints/*) $(wildcard $(REPOSITORY)/*/config.pbtxt) services/core/sentinel2.py services/core/bigearthnet.py services/core/model_card.py data/bigearthnet-sample/index.json
 
-.PHONY: help install models data train-compressor eval-compression test serve triton triton-install demo platform-up platform-down bench bench-check deploy deploy-dry-run upload-models tools perf-analyzer clean
+.PHONY: help install prometheus models data train-compressor eval-compression test serve triton triton-install demo platform-up platform-down bench bench-check deploy deploy-dry-run upload-models tools perf-analyzer clean
 
 help:
 	@echo "make demo            start the local platform and run the sample workflows"
@@ -72,6 +72,7 @@ help:
 	@echo "make deploy-dry-run  render and validate every manifest into build/manifests/"
 	@echo "make upload-models   sync $(REPOSITORY)/ to s3://\$$S3_BUCKET/\$$S3_PREFIX for KServe (S3_ENDPOINT optional)"
 	@echo "make tools           install helm and kubectl into $(TOOLS_BIN)/"
+	@echo "make prometheus      install Prometheus and promtool (Debian package; eo-platform up --prometheus, alert tests)"
 
 install: $(VENV)/.installed
 
@@ -101,7 +102,7 @@ eval-compression: data models $(BENCH_VENV)/.installed
 	EOML_DATA_CACHE=$(DATA_CACHE) $(PY) bench/eval_compression.py --repository $(REPOSITORY) \
 	  --plot-python $(BENCH_VENV)/bin/python --record models/checkpoints/compression-evaluation.json $(EVAL_ARGS)
 
-test: install models perf-analyzer tools triton-install
+test: install models perf-analyzer tools triton-install prometheus
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 serve: install models
@@ -191,6 +192,14 @@ deploy-dry-run: install tools
 upload-models: install
 	$(PY) deploy/upload_models.py --repository $(REPOSITORY) --bucket '$(S3_BUCKET)' --prefix '$(S3_PREFIX)' \
 	  $(if $(S3_ENDPOINT),--endpoint-url '$(S3_ENDPOINT)') $(if $(S3_REGION),--region '$(S3_REGION)') $(UPLOAD_ARGS)
+
+# Prometheus and promtool from Debian's package: the local platform's scrape test (eo-platform up --prometheus)
+# and the alert-rule checks (promtool check rules / test rules) run them.
+prometheus:
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y --no-install-recommends prometheus; \
+	  else echo "the tests need Prometheus: run 'sudo apt-get install -y prometheus', then make again" >&2; exit 1; fi; \
+	fi
 
 perf-analyzer: $(PERF_VENV)/.installed
 

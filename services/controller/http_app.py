@@ -10,6 +10,7 @@
   extensions included) as Kafka headers. A dead-lettered workflow message is also reported CRITICAL on
   ``monitoring.notify``.
 - ``GET /workflows``, ``GET /workflows/{name}``: workflows, their steps and state.
+- ``GET /metrics``: Prometheus metrics (``services/core/metrics.py``), unauthenticated like the health endpoints.
 - ``GET /healthz`` (alive), ``GET /readyz`` (stored steps loaded).
 """
 
@@ -26,6 +27,7 @@ from aiohttp import web
 
 from services.core.auth import Verifier, auth_middleware
 from services.core.kafka import encode_json
+from services.core.metrics import metrics_route
 
 from .dead_letters import KafkaDeadLetterWriter
 from .reconciler import WorkflowController
@@ -64,8 +66,10 @@ def dead_letter_handler(write: DeadLetterWriter, suffix: str) -> Callable[[web.R
         try:
             await asyncio.to_thread(write, target, encode_json(record), headers)
         except Exception as error:
+            controller.metrics.kafka_errors.inc()
             log.error("dead-letter write failed", extra={"dead_letter_topic": target, "error": str(error)[:300]})
             return web.json_response({"error": "dead-letter write failed"}, status=503)
+        controller.metrics.dead_letters.inc()
         log.error("record dead-lettered", extra={"dead_letter_topic": target, "event_id": record["event_id"],
                                                  "config_name": record["config_name"], "reason": record["reason"]})
         if isinstance(record["input_message"], dict) and "workflow_status" in record["input_message"]:
@@ -137,6 +141,7 @@ def build_app(controller: WorkflowController, dead_letter_writer: DeadLetterWrit
         app.router.add_post("/dead-letter", dead_letter_handler(dead_letter_writer, dead_letter_suffix))
     app.router.add_get("/workflows", list_workflows)
     app.router.add_get("/workflows/{name}", get_workflow)
+    app.router.add_get("/metrics", metrics_route(controller.metrics.registry))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
 from services.core.contracts import IGNORED_STATUSES, PUBLISHED, STOPPING, WorkflowMessage
+from services.core.metrics import ControllerMetrics
 from services.core.step_config import (
     StepConfig,
     StepConfigNotFound,
@@ -108,11 +109,14 @@ class WorkflowController:
                  registry: WorkflowRegistry | None = None, namespaces: list[str] | None = None,
                  notifier: ControllerNotifier | None = None, create_topics: TopicCreator | None = None,
                  dead_letter_suffix: str = ".dlq", positions: ConsumerPositions | None = None,
-                 dead_letter_writer: DeadLetterWriter | None = None, system_topic: str = "system.ML") -> None:
+                 dead_letter_writer: DeadLetterWriter | None = None, system_topic: str = "system.ML",
+                 metrics: ControllerMetrics | None = None) -> None:
         self.store = store
         self.driver = driver
         self.bootstrap_servers = bootstrap_servers
         self.registry = registry or WorkflowRegistry()
+        self.metrics = metrics if metrics is not None else ControllerMetrics()
+        self.metrics.count_wired(self.registry.count_in_state)
         self.notifier: ControllerNotifier = notifier or NullNotifier()
         # None: dead-letter topics are not created here (e.g. no Kafka in a unit test).
         self.create_topics = create_topics
@@ -148,6 +152,7 @@ class WorkflowController:
         """``event_id``: where the message came from (``ce-id``, or ``partition:<p>/offset:<o>``), for its dead
         letter."""
         result, message = self._handle(body, content_type)
+        self.metrics.handled(result.action)
         self._report(result, message, body)
         if result.refused_for_good and self.dead_letter_writer is not None:
             result = self._keep_refused(result, message, body, event_id)

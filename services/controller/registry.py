@@ -92,6 +92,10 @@ class WorkflowRegistry:
         with self._lock:
             return [StepState(**asdict(s)) for s in self._steps.get(workflow_name, {}).values()]
 
+    def count_in_state(self, state: str) -> int:
+        with self._lock:
+            return sum(step.state == state for steps in self._steps.values() for step in steps.values())
+
     def workflow_names(self) -> list[str]:
         with self._lock:
             return sorted(self._steps)

@@ -9,6 +9,8 @@ A CRD's ``openAPIV3Schema`` is almost JSON Schema. What differs, and what this m
 - ``nullable: true``: ``null`` is accepted as well.
 - ``x-kubernetes-embedded-resource: true``: a nested object with its own apiVersion/kind/metadata.
 - ``metadata`` at the root (and in embedded resources) is ObjectMeta, which CRDs describe only as ``type: object``.
+- ``pattern`` is Go (RE2) syntax, which allows inline flags after an anchor (``^(?i)abort$``, prometheus-operator's
+  PrometheusRule); Python wants them first, so they are moved to the front (same meaning for a global flag).
 
 Value validations (``anyOf``/``allOf``/``oneOf``/``not``) may only restate fields declared beside them in a structural
 schema, so their branches never get ``additionalProperties: false`` (that would reject the declared fields).
@@ -18,6 +20,7 @@ CEL rules (``x-kubernetes-validations``) and admission webhooks are not evaluate
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,12 @@ JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 _VALUE_VALIDATION_KEYWORDS = ("anyOf", "allOf", "oneOf")
 
 _STRING_MAP: dict[str, Any] = {"type": "object", "additionalProperties": {"type": "string"}}
+_ANCHORED_INLINE_FLAGS = re.compile(r"^\^\(\?([a-zA-Z]+)\)")
+
+
+def _python_pattern(pattern: str) -> str:
+    """A Go regular expression with its global inline flags where Python accepts them: ``^(?i)x`` -> ``(?i)^x``."""
+    return _ANCHORED_INLINE_FLAGS.sub(lambda match: f"(?{match.group(1)})^", pattern, count=1)
 
 
 def _object_meta_schema(strict: bool) -> dict[str, Any]:
@@ -83,6 +92,8 @@ def _convert(node: Any, *, strict: bool, structural: bool) -> Any:
             out[key] = [_convert(branch, strict=strict, structural=False) for branch in value]
         elif key == "not":
             out["not"] = _convert(value, strict=strict, structural=False)
+        elif key == "pattern" and isinstance(value, str):
+            out["pattern"] = _python_pattern(value)
         else:
             out[key] = copy.deepcopy(value)
 

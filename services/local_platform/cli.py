@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="steps per Wrapper = its queue-proxy's containerConcurrency (default: the chart's)")
         sub.add_argument("--kafka-storage", choices=["memory", "s3"], default="memory",
                          help="s3: Kafka keeps its data in a bucket of its own moto server (survives a broker restart)")
+        sub.add_argument("--prometheus", action="store_true",
+                         help="also start a real Prometheus scraping every component (make prometheus installs it)")
         if name == "demo":
             sub.add_argument("--patches", type=int, default=8, help="BigEarthNet patches per workflow (max 42)")
             sub.add_argument("--workflows", nargs="*", choices=["ssl-classify", "compress-decompress", "uc5", "uc6", "cloud-mask"],
@@ -85,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _options(arguments: argparse.Namespace) -> StackOptions:
     return StackOptions(root=arguments.root, repository=arguments.repository, delivery_retry=arguments.delivery_retry,
                         delivery_backoff_delay_s=arguments.delivery_backoff_delay_s,
-                        wrapper_workers=arguments.wrapper_workers, kafka_storage=arguments.kafka_storage)
+                        wrapper_workers=arguments.wrapper_workers, kafka_storage=arguments.kafka_storage,
+                        prometheus=arguments.prometheus)
 
 
 def _running_state(root: Path) -> PlatformState:
@@ -105,6 +108,8 @@ def print_endpoints(state: PlatformState) -> None:
         print(f"  wrapper {task:<16} {url}  (ML.ServiceName \"{task}\")")
     print(f"  namespace (ML.Namespace) {state.namespace}")
     print(f"  logs                     {Path(state.root) / 'logs'}")
+    if state.prometheus_url:
+        print(f"  Prometheus               {state.prometheus_url}  (metrics of every component, alert rules)")
     if state.auth_token_file:
         print(f"  entry-point token        {state.auth_token_file}  (Authorization: Bearer; eo-platform post)")
 

@@ -3,9 +3,10 @@
 One stack = tansu (Kafka) + moto (S3) + the inference server on the exported repository + the controller in local
 mode (it consumes ``system.ML`` and runs the local event plane) + one Wrapper per task, each behind a model of
 Knative's queue-proxy (``queue_proxy.py``: containerConcurrency slots and queue, the revision timeout, the drain and
-pod deletion; settings from the chart's values), as one "pod" process per Wrapper. Kafka keeps its data in
-memory, or (``kafka_storage="s3"``) in a bucket of a second moto server of its own, so that the broker can be
-restarted (``restart_kafka``) without losing topics, records or committed offsets. Every process is a child
+pod deletion; settings from the chart's values), as one "pod" process per Wrapper (+ with ``prometheus``, a real
+Prometheus scraping them all: prometheus.py). Kafka keeps its data in memory, or (``kafka_storage="s3"``) in a
+bucket of a second moto server of its own, so that the broker can be restarted (``restart_kafka``) without losing
+topics, records or committed offsets. Every process is a child
 in its own session, logging to ``<root>/logs/<name>.log``; ``<root>/state.json`` records PIDs, ports and endpoints,
 so that another invocation (``eo-platform down``/``status``) can find and stop exactly what was started.
 """
@@ -83,6 +84,10 @@ class PlatformState(BaseModel):
     kafka_storage_endpoint: str = ""
     # The shared token every entry point of the stack requires (0600 file; see security.py).
     auth_token_file: str = ""
+    # ``--prometheus``: the local Prometheus scraping every component (prometheus.py); "" = none.
+    prometheus_url: str = ""
+    # Each Wrapper's own port (behind its queue-proxy model): scraped directly, as a PodMonitor scrapes the pod.
+    wrapper_app_urls: dict[str, str] = Field(default_factory=dict)
     # Each Wrapper's queue-proxy model (None: Wrappers without one) and its EOML_WRAPPER_WORKERS.
     serving: ServingSettings | None = None
     wrapper_workers: int = 2
@@ -138,6 +143,8 @@ class StackOptions:
     # The inference server: "ours" or "triton" (inference_backends.py), or an external one's gRPC address.
     inference: str = "ours"
     inference_url: str = ""
+    # A real Prometheus scraping the stack (``eo-platform up --prometheus``; prometheus.py).
+    prometheus: bool = False
 
 
 def http_status(url: str, timeout_s: float = 2.0) -> int | None:
@@ -231,7 +238,7 @@ class LocalStack:
         shutil.rmtree(store_root, ignore_errors=True)
         store_root.mkdir(parents=True, exist_ok=True)
 
-        names = ("kafka", "s3", "http", "grpc", "metrics", "controller", "kafka_storage")
+        names = ("kafka", "s3", "http", "grpc", "metrics", "controller", "kafka_storage", "prometheus")
         chosen = free_ports(len(names) + len(self.options.tasks))
         ports = dict(zip(names, chosen))
         wrapper_ports = dict(zip(self.options.tasks, chosen[len(names):]))
@@ -255,6 +262,8 @@ class LocalStack:
             for task, port in wrapper_ports.items():
                 self.start_wrapper(task, port)
             self._wait_ready()
+            if self.options.prometheus:
+                self._start_prometheus(ports)
             create_topics(self.state.bootstrap_servers, [SYSTEM_TOPIC, f"{SYSTEM_TOPIC}.dlq", NOTIFY_TOPIC])
         except BaseException:
             self.stop()
@@ -419,9 +428,10 @@ class LocalStack:
         wrapper_argv = self.options.wrapper_command or [self.options.python, "-m", "services.wrapper.cli"]
         health_url = f"http://127.0.0.1:{port}/readyz"
         serving = self.state.serving
+        app_port = port if serving is None else free_port()
+        self.state.wrapper_app_urls[task] = f"http://127.0.0.1:{app_port}"
         if serving is None:
             return self._spawn(f"wrapper-{task}", wrapper_argv, self.wrapper_env(task, port), health_url=health_url)
-        app_port = free_port()
         argv = [self.options.python, "-m", "services.local_platform.queue_proxy", "--port", str(port),
                 "--app-port", str(app_port), "--container-concurrency", str(serving.container_concurrency),
                 "--timeout-s", str(serving.timeout_s), "--drain-quiet-s", str(serving.drain_quiet_s),
@@ -465,6 +475,20 @@ class LocalStack:
             return
         argv, env = inference_command(self.options.inference, python, repository, ports, self.root)
         self._spawn("inference", argv, env, health_url=health_url)
+
+    def _start_prometheus(self, ports: dict[str, int]) -> None:
+        from .prometheus import prometheus_argv, scrape_config, write_config
+
+        assert self.state is not None
+        inference_metrics = "" if self.options.inference_url else f"127.0.0.1:{ports['metrics']}"
+        config = write_config(self.root, scrape_config(self.state.wrapper_app_urls, self.state.controller_url,
+                                                       inference_metrics))
+        storage = self.root / "prometheus"
+        shutil.rmtree(storage, ignore_errors=True)  # a fresh stack: no series of an earlier one
+        self.state.prometheus_url = f"http://127.0.0.1:{ports['prometheus']}"
+        self._spawn("prometheus", prometheus_argv(config, storage, ports["prometheus"]),
+                    health_url=f"{self.state.prometheus_url}/-/ready")
+        self.wait_healthy(["prometheus"])
 
     def process(self, name: str) -> ProcessRecord:
         assert self.state is not None

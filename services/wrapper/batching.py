@@ -18,6 +18,7 @@ from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 import numpy as np
 
+from services.core.metrics import in_current_context
 W = TypeVar("W")
 R = TypeVar("R")
 
@@ -90,7 +91,7 @@ def batched_inference(
                 pending[0] = (slot, first + use, rows[use:])
         pending_rows -= taken
         batch_rows = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-        batches.append(_Batch(pool.submit(infer, np.ascontiguousarray(batch_rows)), parts))
+        batches.append(_Batch(pool.submit(in_current_context(infer), np.ascontiguousarray(batch_rows)), parts))
 
     def finish_oldest() -> None:
         batch = batches.popleft()

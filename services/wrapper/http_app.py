@@ -9,6 +9,7 @@
   taken waits for one (queue-proxy admitted it), and a caller that hangs up leaves its run running, orphaned
   (``admission.py``); 404 no such step configuration (not written yet: retried);
   400 when the delivery names no step, or its body is no step message and the step is unknown.
+- ``GET /metrics``: Prometheus metrics (``services/core/metrics.py``), open like the health endpoints.
 - ``GET /healthz``: the process is alive. ``GET /readyz``: 200 while deliveries are taken (not during shutdown).
 """
 
@@ -23,6 +24,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from services.core.auth import Verifier, auth_middleware
+from services.core.metrics import delivery_counter, metrics_route
 from services.wrapper.admission import Admitted, Refusal, Refused
 from services.wrapper.service import (
     BadDelivery,
@@ -150,9 +152,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 def create_http_app(service: WrapperService, verifier: Verifier | None = None) -> web.Application:
     # ``verifier``: every POST needs a valid sender token (services/core/auth.py); health stays open.
-    app = web.Application(client_max_size=MAX_BODY_BYTES,
-                          middlewares=[auth_middleware(verifier)] if verifier is not None else [])
+    # The delivery counter first (outermost): it counts the auth middleware's refusals too.
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[
+        delivery_counter(service.metrics), *([auth_middleware(verifier)] if verifier is not None else [])])
     app[SERVICE_KEY] = service
+    app.router.add_get("/metrics", metrics_route(service.metrics.registry))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/", receive)

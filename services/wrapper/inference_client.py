@@ -26,6 +26,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.core.model_card import ModelCard
+from services.core.metrics import Stage, timed_stage
 from services.core.settings import ENV_PREFIX
 
 log = logging.getLogger(__name__)
@@ -442,6 +443,7 @@ class ModelClient:
 
         return call_with_retry(call, self.retry, f"inference on model {served.name!r}", transient=self._transient)
 
+    @timed_stage(Stage.INFERENCE)
     def infer(self, served: ServedModel, rows: np.ndarray) -> np.ndarray:
         """``rows`` [N, *input dims] -> the first output [N, *output dims], checked for shape and dtype."""
         output = served.output

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 from services.core.contracts import Notification, NotificationOptional, NotificationStatus
 from services.core.kafka import encode_json, producer_config
 from services.core import redaction
+from services.core.metrics import ErrorSource, counts_errors
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class KafkaPublisher:
                 self._producers[bootstrap_servers] = producer
             return producer
 
+    @counts_errors(ErrorSource.KAFKA)
     def publish(self, bootstrap_servers: str, topic: str, value: Mapping[str, Any], key: str = "key",
                 headers: Mapping[str, str] | None = None) -> RecordPosition:
         """Produce one record and wait for ITS delivery report only; return where the broker stored it.

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from services.core.metrics import Stage, timed_stage
 from services.core.step_config import StepConfig, StepCredentials
 from services.wrapper.batching import Work
 from services.wrapper.inputs import make_s3_client
@@ -318,6 +319,7 @@ def run_step(
     return run.run()
 
 
+@timed_stage(Stage.ANNOUNCE)
 def announce(
     runtime: StepRuntime, config: StepConfig, client: S3Client, folder: str, request: StepRequest,
     next_message: dict[str, Any], created: str,

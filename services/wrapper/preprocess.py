@@ -21,6 +21,7 @@ from typing import Mapping
 import numpy as np
 
 from services.core import sentinel2
+from services.core.metrics import Stage, timed_stage
 from services.core.model_card import ModelCard
 from services.wrapper.inputs.decode_limits import DecodeLimitExceeded, check_npy, check_raster
 from services.wrapper.inputs.types import BAND_RESOLUTION_M, PATCH_SIZE_10M
@@ -48,6 +49,7 @@ def check_sentinel2_card(card: ModelCard, input_dims: tuple[int, ...]) -> None:
         raise ValueError(f"model input has {input_dims[0]} channels but the card lists {len(card.bands)} bands")
 
 
+@timed_stage(Stage.PREPROCESS)
 def sentinel2_input(bands: Mapping[str, np.ndarray], card: ModelCard, size: int = PATCH_SIZE_10M) -> np.ndarray:
     """float32 [len(card.bands), size, size] from one patch's bands at their native resolutions.
 
@@ -140,6 +142,7 @@ def _read_era5_geotiff(data: bytes) -> Era5Stack:
     )
 
 
+@timed_stage(Stage.PREPROCESS)
 def era5_input(stack: Era5Stack, card: ModelCard) -> np.ndarray:
     """The card's per-variable standardisation of a [4, 2, H, W] stack (NaN stays NaN: those windows are skipped)."""
     if card.input_kind != "era5-sequence":

@@ -34,6 +34,7 @@ from typing import Any, Iterable, Sequence
 from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
+from services.core.metrics import Stage, timed_stage
 from services.wrapper.inputs.s3_listing import S3Client, folder_prefix, s3_failure
 from services.wrapper.inputs.types import InputError
 from services.wrapper.outputs.keys import input_name, sanitise_name, short_hash
@@ -165,6 +166,7 @@ class ResultStore:
         translated: InputError = s3_failure(error, action, self.client, key)
         return ResultWriteError(translated.reason, transient=translated.transient)
 
+    @timed_stage(Stage.WRITE)
     def put(self, obj: ResultObject, input_key: str) -> WrittenObject:
         """Upload one result: from its spooled file (``obj.file.path``; boto3's managed upload, multipart above
         ``MULTIPART_THRESHOLD``) or its bytes."""
@@ -200,6 +202,7 @@ class ResultStore:
                 log.warning("unannounced result object not deleted", extra={"key": obj.key, "error": str(error)})
         self.written = []
 
+    @timed_stage(Stage.WRITE)
     def finish(self, manifest: dict[str, Any], run_folder_key: str) -> str:
         """The manifest at the run folder's fixed key, create-only: ``ObjectExists`` when another run of this
         delivery wrote it first."""

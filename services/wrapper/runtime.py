@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.core.metrics import WrapperMetrics
 from services.core.step_config import StepConfig, StepCredentials
 from services.wrapper.handlers import TaskHandler, handler_for
 from services.wrapper.inference_client import ModelClient, ModelMismatch, RetryPolicy, ServedModel
@@ -34,6 +35,7 @@ class StepRuntime:
     # Inference requests of every step run here: long-lived threads keep their tritonclient clients (and
     # connections) from one step to the next. Stopped at shutdown: a step asking for more then gets ProcessStopping.
     inference_pool: ThreadPoolExecutor = field(default_factory=lambda: StoppableExecutor(thread_name_prefix="infer"))
+    metrics: WrapperMetrics = field(default_factory=WrapperMetrics)  # this process's series (services/core/metrics.py)
 
     @classmethod
     def from_settings(cls, settings: WrapperSettings, publisher: EventPublisher | None = None) -> "StepRuntime":

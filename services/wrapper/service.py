@@ -218,6 +218,9 @@ class WrapperService:
             # that something bypasses queue-proxy: 503 at once.
             max_waiting=WAITING_PER_WORKER * workers,
         )
+        self.metrics = runtime.metrics
+        self.metrics.runs_in_flight.set_function(lambda: self.admission.state().running)
+        self.metrics.workers.set(workers)
 
     # ---- admission ---------------------------------------------------------------------------------------
 
@@ -237,7 +240,10 @@ class WrapperService:
             config_name=config_name, message=message, raw_message=raw, event_id=delivery.event_id,
             event_time=delivery.event_time, event_source=delivery.source, run_id=delivery.run_id(config_name),
         )
-        outcome = run_step(self.runtime, request, config, credentials)
+        with self.metrics.step(self.runtime.spec.name) as clock:
+            outcome = run_step(self.runtime, request, config, credentials)
+        self.metrics.step_ended(self.runtime.spec.name, outcome.status, clock, outcome.patches,
+                                len(outcome.rejections))
         if self.on_outcome is not None:
             self.on_outcome(outcome)
         return DeliveryResult.of(outcome)
@@ -265,6 +271,7 @@ class WrapperService:
         critical = f"Bad step message for {config_name}: {reason}"
         if not fail_for_good(self.runtime, fields, config, credentials, client, folder, critical):
             return DeliveryResult("RETRY", "the dead-letter record could not be written")
+        self.metrics.dead_letter(self.runtime.spec.name)
         return DeliveryResult("CRITICAL", critical, folder)
 
     def _load(self, config_name: str) -> tuple[StepConfig, StepCredentials] | DeliveryResult:

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from services.core.contracts import StepMessage
+from services.core.metrics import Stage, stage, timed_items
 from services.wrapper.batching import batched_inference
 from services.wrapper.compression_request import compression_request_of, operating_point
 from services.wrapper.generic_task import CLOUD_FILTER_FIELD, QUICKLOOK_SUFFIX, CloudMeter, cloud_filter_of
@@ -88,7 +89,8 @@ def process_input(
                     if obj.file.path is not None:
                         os.unlink(obj.file.path)
             elif collector is not None:
-                written = runtime.handler.write_unit(ctx, current, collector)
+                with stage(Stage.WRITE):  # encoding; uploads count in ResultStore
+                    written = runtime.handler.write_unit(ctx, current, collector)
                 for obj in [*written.objects, *side]:
                     store.put(obj, current.key)
                     if obj.file.path is not None:
@@ -102,7 +104,8 @@ def process_input(
             return runtime.model_client.infer(served, rows)
 
         for item in batched_inference(
-            planned.items, infer, result.batch_size, settings.requests_in_flight, runtime.inference_pool
+            timed_items(Stage.DOWNLOAD, planned.items), infer, result.batch_size, settings.requests_in_flight,
+            runtime.inference_pool,
         ):
             unit = item.unit if isinstance(item, Rejection) else item[0].context.unit
             if unit is not current:

@@ -14,6 +14,7 @@ import numpy as np
 from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
+from services.core.metrics import Stage, timed_stage
 from services.wrapper.gdal_policy import GTIFF, NotTheClaimedFormat, open_raster_bytes
 from services.wrapper.inputs.decode_limits import MAX_BAND_FILE_PIXELS, DecodeLimitExceeded, check_raster
 from services.wrapper.inputs.types import (
@@ -64,6 +65,7 @@ class BandDecodeError(ValueError):
     """A band file that is not a readable single-band uint16 raster."""
 
 
+@timed_stage(Stage.DECODE)
 def decode_band_file(data: bytes) -> DecodedBand:
     """Decode one band file held in memory (GeoTIFF or plain TIFF), keeping georeferencing when present.
 

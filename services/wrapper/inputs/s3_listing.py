@@ -22,6 +22,7 @@ from botocore.exceptions import (
 )
 
 from services.core.s3_endpoint_policy import EndpointRefused, S3EndpointPolicy, guarded_s3_client_hooks
+from services.core.metrics import ErrorSource, Stage, count_error, timed_stage
 from services.wrapper.inputs.band_files import parse_band_file_path
 from services.wrapper.inputs.s3_pinning import pin_client_connections
 from services.wrapper.inputs.settings import InputLimits, S3Access
@@ -78,6 +79,7 @@ def make_s3_client(access: S3Access, policy: S3EndpointPolicy | None = None) -> 
 
 def s3_failure(error: Exception, action: str, client: S3Client, source: str = "") -> InputError:
     """Translate a boto3 failure into an ``InputError`` that says what went wrong, without credentials."""
+    count_error(ErrorSource.S3)
     parts = urlsplit(client.meta.endpoint_url or "")
     endpoint = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")  # no path, no query
     if isinstance(error, _CONNECTION_ERRORS):
@@ -175,6 +177,7 @@ class InputPlan:
     ignored_objects: int
 
 
+@timed_stage(Stage.DOWNLOAD)
 def list_objects(
     client: S3Client, bucket: str, prefix: str, limits: InputLimits, page_size: int = 1000
 ) -> Iterator[S3ObjectRef]:

@@ -26,6 +26,7 @@ from rasterio.errors import RasterioError
 from rasterio.io import DatasetReader
 from rasterio.windows import Window
 
+from services.core.metrics import Stage, timed_stage
 from services.wrapper.gdal_policy import JPEG2000, NotTheClaimedFormat, open_raster_file
 from services.wrapper.inputs.s3_listing import SAFE_BANDS_10M, SAFE_BANDS_20M, S3Client, SafeGranuleSource, s3_failure
 from services.wrapper.inputs.decode_limits import MAX_SAFE_BAND_PIXELS
@@ -182,6 +183,7 @@ def _tile_side(band: str) -> int:
     return PATCH_SIZE_10M * 10 // BAND_RESOLUTION_M[band]
 
 
+@timed_stage(Stage.DECODE)
 def _read_strip(dataset: DatasetReader, band: str, first_row: int, strip_rows: int, tile_cols: int) -> np.ndarray:
     side = _tile_side(band)
     window = Window(col_off=0, row_off=first_row * side, width=tile_cols * side, height=strip_rows * side)

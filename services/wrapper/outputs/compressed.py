@@ -61,6 +61,7 @@ import constriction
 import numpy as np
 
 from services.core import transform_codes as tc
+from services.core.metrics import Stage, timed_stage
 from services.core.transform_codes import QUANTISER_SCALES, LaplaceContextPrior, TransformCodesError
 from services.wrapper.outputs.types import BandScale, OutputFile, OutputFormatError, PatchMetadata, check_patches
 
@@ -623,6 +624,7 @@ def _payload_words(header: dict[str, Any], data: bytes, offset: int, table_bytes
     return np.frombuffer(data, dtype="<u4", count=word_count, offset=offset + table_bytes).astype(np.uint32)
 
 
+@timed_stage(Stage.DECODE)
 def read_compressed(
     data: bytes, prior: LaplaceContextPrior | None = None, max_patches: int = MAX_PATCHES_PER_FILE
 ) -> DecodedCodes:
