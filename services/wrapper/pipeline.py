@@ -1,82 +1,48 @@
-"""One delivery of a step message, end to end, as a plain function: ``run_step(runtime, request, config, credentials)``.
+"""One delivery of a step message, end to end, as an explicit state machine: ``run_step(runtime, request, config,
+credentials)``.
 
-The run folder (``results``) is ``<output folder>/<run id>``, the run id derived from the delivery. First what an
-earlier run of the same delivery left is looked at:
+The run folder (``results``) is ``<output folder>/<run id>``, the run id derived from the delivery. A run goes
 
-- ``<run folder>.announced.json``: done before: ``DUPLICATE``, nothing sent, nothing processed;
-- ``<run folder>.failed.json``: failed for good before (its dead-letter record exists): ``DUPLICATE``;
-- ``<run folder>.manifest.json`` without the announced marker (a Wrapper stopped between the two): the next-step
-  message from the manifest is published, the marker written: ``SUCCESS`` without processing again.
+    claimed -> processed -> manifest -> announced
+        \\__________\\___________\\________-> failed        (or RETRY: nothing recorded, the delivery is answered 5xx)
 
-Otherwise:
+and each transition is one named function below, durable before the next begins (``RunState`` says what is on
+record in each state):
 
-1. START notification; resolve the model (card, version, batch size) and check it fits the task;
-2. list the input (``InputError`` when there is none) and stream it unit by unit through preprocessing and
-   batched inference; rejected patches are reported (log + WARNING) and the rest goes on;
-3. write each unit's results (spooled to temporary files, uploaded multipart when large) into the run folder,
-   then the manifest, create-only;
-4. publish the next step message (``folder`` = the run folder, ``meta_information`` unchanged) to ``Topics.out``,
-   write the announced marker, then SUCCESS.
+- ``claim``: what an earlier run of the same delivery left decides: ``<run folder>.announced.json`` or
+  ``.failed.json`` -> ``DUPLICATE``; ``.manifest.json`` alone (a Wrapper stopped between the two) -> straight to
+  ``announce`` from the manifest. Otherwise START is sent and the run folder is this run's to write;
+- ``process`` (``step_processing``): model resolved and checked, input streamed through batched inference, every
+  unit's results uploaded into the run folder;
+- ``write_manifest``: the manifest, create-only. Losing that race to a concurrent run of the same delivery means
+  that run announces: this one waits (bounded) for its marker -> ``DUPLICATE``;
+- ``announce``: the next-step message (``folder`` = the run folder, ``meta_information`` unchanged) published to
+  ``Topics.out``, then the announced marker -> ``SUCCESS``;
+- ``fail``: a permanent failure (bad input, model does not fit, every patch rejected) is put on record: one
+  dead-letter record, CRITICAL, the failed marker -> ``CRITICAL``; a transient one (``is_transient``: inference
+  server unavailable past ``INFER_RETRY_MAX_S``, S3 unreachable, Kafka refusing a record) -> ``RETRY``.
 
-Outcomes: ``SUCCESS`` / ``DUPLICATE`` / ``IGNORED``; ``CRITICAL`` for a permanent failure (bad input, model does
-not fit, every patch rejected), put on record first: one dead-letter record, a CRITICAL notification, the failed
-marker; ``RETRY`` for a transient one (inference server unavailable past ``INFER_RETRY_MAX_S``, S3 unreachable,
-Kafka refusing the next-step message or the dead-letter record): nothing is announced and the delivery is to be
-answered 5xx so that Kafka redelivers it. ``run_step`` never raises for a step failure.
+``run_step`` never raises for a step failure.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any
 
 from services.core.contracts import S3BucketDesc, StepMessage
 from services.core.step_config import StepConfig, StepCredentials
-from services.wrapper.batching import Work, batched_inference
-from services.wrapper.handlers import (
-    InputUnit,
-    Rejection,
-    StepContext,
-    TaskHandler,
-    bits_per_pixel,
-    handler_for,
-    served_prior,
-)
-from services.wrapper.compression_request import compression_request_of, operating_point
-from services.wrapper.generic_task import CLOUD_FILTER_FIELD, QUICKLOOK_SUFFIX, CloudMeter, cloud_filter_of
-from services.wrapper.inference_client import (
-    InferenceError,
-    InferenceUnavailable,
-    ModelClient,
-    ModelMismatch,
-    RetryPolicy,
-    ServedModel,
-)
-from services.wrapper.inputs import InputLimits, S3Access, make_s3_client
-from services.wrapper.inputs.types import InputError
+from services.wrapper.batching import Work
+from services.wrapper.inputs import make_s3_client
 from services.wrapper.inputs.s3_listing import S3Client
-from services.wrapper.notifications import (
-    EventPublisher,
-    KafkaPublisher,
-    ProgressReporter,
-    RecordPosition,
-    StepNotifier,
-    dead_letter_record,
-    scrub,
-)
-from services.wrapper.outputs import OutputFormatError
-from services.wrapper.outputs.compressed import OperatingPoint
+from services.wrapper.notifications import RecordPosition, StepNotifier, dead_letter_record, scrub
 from services.wrapper.results import (
     ManifestExists,
     ResultStore,
     ResultWriteError,
-    WrittenObject,
     announced_key,
     build_manifest,
     failed_key,
@@ -85,222 +51,229 @@ from services.wrapper.results import (
     put_marker,
     read_json_object,
     run_folder,
-    run_id,
 )
-from services.wrapper.settings import WrapperSettings
-from services.wrapper.outputs.keys import sanitise_name
-from services.wrapper.tasks import GENERIC_RESULT_PREFIX, GENERIC_TASK, TaskSpec, task_spec
+from services.wrapper.runtime import StepRuntime, secret_values, step_s3_access
+from services.wrapper.step_processing import Processed, process_input, rejection_text
+from services.wrapper.step_types import (
+    EXPLAINED_FAILURES,
+    Earlier,
+    NoUsableInput,
+    PublishError,
+    RunState,
+    StepOutcome,
+    StepRequest,
+    StepRetry,
+    StepStatus,
+    failure_reason,
+    is_transient,
+)
 
 log = logging.getLogger(__name__)
 
-StepStatus = Literal["SUCCESS", "CRITICAL", "RETRY", "DUPLICATE", "IGNORED"]
 # Where the failed markers of deliveries that are no step message go, under the task's result prefix.
 UNREADABLE_FOLDER = "_unreadable-messages"
-
-
-class NoUsableInput(Exception):
-    """Every patch or file of the input was rejected."""
-
-
-class PublishError(Exception):
-    """The next step message could not be delivered."""
-
-
-@dataclass(frozen=True, slots=True)
-class StepRequest:
-    """A step message as delivered, with what the delivery says about it."""
-
-    config_name: str
-    message: StepMessage
-    raw_message: Any  # the body as received (parsed JSON), for the dead-letter record
-    event_id: str = ""
-    # The event's time (CloudEvent ``time``; a KafkaSource sets the record's timestamp): stamps time-tagged outputs,
-    # so that a redelivery writes identical bytes.
-    event_time: datetime | None = None
-    event_source: str = ""
-    # ``results.run_id`` of the delivery; "" = derived from the fields above (random without an event id).
-    run_id: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.run_id:
-            time_text = self.event_time.isoformat() if self.event_time is not None else ""
-            object.__setattr__(self, "run_id", run_id(self.config_name, self.event_source, self.event_id, time_text))
-
-
-@dataclass
-class StepOutcome:
-    status: StepStatus
-    reason: str = ""
-    output_folder: str | None = None  # the run folder
-    patches: int = 0
-    rejections: list[Rejection] = field(default_factory=list)
-    objects: list[WrittenObject] = field(default_factory=list)
-    stats: dict[str, Any] = field(default_factory=dict)
-    next_message: dict[str, Any] | None = None
-    model_version: str = ""
-    # DUPLICATE: what the earlier run of this delivery ended with ("announced" or "failed").
-    earlier: str = ""
-    # SUCCESS without processing: the manifest was there, the announcement was not.
-    resumed_announcement: bool = False
-
-
-class StepRetry(Exception):
-    """A failure that a later delivery may not meet: nothing is put on record, the delivery is answered 5xx."""
-
-
-@dataclass
-class StepRuntime:
-    """What every step of one Wrapper process shares: settings, the task, the model client, the Kafka producers."""
-
-    settings: WrapperSettings
-    spec: TaskSpec
-    handler: TaskHandler
-    model_client: ModelClient
-    publisher: EventPublisher
-    limits: InputLimits
-    # Inference requests of every step run here: long-lived threads keep their tritonclient clients (and
-    # connections) from one step to the next.
-    inference_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(thread_name_prefix="infer"))
-
-    @classmethod
-    def from_settings(cls, settings: WrapperSettings, publisher: EventPublisher | None = None) -> "StepRuntime":
-        spec = task_spec(settings.task)
-        client = ModelClient(
-            settings.inference_url,
-            settings.inference_protocol,
-            settings.model_name or spec.default_model,
-            settings.model_version,
-            retry=RetryPolicy(
-                # Bounded in time only: an outage of up to INFER_RETRY_MAX_S is waited out, whatever the count.
-                max_attempts=1_000_000,
-                max_total_s=settings.infer_retry_max_s,
-                initial_backoff_s=settings.infer_backoff_initial_s,
-                max_backoff_s=settings.infer_backoff_max_s,
-            ),
-            request_timeout_s=settings.infer_timeout_s,
-        )
-        return cls(
-            settings=settings,
-            spec=spec,
-            handler=handler_for(spec),
-            model_client=client,
-            publisher=publisher or KafkaPublisher(settings.kafka_timeout_s),
-            limits=InputLimits(),
-            inference_pool=ThreadPoolExecutor(
-                max_workers=settings.requests_in_flight * settings.workers, thread_name_prefix="infer"
-            ),
-        )
-
-    # The served s2-cloud-mask model for workflows that ask for a cloud filter (made on first use).
-    cloud_mask_client: ModelClient | None = None
-
-    @property
-    def result_prefix(self) -> str:
-        if self.settings.result_prefix:
-            return self.settings.result_prefix
-        if self.spec.name == GENERIC_TASK:
-            return f"{GENERIC_RESULT_PREFIX}{sanitise_name(self.model_client.model_name)}"
-        return self.spec.result_prefix
-
-    def cloud_mask(self) -> ModelClient:
-        if self.cloud_mask_client is None:
-            self.cloud_mask_client = ModelClient(
-                self.settings.inference_url, self.settings.inference_protocol, self.settings.cloud_mask_model, "",
-                retry=self.model_client.retry, request_timeout_s=self.settings.infer_timeout_s,
-            )
-        return self.cloud_mask_client
-
-    def batch_size(self, served: ServedModel) -> int:
-        if served.max_batch_size < 1:
-            raise ModelMismatch(f"model {served.name!r} has max_batch_size {served.max_batch_size}: it does not batch")
-        wanted = self.settings.batch_size or served.max_batch_size
-        return min(wanted, served.max_batch_size)
-
-    def bootstrap_servers(self, config: StepConfig) -> str:
-        return self.settings.bootstrap_servers or config.bootstrap_servers
-
-    def dead_letter_topic(self, config: StepConfig) -> str:
-        return self.settings.dlq_topic or f"{config.topic_in}.dlq"
-
-    def notifier(self, config: StepConfig, secrets: tuple[str, ...]) -> StepNotifier:
-        return StepNotifier(
-            publisher=self.publisher,
-            bootstrap_servers=self.bootstrap_servers(config),
-            topic=self.settings.notify_topic,
-            component_name=config.component_name or config.service_name,
-            workflow_name=config.workflow_name,
-            namespace=config.namespace,
-            pod=self.settings.pod_name,
-            secrets=secrets,
-        )
-
-    def close(self) -> None:
-        self.inference_pool.shutdown(wait=True)
-        self.model_client.close()
-        if self.cloud_mask_client is not None:
-            self.cloud_mask_client.close()
-        close = getattr(self.publisher, "close", None)
-        if close is not None:
-            close()
-
-
-def secret_values(credentials: StepCredentials) -> tuple[str, ...]:
-    return (credentials.aws_access_key_id.get_secret_value(), credentials.aws_secret_access_key.get_secret_value())
-
-
-def failure_reason(error: BaseException) -> str:
-    """A sentence for people (CRITICAL description, dead-letter record) saying why the step failed."""
-    if isinstance(error, InputError):
-        return f"Input error: {error}"
-    if isinstance(error, InferenceUnavailable):
-        return f"Inference server unavailable: {error}"
-    if isinstance(error, ModelMismatch):
-        return f"Model does not fit the task: {error}"
-    if isinstance(error, InferenceError):
-        return f"Inference failed: {error}"
-    if isinstance(error, ResultWriteError):
-        return f"Writing results failed: {error}"
-    if isinstance(error, OutputFormatError):
-        return f"Results could not be encoded: {error}"
-    if isinstance(error, (NoUsableInput, PublishError, StepRetry)):
-        return str(error)
-    return f"Internal error: {type(error).__name__}: {error}"
-
-
-def step_s3_access(runtime: StepRuntime, config: StepConfig, credentials: StepCredentials) -> S3Access:
-    settings = runtime.settings
-    return S3Access(
-        bucket_name=config.bucket,
-        aws_access_key_id=credentials.aws_access_key_id,
-        aws_secret_access_key=credentials.aws_secret_access_key,
-        region_name=config.region_name,
-        endpoint_url=config.endpoint_url,
-        max_attempts=settings.s3_max_attempts,
-        connect_timeout_s=settings.s3_connect_timeout_s,
-        read_timeout_s=settings.s3_read_timeout_s,
-    )
-
-
-def _rejection_text(rejection: Rejection) -> str:
-    return f"Rejected {rejection.patch_id} of {rejection.source}: {rejection.reason}"
-
-
-def is_transient(error: BaseException) -> bool:
-    """Failures a later delivery may not meet: the delivery is answered 5xx and redelivered, nothing is recorded."""
-    if isinstance(error, (InferenceUnavailable, PublishError, StepRetry)):
-        return True
-    return isinstance(error, (InputError, ResultWriteError)) and bool(getattr(error, "transient", False))
 
 
 def _now_text() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+@dataclass
+class StepRun:
+    """One run of one delivery: what it works with, the state it is in, and the outcome it builds."""
+
+    runtime: StepRuntime
+    request: StepRequest
+    config: StepConfig
+    credentials: StepCredentials
+    notifier: StepNotifier
+    secrets: tuple[str, ...]
+    log_fields: dict[str, Any]
+    outcome: StepOutcome = field(default_factory=lambda: StepOutcome(status=StepStatus.CRITICAL))
+    client: S3Client | None = None
+    state: RunState | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def folder(self) -> str:
+        assert self.outcome.output_folder is not None
+        return self.outcome.output_folder
+
+    def enter(self, state: RunState, **details: Any) -> None:
+        """Record a transition (it is durable when this is called) in the outcome and the log."""
+        log.info("step run %s", state.value, extra={**self.log_fields, "state": state.value,
+                                                    "from_state": self.state.value if self.state else "", **details})
+        self.state = state
+        self.outcome.states.append(state)
+
+    def end(self, status: StepStatus, earlier: Earlier = Earlier.NOTHING) -> StepOutcome:
+        self.outcome.status, self.outcome.earlier = status, earlier
+        return self.outcome
+
+    # ---- transitions --------------------------------------------------------------------------------------
+
+    def claim(self) -> StepOutcome | dict[str, Any] | None:
+        """Look at what an earlier run left: an ended outcome (``DUPLICATE``), a manifest to announce, or None when
+        this run is to process (START sent, state ``CLAIMED``)."""
+        message = self.request.message
+        self.client = make_s3_client(step_s3_access(self.runtime, self.config, self.credentials))
+        source = message.S3_bucket_desc
+        self.outcome.output_folder = run_folder(
+            output_folder(self.runtime.result_prefix, source.folder, source.filename), self.request.run_id)
+        earlier, manifest = earlier_run(self.client, self.config.bucket, self.folder)
+        if earlier in (Earlier.ANNOUNCED, Earlier.FAILED):
+            log.info("delivery already done: nothing to do",
+                     extra={**self.log_fields, "earlier": earlier.value, "run_folder": self.folder})
+            return self.end(StepStatus.DUPLICATE, earlier)
+        if earlier is Earlier.MANIFEST:
+            assert manifest is not None
+            self.enter(RunState.MANIFEST, resumed=True)
+            return manifest
+        shown = "/".join(p for p in (source.folder.strip("/"), source.filename.strip("/")) if p) or "(bucket root)"
+        self.notifier.send("START", f"{self.runtime.spec.name} started on {shown} (step {self.request.config_name})")
+        self.enter(RunState.CLAIMED, folder=source.folder, input_filename=source.filename, run_folder=self.folder)
+        return None
+
+    def process(self) -> Processed:
+        assert self.client is not None
+        created = (self.request.event_time or datetime.now(timezone.utc)).astimezone(timezone.utc).replace(
+            microsecond=0)
+        processed = process_input(self.runtime, self.request.message, self.client, self.config.bucket, self.folder,
+                                  created, self.notifier, self.log_fields)
+        self.outcome.model_version = processed.served.version
+        self.outcome.patches, self.outcome.rejections = processed.patches, processed.rejections
+        self.outcome.objects, self.outcome.stats = processed.objects, processed.stats
+        self.enter(RunState.PROCESSED, objects=len(processed.objects), event_time=created.isoformat())
+        return processed
+
+    def write_manifest(self, processed: Processed) -> bool:
+        """The manifest, create-only; False when a concurrent run of this delivery wrote it first."""
+        assert self.client is not None
+        request, served, message = self.request, processed.served, self.request.message
+        self.outcome.next_message = next_message(self.folder, message)
+        limit = self.runtime.settings.max_rejections_listed
+        manifest = build_manifest(
+            task=self.runtime.spec.name, model_name=served.name, model_version=served.version,
+            weights=served.card.weights, bucket=self.config.bucket, folder=message.S3_bucket_desc.folder,
+            filename=message.S3_bucket_desc.filename, output_folder_key=self.folder, created=processed.created,
+            objects=processed.objects, patches=processed.patches, run=request.run_id,
+            next_message=self.outcome.next_message,
+            rejections=[{"patch_id": r.patch_id, "source": r.source, "reason": r.reason}
+                        for r in processed.rejections[:limit]],
+            rejection_count=len(processed.rejections), stats=processed.stats,
+        )
+        try:
+            ResultStore(self.client, self.config.bucket, self.folder).finish(scrub(manifest, self.secrets))
+        except ManifestExists:
+            return False
+        self.enter(RunState.MANIFEST)
+        return True
+
+    def announce(self, message: dict[str, Any]) -> RecordPosition | None:
+        """Publish the next step message (acknowledged), then write the announced marker; state ``ANNOUNCED``."""
+        assert self.client is not None
+        position = announce(self.runtime, self.config, self.client, self.folder, self.request, message)
+        self.enter(RunState.ANNOUNCED, topic=self.config.topic_out,
+                   offset=position.offset if position is not None else None)
+        return position
+
+    def fail(self, error: Exception) -> StepOutcome:
+        """A failure: transient -> ``RETRY`` (nothing recorded); permanent -> on record, state ``FAILED``."""
+        reason = scrub(failure_reason(error), self.secrets)
+        self.outcome.reason, self.outcome.next_message = reason, None
+        if is_transient(error) or self.outcome.output_folder is None:
+            log.warning("step interrupted: the delivery is to be retried", extra={**self.log_fields, "reason": reason})
+            if "START" in self.notifier.sent:
+                self.notifier.send("WARNING", f"{self.runtime.spec.name} interrupted, Kafka will deliver it again: "
+                                              f"{reason}")
+            return self.end(StepStatus.RETRY)
+        if not isinstance(error, EXPLAINED_FAILURES):
+            log.exception("step failed unexpectedly", extra=self.log_fields)
+        request = self.request
+        fields = {"config_name": request.config_name, "raw_message": request.raw_message,
+                  "event_id": request.event_id, "run_id": request.run_id}
+        if not fail_for_good(self.runtime, fields, self.config, self.credentials, self.client, self.folder, reason):
+            self.outcome.reason = f"{reason} (and the dead-letter record could not be written)"
+            return self.end(StepStatus.RETRY)
+        self.enter(RunState.FAILED, reason=reason)
+        log.error("step failed", extra={**self.log_fields, "reason": reason})
+        return self.end(StepStatus.CRITICAL)
+
+    # ---- the machine --------------------------------------------------------------------------------------
+
+    def run(self) -> StepOutcome:
+        try:
+            claimed = self.claim()
+            if isinstance(claimed, StepOutcome):
+                return claimed
+            if claimed is not None:
+                return self.resume(claimed)
+            processed = self.process()
+            if not self.write_manifest(processed):
+                return self.lost_manifest_race()
+            assert self.outcome.next_message is not None
+            self.announce(self.outcome.next_message)
+            self.report_success(processed)
+            return self.end(StepStatus.SUCCESS)
+        except Exception as error:  # noqa: BLE001 - every failure ends one of two documented ways
+            return self.fail(error)
+
+    def resume(self, manifest: dict[str, Any]) -> StepOutcome:
+        """A run that wrote its manifest and stopped before announcing: announce it, do not run it again."""
+        self.outcome.next_message = manifest.get("next_message") or next_message(self.folder, self.request.message)
+        self.announce(self.outcome.next_message)
+        self.outcome.resumed_announcement = True
+        self.outcome.patches = int(manifest.get("patches", 0))
+        self.notifier.send("SUCCESS", f"{self.runtime.spec.name} done: {self.outcome.patches} patches -> "
+                                      f"{self.folder} (announced after an interrupted delivery)")
+        log.info("step announced from its manifest", extra={**self.log_fields, "run_folder": self.folder})
+        return self.end(StepStatus.SUCCESS)
+
+    def lost_manifest_race(self) -> StepOutcome:
+        """The same delivery ran elsewhere at the same time and wrote its manifest first: the winner announces."""
+        assert self.client is not None
+        log.info("another run of this delivery wrote the manifest first: waiting for its announcement",
+                 extra={**self.log_fields, "run_folder": self.folder})
+        if not wait_for_announcement(self.client, self.config.bucket, self.folder,
+                                     self.runtime.settings.announce_wait_s):
+            raise StepRetry("Another run of this delivery wrote the manifest but has not announced it yet")
+        return self.end(StepStatus.DUPLICATE, Earlier.ANNOUNCED)
+
+    def report_success(self, processed: Processed) -> None:
+        outcome = self.outcome
+        elapsed = time.monotonic() - self.started
+        description = (f"{self.runtime.spec.name} done: {outcome.patches} patches of {processed.units} file(s) in "
+                       f"{elapsed:.0f} s -> {self.folder}")
+        bpp = processed.bits_per_pixel
+        if bpp is not None:
+            description += f", {bpp:.3f} bits per pixel"
+        if outcome.rejections:
+            description += f"; {len(outcome.rejections)} rejected ({rejection_text(outcome.rejections[0])})"
+        self.notifier.send("SUCCESS", description)
+        log.info("step succeeded", extra={**self.log_fields, "output_folder": self.folder,
+                                          "patches": outcome.patches, "rejected": len(outcome.rejections),
+                                          "seconds": round(elapsed, 3), **({"bits_per_pixel": bpp} if bpp else {})})
+
+
+def run_step(
+    runtime: StepRuntime, request: StepRequest, config: StepConfig, credentials: StepCredentials
+) -> StepOutcome:
+    """Process one delivery of a step message completely; see the module docstring. Never raises for a step failure."""
+    log_fields = {"config_name": request.config_name, "event_id": request.event_id, "run_id": request.run_id,
+                  "task": runtime.spec.name, "workflow": config.workflow_name}
+    if not request.message.previous_component_end:
+        log.info("step message does not mark the previous component's end: nothing to do", extra=log_fields)
+        return StepOutcome(status=StepStatus.IGNORED, reason="previous_component_end is not True")
+    secrets = secret_values(credentials)
+    run = StepRun(runtime, request, config, credentials, runtime.notifier(config, secrets), secrets, log_fields)
+    return run.run()
+
+
 def announce(
     runtime: StepRuntime, config: StepConfig, client: S3Client, folder: str, request: StepRequest,
     next_message: dict[str, Any],
 ) -> RecordPosition | None:
-    """Publish the next step message (flushed), then write the announced marker. ``StepRetry`` on failure."""
+    """Publish the next step message (acknowledged), then write the announced marker. ``PublishError`` on failure."""
     position: RecordPosition | None = None
     if config.topic_out:
         try:
@@ -321,7 +294,7 @@ def fail_for_good(
     runtime: StepRuntime, request_fields: dict[str, Any], config: StepConfig, credentials: StepCredentials,
     client: S3Client | None, folder: str, reason: str,
 ) -> bool:
-    """Put a permanent failure on record: one dead-letter record (flushed), CRITICAL, then the failed marker.
+    """Put a permanent failure on record: one dead-letter record (acknowledged), CRITICAL, then the failed marker.
 
     False when the dead-letter record could not be written: then nothing else is done and the delivery is to be
     retried (5xx). ``request_fields``: ``config_name``, ``raw_message``, ``event_id``, ``run_id``."""
@@ -345,16 +318,16 @@ def fail_for_good(
     return True
 
 
-def earlier_run(client: S3Client, bucket: str, folder: str) -> tuple[str, dict[str, Any] | None]:
-    """What an earlier run of this delivery left: ("announced" | "failed" | "manifest" | "", the manifest)."""
+def earlier_run(client: S3Client, bucket: str, folder: str) -> tuple[Earlier, dict[str, Any] | None]:
+    """What an earlier run of this delivery left, and its manifest when that is all it left."""
     if read_json_object(client, bucket, announced_key(folder)) is not None:
-        return "announced", None
+        return Earlier.ANNOUNCED, None
     if read_json_object(client, bucket, failed_key(folder)) is not None:
-        return "failed", None
+        return Earlier.FAILED, None
     manifest = read_json_object(client, bucket, manifest_key(folder))
     if manifest is not None:
-        return "manifest", manifest
-    return "", None
+        return Earlier.MANIFEST, manifest
+    return Earlier.NOTHING, None
 
 
 def wait_for_announcement(client: S3Client, bucket: str, folder: str, timeout_s: float) -> bool:
@@ -368,215 +341,7 @@ def wait_for_announcement(client: S3Client, bucket: str, folder: str, timeout_s:
         time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
 
 
-def run_step(
-    runtime: StepRuntime, request: StepRequest, config: StepConfig, credentials: StepCredentials
-) -> StepOutcome:
-    """Process one delivery of a step message completely; see the module docstring. Never raises for a step failure."""
-    settings = runtime.settings
-    message = request.message
-    log_fields = {"config_name": request.config_name, "event_id": request.event_id, "run_id": request.run_id,
-                  "task": runtime.spec.name, "workflow": config.workflow_name}
-    if not message.previous_component_end:
-        log.info("step message does not mark the previous component's end: nothing to do", extra=log_fields)
-        return StepOutcome(status="IGNORED", reason="previous_component_end is not True")
-
-    secrets = secret_values(credentials)
-    notifier = runtime.notifier(config, secrets)
-    folder, filename = message.S3_bucket_desc.folder, message.S3_bucket_desc.filename
-    shown_input = "/".join(part for part in (folder.strip("/"), filename.strip("/")) if part) or "(bucket root)"
-    outcome = StepOutcome(status="CRITICAL")
-    client: S3Client | None = None
-    started = time.monotonic()
-    try:
-        client = make_s3_client(step_s3_access(runtime, config, credentials))
-        outcome.output_folder = run_folder(output_folder(runtime.result_prefix, folder, filename), request.run_id)
-        earlier, manifest = earlier_run(client, config.bucket, outcome.output_folder)
-        if earlier in ("announced", "failed"):
-            log.info("delivery already done: nothing to do", extra={**log_fields, "earlier": earlier,
-                                                                   "run_folder": outcome.output_folder})
-            outcome.status, outcome.earlier = "DUPLICATE", earlier
-            return outcome
-        if earlier == "manifest":
-            assert manifest is not None
-            # A run that wrote its manifest and stopped before announcing: announce it, do not run it again.
-            outcome.next_message = manifest.get("next_message") or _next_message(outcome.output_folder, message)
-            announce(runtime, config, client, outcome.output_folder, request, outcome.next_message)
-            outcome.status, outcome.resumed_announcement = "SUCCESS", True
-            outcome.patches = int(manifest.get("patches", 0))
-            notifier.send("SUCCESS", f"{runtime.spec.name} done: {outcome.patches} patches -> {outcome.output_folder} "
-                                     "(announced after an interrupted delivery)")
-            log.info("step announced from its manifest", extra={**log_fields, "run_folder": outcome.output_folder})
-            return outcome
-
-        notifier.send("START", f"{runtime.spec.name} started on {shown_input} (step {request.config_name})")
-        log.info("step started", extra={**log_fields, "folder": folder, "input_filename": filename,
-                                        "run_folder": outcome.output_folder})
-        served = runtime.model_client.resolve()
-        runtime.handler.check_model(served)
-        outcome.model_version = served.version
-        batch_size = runtime.batch_size(served)
-        created = (request.event_time or datetime.now(timezone.utc)).astimezone(timezone.utc).replace(microsecond=0)
-        compression = compression_point(runtime, message, served)
-        cloud_meter = open_cloud_meter(runtime, message)
-        with tempfile.TemporaryDirectory(prefix="eoml-run-", dir=settings.spool_dir or None) as spool:
-            ctx = StepContext(
-                served=served, client=client, bucket=config.bucket, folder=folder, filename=filename,
-                output_folder=outcome.output_folder, created=created, settings=settings, limits=runtime.limits,
-                spool_dir=spool, cloud_meter=cloud_meter, compression=compression,
-            )
-            planned = runtime.handler.open(ctx)
-            store = ResultStore(client, config.bucket, outcome.output_folder)
-            progress = ProgressReporter(notifier, len(planned.units), settings.progress_interval_s)
-            unit_stats: list[dict[str, Any]] = []
-            current: InputUnit | None = None
-            collector: Any = None
-
-            def finish_unit() -> None:
-                if current is None:
-                    return
-                side = ctx.side_objects.pop(current.index, [])
-                if collector is not None and not runtime.handler.collected(collector):
-                    getattr(collector, "close", lambda: None)()  # a unit of rejections only: nothing to write
-                    for obj in side:
-                        if obj.file.path is not None:
-                            os.unlink(obj.file.path)
-                elif collector is not None:
-                    result = runtime.handler.write_unit(ctx, current, collector)
-                    for obj in [*result.objects, *side]:
-                        store.put(obj, current.key)
-                        if obj.file.path is not None:
-                            os.unlink(obj.file.path)  # uploaded: the spool holds one unit at most
-                    outcome.patches += result.patches
-                    if result.stats:
-                        unit_stats.append({"input": current.key, **result.stats})
-                progress.end_file()
-
-            def infer(rows: Any) -> Any:
-                return runtime.model_client.infer(served, rows)
-
-            for item in batched_inference(
-                planned.items, infer, batch_size, settings.requests_in_flight, runtime.inference_pool
-            ):
-                unit = item.unit if isinstance(item, Rejection) else item[0].context.unit
-                if unit is not current:
-                    finish_unit()
-                    current = unit
-                    collector = runtime.handler.start_unit(ctx, unit)
-                    progress.start_file(unit.index + 1, unit.expected_items)
-                if isinstance(item, Rejection):
-                    outcome.rejections.append(item)
-                    log.warning("input rejected", extra={**log_fields, "patch_id": item.patch_id,
-                                                         "source": item.source, "reason": item.reason})
-                    notifier.warning(_rejection_text(item))
-                else:
-                    work, outputs = item
-                    runtime.handler.collect(ctx, collector, work, outputs)
-                progress.item_done()
-            finish_unit()
-
-        if outcome.patches == 0:
-            first = f" (first: {_rejection_text(outcome.rejections[0])})" if outcome.rejections else ""
-            raise NoUsableInput(f"No usable input: all {len(outcome.rejections)} patch(es)/file(s) were rejected{first}")
-
-        outcome.objects = list(store.written)
-        outcome.stats = {"units": len(planned.units), "batch_size": batch_size}
-        bpp = bits_per_pixel(unit_stats)
-        if bpp is not None:
-            outcome.stats["bits_per_pixel"] = bpp
-        if unit_stats:
-            outcome.stats["per_input"] = unit_stats
-        quicklooks = [obj.key for obj in outcome.objects if obj.key.endswith(QUICKLOOK_SUFFIX)]
-        if quicklooks:
-            outcome.stats["quicklooks"] = quicklooks
-        if cloud_meter is not None:
-            outcome.stats["cloud_filter"] = cloud_meter.manifest_entry()
-        outcome.next_message = _next_message(outcome.output_folder, message)
-        limit = settings.max_rejections_listed
-        manifest = build_manifest(
-            task=runtime.spec.name, model_name=served.name, model_version=served.version, weights=served.card.weights,
-            bucket=config.bucket, folder=folder, filename=filename, output_folder_key=outcome.output_folder,
-            created=created, objects=outcome.objects, patches=outcome.patches, run=request.run_id,
-            next_message=outcome.next_message,
-            rejections=[{"patch_id": r.patch_id, "source": r.source, "reason": r.reason} for r in outcome.rejections[:limit]],
-            rejection_count=len(outcome.rejections), stats=outcome.stats,
-        )
-        try:
-            store.finish(scrub(manifest, secrets))
-        except ManifestExists:
-            # The same delivery ran elsewhere at the same time and wrote the same bytes: the winner announces.
-            log.info("another run of this delivery wrote the manifest first: waiting for its announcement",
-                     extra={**log_fields, "run_folder": outcome.output_folder})
-            if not wait_for_announcement(client, config.bucket, outcome.output_folder, settings.announce_wait_s):
-                raise StepRetry("Another run of this delivery wrote the manifest but has not announced it yet") from None
-            outcome.status, outcome.earlier = "DUPLICATE", "announced"
-            return outcome
-        announce(runtime, config, client, outcome.output_folder, request, outcome.next_message)
-
-        elapsed = time.monotonic() - started
-        description = (
-            f"{runtime.spec.name} done: {outcome.patches} patches of {len(planned.units)} file(s) in {elapsed:.0f} s "
-            f"-> {outcome.output_folder}"
-        )
-        if bpp is not None:
-            description += f", {bpp:.3f} bits per pixel"
-        if outcome.rejections:
-            description += f"; {len(outcome.rejections)} rejected ({_rejection_text(outcome.rejections[0])})"
-        outcome.status = "SUCCESS"
-        notifier.send("SUCCESS", description)
-        log.info("step succeeded", extra={**log_fields, "output_folder": outcome.output_folder,
-                                          "patches": outcome.patches, "rejected": len(outcome.rejections),
-                                          "seconds": round(elapsed, 3), **({"bits_per_pixel": bpp} if bpp else {})})
-        return outcome
-    except Exception as error:  # noqa: BLE001 - every failure ends one of two documented ways
-        reason = scrub(failure_reason(error), secrets)
-        outcome.reason = reason
-        outcome.next_message = None
-        if is_transient(error) or outcome.output_folder is None:
-            outcome.status = "RETRY"
-            log.warning("step interrupted: the delivery is to be retried", extra={**log_fields, "reason": reason})
-            if "START" in notifier.sent:
-                notifier.send("WARNING", f"{runtime.spec.name} interrupted, Kafka will deliver it again: {reason}")
-            return outcome
-        if not isinstance(error, (InputError, InferenceError, ResultWriteError, OutputFormatError, NoUsableInput)):
-            log.exception("step failed unexpectedly", extra=log_fields)
-        fields = {"config_name": request.config_name, "raw_message": request.raw_message,
-                  "event_id": request.event_id, "run_id": request.run_id}
-        if not fail_for_good(runtime, fields, config, credentials, client, outcome.output_folder, reason):
-            outcome.status = "RETRY"
-            outcome.reason = f"{reason} (and the dead-letter record could not be written)"
-            return outcome
-        outcome.status = "CRITICAL"
-        log.error("step failed", extra={**log_fields, "reason": reason})
-        return outcome
-
-
-def compression_point(runtime: StepRuntime, message: StepMessage, served: ServedModel) -> OperatingPoint | None:
-    """A compress step's operating point: ``meta_information.compression`` with the deployment's defaults.
-
-    Checked before anything is read, so a malformed field fails the step at once (``InputError``). Other tasks
-    pass the field on untouched: it travels with the workflow's ``meta_information``."""
-    if runtime.spec.name != "compress":
-        return None
-    request = compression_request_of(message.meta_information)
-    settings = runtime.settings
-    return operating_point(request, settings.compress_levels, settings.compress_quantiser_scale,
-                           served_prior(served) is not None, served.name)
-
-
-def open_cloud_meter(runtime: StepRuntime, message: StepMessage) -> CloudMeter | None:
-    """The step's cloud filter with the served cloud-mask model, when the workflow asks for one.
-
-    ``InputError`` for a malformed filter or a task that does not read Sentinel-2 (both permanent)."""
-    rule = cloud_filter_of(message.meta_information)
-    if rule is None:
-        return None
-    if runtime.spec.input_kind != "sentinel2":
-        raise InputError(f"meta_information.{CLOUD_FILTER_FIELD} applies to Sentinel-2 steps; task "
-                         f"{runtime.spec.name} reads {runtime.spec.input_kind}")
-    return CloudMeter.open(runtime.cloud_mask(), rule)
-
-
-def _next_message(folder: str, message: StepMessage) -> dict[str, Any]:
+def next_message(folder: str, message: StepMessage) -> dict[str, Any]:
     return StepMessage(
         previous_component_end=True,
         S3_bucket_desc=S3BucketDesc(folder=folder, filename=""),
@@ -597,15 +362,20 @@ def publish_dead_letter(runtime: StepRuntime, config: StepConfig, record: dict[s
 
 __all__ = [
     "UNREADABLE_FOLDER",
+    "Earlier",
     "NoUsableInput",
-    "StepRetry",
-    "fail_for_good",
     "PublishError",
+    "RunState",
     "StepOutcome",
     "StepRequest",
+    "StepRetry",
+    "StepRun",
     "StepRuntime",
+    "StepStatus",
     "Work",
+    "fail_for_good",
     "failure_reason",
+    "is_transient",
     "publish_dead_letter",
     "run_step",
     "secret_values",

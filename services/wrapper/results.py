@@ -28,10 +28,10 @@ from typing import Any, Iterable, Sequence
 from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
-from services.wrapper.handlers import ResultObject, short_hash
 from services.wrapper.inputs.s3_listing import S3Client, folder_prefix, s3_failure
 from services.wrapper.inputs.types import InputError
-from services.wrapper.outputs import OutputFormatError, input_name, sanitise_name
+from services.wrapper.outputs.keys import input_name, sanitise_name, short_hash
+from services.wrapper.outputs.types import OutputFormatError, ResultObject
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from tritonclient.utils import InferenceServerException
 from services.core import sentinel2
 from services.core.model_card import ModelCard
 from services.wrapper.batching import Work, batched_inference
-from services.wrapper.handlers import InputUnit, plan_units, unique_names
+from services.wrapper.handlers import InputUnit, unique_names
+from services.wrapper.handlers.sentinel2 import plan_units
 from services.wrapper.inference_client import InferenceError, InferenceUnavailable, RetryPolicy, call_with_retry
 from services.wrapper.inputs.s3_listing import PatchFolderSource, S3ObjectRef, SafeGranuleSource, TarArchiveSource, plan_from_objects
 from services.wrapper.notifications import ProgressReporter, StepNotifier, format_duration, scrub

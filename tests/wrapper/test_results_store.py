@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.wrapper.handlers import ResultObject
+from services.wrapper.outputs.types import ResultObject
 from services.wrapper.inputs import S3Access, make_s3_client
 from services.wrapper.outputs.features import (
     stream_features_json,

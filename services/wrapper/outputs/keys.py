@@ -34,7 +34,8 @@ MAX_NAME_LENGTH = 160
 _HASH_LENGTH = 8
 
 
-def _short_hash(text: str) -> str:
+def short_hash(text: str) -> str:
+    """8 hex of the text's sha256: tells apart names that would otherwise collide."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:_HASH_LENGTH]
 
 
@@ -50,7 +51,7 @@ def sanitise_name(raw: str) -> str:
         return raw
     cleaned = _UNSAFE_RUN.sub("_", raw).lstrip(".-") or "_"
     cleaned = cleaned[: MAX_NAME_LENGTH - _HASH_LENGTH - 1]
-    return f"{cleaned}-{_short_hash(raw)}"
+    return f"{cleaned}-{short_hash(raw)}"
 
 
 def input_name(input_key: str) -> str:

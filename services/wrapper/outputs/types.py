@@ -53,6 +53,15 @@ class OutputFile:
 
 
 @dataclass(frozen=True, slots=True)
+class ResultObject:
+    """An output file and the key it is written under in the run's folder."""
+
+    key: str
+    file: OutputFile
+    patches: int
+
+
+@dataclass(frozen=True, slots=True)
 class PatchMetadata:
     """Where one patch or tile came from, as the result files record it.
 
