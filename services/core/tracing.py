@@ -88,15 +88,25 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer(TRACER_NAME)
 
 
+def event_trace_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
+    """``traceparent``/``tracestate`` of a CloudEvent's attributes (lower-cased names without ``ce-``, as
+    ``services.wrapper.service.Delivery`` keeps them). A Kafka record that is no binary-mode CloudEvent reaches a
+    KafkaSource sink with its headers as ``kafkaheader<name>`` extensions: ``kafkaheaderce_traceparent``."""
+    found: dict[str, str] = {}
+    for name in (TRACEPARENT, TRACESTATE):
+        value = attributes.get(name) or attributes.get(f"kafkaheaderce_{name}")
+        if value:
+            found[name] = value
+    return found
+
+
 def context_of_event(attributes: Mapping[str, str], transport_headers: Mapping[str, str] | None = None) -> Context:
-    """The trace context an event carries: its ``traceparent`` extension attribute (lower-cased attribute names,
-    as ``services.wrapper.service.Delivery`` keeps them), else the transport's ``traceparent`` header. An invalid
-    or absent value gives an empty context (the step starts a new trace)."""
-    carrier = {TRACEPARENT: attributes.get(TRACEPARENT, ""), TRACESTATE: attributes.get(TRACESTATE, "")}
-    if not carrier[TRACEPARENT] and transport_headers:
+    """The trace context an event carries (``event_trace_attributes``), else the transport's ``traceparent``
+    header. An invalid or absent value gives an empty context (the step starts a new trace)."""
+    carrier = event_trace_attributes(attributes)
+    if not carrier and transport_headers:
         lowered = {name.lower(): value for name, value in transport_headers.items()}
-        carrier = {TRACEPARENT: lowered.get(TRACEPARENT, ""), TRACESTATE: lowered.get(TRACESTATE, "")}
-    carrier = {name: value for name, value in carrier.items() if value}
+        carrier = {name: lowered[name] for name in (TRACEPARENT, TRACESTATE) if lowered.get(name)}
     return _propagator.extract(carrier)
 
 
@@ -157,6 +167,7 @@ __all__ = [
     "configure_tracing",
     "context_of_event",
     "context_of_kafka_headers",
+    "event_trace_attributes",
     "http_headers",
     "kafka_headers",
     "mark_failed",

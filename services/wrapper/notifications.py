@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from services.core.contracts import Notification, NotificationOptional, NotificationStatus
 from services.core.kafka import encode_json, producer_config
@@ -40,7 +40,8 @@ class RecordPosition:
 class EventPublisher(Protocol):
     """Publishes one JSON record and returns once the broker acknowledged it (raises otherwise)."""
 
-    def publish(self, bootstrap_servers: str, topic: str, value: Mapping[str, Any], key: str = "key") -> RecordPosition: ...
+    def publish(self, bootstrap_servers: str, topic: str, value: Mapping[str, Any], key: str = "key",
+                headers: Sequence[tuple[str, bytes]] = ()) -> RecordPosition: ...
 
 
 class KafkaPublisher:
@@ -61,8 +62,10 @@ class KafkaPublisher:
                 self._producers[bootstrap_servers] = producer
             return producer
 
-    def publish(self, bootstrap_servers: str, topic: str, value: Mapping[str, Any], key: str = "key") -> RecordPosition:
-        """Produce, flush, and return where the broker stored the record; raises if it was not acknowledged."""
+    def publish(self, bootstrap_servers: str, topic: str, value: Mapping[str, Any], key: str = "key",
+                headers: Sequence[tuple[str, bytes]] = ()) -> RecordPosition:
+        """Produce (with ``headers``, e.g. ``ce_traceparent``), flush, and return where the broker stored the
+        record; raises if it was not acknowledged."""
         if not bootstrap_servers:
             raise RuntimeError(f"no Kafka bootstrap servers configured to publish to {topic!r}")
         producer = self._producer(bootstrap_servers)
@@ -72,7 +75,8 @@ class KafkaPublisher:
         def on_delivery(err: Any, message: Any) -> None:
             (errors if err is not None else delivered).append(err if err is not None else message)
 
-        producer.produce(topic, key=key.encode("utf-8"), value=encode_json(value), on_delivery=on_delivery)
+        producer.produce(topic, key=key.encode("utf-8"), value=encode_json(value), headers=list(headers),
+                         on_delivery=on_delivery)
         remaining = producer.flush(self.timeout_s)
         if errors:
             raise RuntimeError(f"publishing to {topic!r} failed: {errors[0]}")

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from services.core import tracing
 from services.core.contracts import S3BucketDesc, StepMessage
 from services.core.step_config import StepConfig, StepCredentials
 from services.wrapper.batching import Work
@@ -139,7 +140,7 @@ class StepRun:
         created = (self.request.event_time or datetime.now(timezone.utc)).astimezone(timezone.utc).replace(
             microsecond=0)
         processed = process_input(self.runtime, self.request.message, self.client, self.config.bucket, self.folder,
-                                  created, self.notifier, self.log_fields)
+                                  created, self.notifier, self.log_fields, run_id=self.request.run_id)
         self.outcome.model_version = processed.served.version
         self.outcome.patches, self.outcome.rejections = processed.patches, processed.rejections
         self.outcome.objects, self.outcome.stats = processed.objects, processed.stats
@@ -156,7 +157,8 @@ class StepRun:
             task=self.runtime.spec.name, model_name=served.name, model_version=served.version,
             weights=served.card.weights, bucket=self.config.bucket, folder=message.S3_bucket_desc.folder,
             filename=message.S3_bucket_desc.filename, output_folder_key=self.folder, created=processed.created,
-            objects=processed.objects, patches=processed.patches, run=request.run_id,
+            objects=processed.objects, stac_objects=processed.stac_objects, patches=processed.patches,
+            run=request.run_id,
             next_message=self.outcome.next_message,
             rejections=[{"patch_id": r.patch_id, "source": r.source, "reason": r.reason}
                         for r in processed.rejections[:limit]],
@@ -202,17 +204,22 @@ class StepRun:
     # ---- the machine --------------------------------------------------------------------------------------
 
     def run(self) -> StepOutcome:
+        """The transitions in order, each in its own trace span (a child of the delivery's ``step`` span)."""
         try:
-            claimed = self.claim()
+            with tracing.stage("claim"):
+                claimed = self.claim()
             if isinstance(claimed, StepOutcome):
                 return claimed
             if claimed is not None:
                 return self.resume(claimed)
-            processed = self.process()
-            if not self.write_manifest(processed):
-                return self.lost_manifest_race()
+            with tracing.stage("process"):
+                processed = self.process()
+            with tracing.stage("write_manifest"):
+                if not self.write_manifest(processed):
+                    return self.lost_manifest_race()
             assert self.outcome.next_message is not None
-            self.announce(self.outcome.next_message)
+            with tracing.stage("announce", topic=self.config.topic_out):
+                self.announce(self.outcome.next_message)
             self.report_success(processed)
             return self.end(StepStatus.SUCCESS)
         except Exception as error:  # noqa: BLE001 - every failure ends one of two documented ways
@@ -221,7 +228,8 @@ class StepRun:
     def resume(self, manifest: dict[str, Any]) -> StepOutcome:
         """A run that wrote its manifest and stopped before announcing: announce it, do not run it again."""
         self.outcome.next_message = manifest.get("next_message") or next_message(self.folder, self.request.message)
-        self.announce(self.outcome.next_message)
+        with tracing.stage("announce", topic=self.config.topic_out, resumed=1):
+            self.announce(self.outcome.next_message)
         self.outcome.resumed_announcement = True
         self.outcome.patches = int(manifest.get("patches", 0))
         self.notifier.send("SUCCESS", f"{self.runtime.spec.name} done: {self.outcome.patches} patches -> "
@@ -266,7 +274,16 @@ def run_step(
         return StepOutcome(status=StepStatus.IGNORED, reason="previous_component_end is not True")
     secrets = secret_values(credentials)
     run = StepRun(runtime, request, config, credentials, runtime.notifier(config, secrets), secrets, log_fields)
-    return run.run()
+    span_attributes = {"eoml.task": runtime.spec.name, "eoml.config_name": request.config_name,
+                       "eoml.run_id": request.run_id, "eoml.workflow": config.workflow_name,
+                       "cloudevents.event_id": request.event_id}
+    with tracing.step_span(f"step {runtime.spec.name}", tracing.context_of_event(request.trace_attributes),
+                           span_attributes) as span:
+        outcome = run.run()
+        span.set_attribute("eoml.status", outcome.status.value)
+        if outcome.status in (StepStatus.CRITICAL, StepStatus.RETRY):
+            tracing.mark_failed(span, outcome.reason)
+    return outcome
 
 
 def announce(
@@ -277,7 +294,9 @@ def announce(
     position: RecordPosition | None = None
     if config.topic_out:
         try:
-            position = runtime.publisher.publish(runtime.bootstrap_servers(config), config.topic_out, next_message)
+            # ce_traceparent: the next step's delivery continues this trace (CloudEvents distributed tracing).
+            position = runtime.publisher.publish(runtime.bootstrap_servers(config), config.topic_out, next_message,
+                                                 headers=tracing.kafka_headers())
         except Exception as error:  # noqa: BLE001 - Kafka refused or timed out: redelivered later
             raise PublishError(f"Publishing the next step message to {config.topic_out!r} failed: {error}") from None
     else:

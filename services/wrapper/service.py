@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal, Mapping
 from pydantic import ValidationError
 
 from services.core.contracts import StepMessage
+from services.core.tracing import event_trace_attributes
 from services.core.step_config import (
     LocalStepConfigStore,
     StepConfig,
@@ -240,6 +241,7 @@ class WrapperService:
         request = StepRequest(
             config_name=config_name, message=message, raw_message=raw, event_id=delivery.event_id,
             event_time=delivery.event_time, event_source=delivery.source, run_id=delivery.run_id(config_name),
+            trace_attributes=event_trace_attributes(delivery.attributes),
         )
         outcome = run_step(self.runtime, request, config, credentials)
         if self.on_outcome is not None:

@@ -168,6 +168,10 @@ def test_wrapper_killed_while_processing_is_redelivered_and_announces_each_input
             folder = manifest_key[: -len(".manifest.json")]
             manifest = json.loads(client.get_object(Bucket=workflow.bucket, Key=manifest_key)["Body"].read())
             stored = sorted(k for k in results if k.startswith(folder + "/"))
+            # The run folder's STAC: its Collection and one Item (one input unit), listed apart in the manifest.
+            stac = [k for k in stored if k.endswith(("/collection.json", ".item.json"))]
+            assert len(stac) == 2 and sorted(o["key"] for o in manifest["stac"]) == stac
+            stored = [k for k in stored if k not in stac]
             assert sorted(o["key"] for o in manifest["objects"]) == stored
             names = [key.rsplit("/", 1)[1] for key in stored]
             assert {name[name.index("."):] for name in names} == suffixes and len(names) == len(suffixes)

@@ -110,7 +110,8 @@ def assert_complete(step: StepFixture, run_folder: str, reference: dict[str, byt
     """The run's objects are exactly the reference's bytes and exactly what its manifest lists; announced."""
     assert results_of(step, run_folder) == reference
     manifest = json.loads(object_bytes(step.s3, step.access.bucket_name, run_folder + MANIFEST_SUFFIX))
-    assert sorted(o["key"] for o in manifest["objects"]) == sorted(run_folder + k for k in reference)
+    listed = [*manifest["objects"], *manifest["stac"]]  # results, then the folder's STAC documents
+    assert sorted(o["key"] for o in listed) == sorted(run_folder + k for k in reference)
     assert manifest["folder"] == run_folder and manifest["created"] == "2026-07-08T09:10:11+00:00"
     object_bytes(step.s3, step.access.bucket_name, run_folder + ANNOUNCED_SUFFIX)  # raises if absent
     return manifest

@@ -1,11 +1,5 @@
-"""STAC documents of a run folder: valid against the STAC 1.1.0 JSON schemas, footprints where the input has them.
-
-The core schemas (Item, Collection, Catalog, GeoJSON Feature/Geometry and their common/datetime/bands parts) are
-the ones pystac ships in ``pystac/validation/jsonschemas`` (no network at test time: every $ref is resolved from
-that local registry, and an unresolvable one fails the test). The extension schemas (projection, file, raster,
-processing) ship in no installable package; their fields are checked against what the extension specs require
-in ``_check_extension_fields``.
-"""
+"""STAC documents of a run folder: valid against the STAC 1.1.0 JSON schemas (``stac_schemas``), footprints where
+the input has them, sensing times from the product / patch names, relative hrefs."""
 
 from __future__ import annotations
 
@@ -17,13 +11,9 @@ from typing import Any
 
 import pystac
 import pytest
-from jsonschema import Draft7Validator
-from pystac.validation.local_validator import get_local_schema_cache
-from referencing import Registry, Resource
-from referencing.exceptions import NoSuchResource
-
 from outputs_test_data import CREATED, GEOREFERENCED_PATCH, PLAIN_PATCH, SECOND_GEOREFERENCED_PATCH, read_sample_patch
 from services.wrapper.outputs import OutputFormatError
+from stac_schemas import validate
 from services.wrapper.outputs.stac import (
     Footprint,
     ModelFacts,
@@ -31,54 +21,14 @@ from services.wrapper.outputs.stac import (
     RunFacts,
     RunObject,
     UnitFacts,
+    UpstreamItem,
     is_stac_document,
     sensing_time,
     stac_documents,
 )
 
 RUN_FOLDER = "results/patches-0a1b2c3d/r-00112233445566aa"
-MODEL = ModelFacts("bigearthnet-classifier", "3", "ab" * 32)
-SCHEMA_ROOT = "https://schemas.stacspec.org/v1.1.0"
-
-
-def _registry() -> Registry:
-    cache = get_local_schema_cache()
-
-    def retrieve(uri: str) -> Resource:
-        if uri not in cache:
-            raise NoSuchResource(uri)  # never fetched: the test would fail naming the missing schema
-        return Resource.from_contents(cache[uri])
-
-    return Registry(retrieve=retrieve)  # type: ignore[call-arg]
-
-
-def validate(document: dict[str, Any]) -> None:
-    kind = {"Feature": "item", "Collection": "collection"}[document["type"]]
-    schema = get_local_schema_cache()[f"{SCHEMA_ROOT}/{kind}-spec/json-schema/{kind}.json"]
-    Draft7Validator(schema, registry=_registry()).validate(document)
-    _check_extension_fields(document)
-
-
-def _check_extension_fields(document: dict[str, Any]) -> None:
-    """The fields of the extensions the documents use, as their specs define them."""
-    properties = document.get("properties", {})
-    declared = " ".join(document.get("stac_extensions", []))
-    if any(key.startswith("proj:") for key in properties):
-        assert "projection/v2.0.0" in declared
-        assert re.fullmatch(r"EPSG:\d+", properties["proj:code"])
-        if "proj:shape" in properties:
-            assert len(properties["proj:shape"]) == 2 and all(isinstance(v, int) and v > 0 for v in properties["proj:shape"])
-            assert len(properties["proj:transform"]) in (6, 9)
-    if any(key.startswith("processing:") for key in properties):
-        assert "processing/v1.2.0" in declared
-        assert all(isinstance(v, str) for v in properties["processing:software"].values())
-    for asset in document.get("assets", {}).values():
-        assert "file/v2.1.0" in declared
-        assert isinstance(asset["file:size"], int) and asset["file:size"] >= 0
-        assert re.fullmatch(r"1220[0-9a-f]{64}", asset["file:checksum"])  # sha2-256 multihash
-        for band in asset.get("raster:bands", []):
-            assert "raster/v1.1.0" in declared
-            assert band["data_type"] in {t.value for t in pystac.extensions.raster.DataType}
+MODEL = ModelFacts("bigearthnet-classifier", "3", "checkpoint:classifier.pt:sha256=" + "ab" * 32)
 
 
 def _object(name: str, content_type: str, raster: RasterFacts | None = None) -> RunObject:
@@ -139,7 +89,8 @@ def test_items_of_real_georeferenced_patches_are_valid_and_lie_where_the_patches
     assert properties["datetime"] == "2017-06-17T11:33:21Z"  # from the patch name, not the run
     assert properties["created"] == "2026-01-02T03:04:05Z"
     assert properties["eoml:run_id"] == "r-00112233445566aa"
-    assert properties["eoml:model"] == {"name": MODEL.name, "version": "3", "weights_sha256": "ab" * 32}
+    assert properties["eoml:model"] == {"name": MODEL.name, "version": "3", "weights": MODEL.weights,
+                                        "weights_sha256": "ab" * 32}
     assert properties["processing:software"] == {MODEL.name: "3"}
 
     assets = item["assets"]
@@ -205,7 +156,8 @@ def test_links_to_the_input_and_the_upstream_run() -> None:
     upstream_item = "s3://workflow/results/in-11223344/r-aa/S2A_MSIL2A_20170613T101031_39_24.item.json"
     upstream_collection = "s3://workflow/results/in-11223344/r-aa/collection.json"
     unit = UnitFacts(PLAIN_PATCH, f"results/in-11223344/r-aa/{PLAIN_PATCH}.features.npz", (Footprint(PLAIN_PATCH),),
-                     (_object(f"{PLAIN_PATCH}.classes.json", "application/json"),), upstream_item=upstream_item)
+                     (_object(f"{PLAIN_PATCH}.classes.json", "application/json"),),
+                     upstream=UpstreamItem(upstream_item))
     documents = _documents(_facts((unit,), upstream=upstream_collection))
     item = documents[f"{RUN_FOLDER}/{PLAIN_PATCH}.item.json"]
     derived = {link["href"] for link in item["links"] if link["rel"] == "derived_from"}
@@ -258,3 +210,19 @@ def test_the_schema_check_refuses_what_stac_forbids() -> None:
                    {"geometry": {"type": "Polygon", "coordinates": [[1, 2]]}}):
         with pytest.raises(ValidationError):
             validate({**item, **breaks})
+
+
+def test_a_feature_file_unit_inherits_the_upstream_items_footprint_and_sensing_time() -> None:
+    upstream_documents = _documents(_facts((_unit_of_patch(GEOREFERENCED_PATCH),)))
+    upstream_item = upstream_documents[f"{RUN_FOLDER}/{GEOREFERENCED_PATCH}.item.json"]
+    upstream = UpstreamItem("s3://workflow/up/item.json", upstream_item["geometry"], upstream_item["bbox"],
+                            upstream_item["properties"]["proj:code"],
+                            (datetime(2017, 6, 17, 11, 33, 21, tzinfo=timezone.utc),))
+    unit = UnitFacts("features", "up/features.features.npz", (Footprint("0_0"),),
+                     (_object("features.classes.json", "application/json"),), upstream=upstream)
+    item = _documents(_facts((unit,)))[f"{RUN_FOLDER}/features.item.json"]
+    validate(item)
+    assert item["geometry"] == upstream_item["geometry"] and item["bbox"] == upstream_item["bbox"]
+    assert item["properties"]["eoml:footprint_source"] == "upstream item"
+    assert item["properties"]["proj:code"] == "EPSG:32629" and "proj:shape" not in item["properties"]
+    assert item["properties"]["datetime"] == "2017-06-17T11:33:21Z"

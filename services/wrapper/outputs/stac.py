@@ -15,7 +15,10 @@ What an Item says, and where it comes from:
   with no sensing time in its names gets the run time as ``datetime`` and ``eoml:datetime_source: "run"``;
 - ``proj:code`` (the projection extension) when every footprint shares one CRS, ``proj:shape``/``proj:transform``
   for a single footprint;
-- the model (``processing:software``, ``eoml:model``) and the run id (``eoml:run_id``);
+- a unit whose input has no georeferencing of its own but comes from an upstream run's Item (a feature file)
+  inherits that Item's footprint and sensing time (``eoml:footprint_source: "upstream item"``);
+- the model (``processing:software``, ``eoml:model``: name, version, weights identity and its sha256) and the run
+  id (``eoml:run_id``);
 - per asset: media type, roles (``data``; ``thumbnail`` for quicklooks; ``metadata`` for JSON/CSV records),
   ``file:size`` and ``file:checksum`` (sha256 as a multihash) from the manifest data, and for GeoTIFFs
   ``raster:bands`` (data type, nodata) when the writer says so.
@@ -55,6 +58,7 @@ _MEDIA_TYPES: Mapping[str, str] = {
 }
 _METADATA_SUFFIXES = (".json", ".csv")
 _QUICKLOOK_SUFFIX = ".png"
+_SHA256 = re.compile(r"sha256[=:]([0-9a-f]{64})")
 _CORNERS = ((0, 0), (1, 0), (1, 1), (0, 1), (0, 0))
 
 
@@ -126,25 +130,41 @@ class RunObject:
 
 
 @dataclass(frozen=True, slots=True)
-class UnitFacts:
-    """One output unit: its name (the Item id), the input it was read from, its patches and its objects.
+class UpstreamItem:
+    """The upstream run's Item for this unit's input (the input is a result of an earlier step): its s3:// URL,
+    and its footprint and sensing time, which a unit whose own input carries none (a feature file) inherits."""
 
-    ``upstream_item`` is the upstream run's Item for this input (an s3:// URL) when the input is a result of an
-    earlier step that has one.
-    """
+    href: str
+    geometry: Mapping[str, Any] | None = None
+    bbox: Sequence[float] | None = None
+    proj_code: str | None = None
+    datetimes: tuple[datetime, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UnitFacts:
+    """One output unit: its name (the Item id), the input it was read from, its patches and its objects."""
 
     name: str
     input_key: str
     footprints: tuple[Footprint, ...]
     objects: tuple[RunObject, ...]
-    upstream_item: str | None = None
+    upstream: UpstreamItem | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ModelFacts:
+    """The served model; ``weights`` is its card's weights identity (``checkpoint:x.pt:sha256=<hex>``,
+    ``seeded-init:seed=3``), whose sha256 the Items show on its own where there is one."""
+
     name: str
     version: str
-    weights_sha256: str
+    weights: str
+
+    @property
+    def weights_sha256(self) -> str | None:
+        match = _SHA256.search(self.weights)
+        return match.group(1) if match else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,9 +253,12 @@ def _asset(obj: RunObject, run_folder: str) -> pystac.Asset:
 
 
 def _times(unit: UnitFacts, created: datetime) -> tuple[datetime | None, dict[str, Any]]:
-    """(datetime, extra properties): the sensing time(s) of the unit's patches, else the run time, said so."""
+    """(datetime, extra properties): the sensing time(s) of the unit's patches (else of its upstream Item), else
+    the run time, said so."""
     names = [f.patch_id for f in unit.footprints] or [unit.input_key]
     sensed = sorted({t for t in (sensing_time(name) or sensing_time(unit.input_key) for name in names) if t})
+    if not sensed and unit.upstream is not None:
+        sensed = sorted(set(unit.upstream.datetimes))
     if not sensed:
         return created, {"eoml:datetime_source": "run"}
     if len(sensed) == 1:
@@ -246,42 +269,53 @@ def _times(unit: UnitFacts, created: datetime) -> tuple[datetime | None, dict[st
 
 def _item(facts: RunFacts, unit: UnitFacts) -> pystac.Item:
     geometry = _wgs84_geometry(unit.footprints)
+    bbox = _bbox(geometry) if geometry else None
+    crs_codes = {_epsg_code(f.crs) for f in unit.footprints if f.crs is not None}
+    upstream = unit.upstream
+    inherited = geometry is None and upstream is not None and upstream.geometry is not None
+    if inherited:
+        assert upstream is not None and upstream.geometry is not None
+        geometry, bbox = dict(upstream.geometry), list(upstream.bbox or _bbox(upstream.geometry))
+        crs_codes = {upstream.proj_code}
     when, time_properties = _times(unit, facts.created)
+    model = {"name": facts.model.name, "version": facts.model.version, "weights": facts.model.weights}
+    if facts.model.weights_sha256:
+        model["weights_sha256"] = facts.model.weights_sha256
     properties: dict[str, Any] = {
         **time_properties,
         "created": pystac.utils.datetime_to_str(facts.created),
         "eoml:run_id": facts.run_id,
         "eoml:task": facts.task,
-        "eoml:model": {"name": facts.model.name, "version": facts.model.version,
-                       "weights_sha256": facts.model.weights_sha256},
+        "eoml:model": model,
         "eoml:patches": [f.patch_id for f in unit.footprints],
         "eoml:georeferenced": geometry is not None,
         "processing:software": {facts.model.name: facts.model.version},
         "processing:lineage": (f"{facts.task} with model {facts.model.name} version {facts.model.version} "
-                               f"(weights sha256 {facts.model.weights_sha256}), run {facts.run_id}"),
+                               f"(weights {facts.model.weights}), run {facts.run_id}"),
     }
+    if inherited:
+        properties["eoml:footprint_source"] = "upstream item"
     if geometry is None:
         properties["description"] = (
             "no footprint: the input patches carry no georeferencing (CRS and transform)"
             if unit.footprints else "no footprint: this output unit has no patches"
         )
-    item = pystac.Item(id=unit.name, geometry=geometry, bbox=_bbox(geometry) if geometry else None,
+    item = pystac.Item(id=unit.name, geometry=geometry, bbox=bbox,
                        datetime=when, properties=properties, stac_extensions=[PROCESSING_EXTENSION])
     if "start_datetime" in time_properties:
         item.common_metadata.start_datetime = pystac.utils.str_to_datetime(time_properties["start_datetime"])
         item.common_metadata.end_datetime = pystac.utils.str_to_datetime(time_properties["end_datetime"])
-    crs_codes = {_epsg_code(f.crs) for f in unit.footprints if f.crs is not None}
     if geometry is not None and len(crs_codes) == 1 and None not in crs_codes:
         projection = ProjectionExtension.ext(item, add_if_missing=True)
         projection.code = crs_codes.pop()
-        if len(unit.footprints) == 1:
+        if len(unit.footprints) == 1 and not inherited:
             only = unit.footprints[0]
             projection.shape = list(only.shape or ())
             projection.transform = list(only.transform or ())
     item.add_link(pystac.Link(pystac.RelType.DERIVED_FROM, _s3_url(facts.input_bucket, unit.input_key),
                               title="input"))
-    if unit.upstream_item is not None:
-        item.add_link(pystac.Link(pystac.RelType.DERIVED_FROM, unit.upstream_item, media_type=pystac.MediaType.JSON,
+    if upstream is not None:
+        item.add_link(pystac.Link(pystac.RelType.DERIVED_FROM, upstream.href, media_type=pystac.MediaType.JSON,
                                   title="upstream run's item"))
     FileExtension.add_to(item)
     for obj in unit.objects:
@@ -369,6 +403,7 @@ __all__ = [
     "RunObject",
     "STAC_MEDIA_TYPE",
     "UnitFacts",
+    "UpstreamItem",
     "build_collection",
     "collection_key",
     "is_stac_document",
