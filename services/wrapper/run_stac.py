@@ -11,6 +11,8 @@ other result object, so the manifest lists them and nothing is written after the
 from __future__ import annotations
 
 import logging
+import posixpath
+import re
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,7 +21,7 @@ from typing import Any
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from services.wrapper.gdal_policy import GTIFF, NotTheClaimedFormat, open_raster_bytes, open_raster_file
-from services.wrapper.handlers.base import InputUnit
+from services.wrapper.handlers.base import InputUnit, patch_name
 from services.wrapper.inputs.s3_listing import S3Client
 from services.wrapper.outputs.stac import (
     COLLECTION_NAME,
@@ -120,7 +122,8 @@ class StacRecorder:
             name = obj.key.rsplit("/", 1)[-1]
             self._record(unit).grids.append(Footprint(name, grid.crs, grid.transform, grid.shape))
 
-    def unit_facts(self, objects: list[WrittenObject], upstream: dict[str, UpstreamItem]) -> tuple[UnitFacts, ...]:
+    def unit_facts(self, objects: list[WrittenObject], upstream: dict[str, UpstreamItem], run_folder: str
+                   ) -> tuple[UnitFacts, ...]:
         by_input: dict[str, list[WrittenObject]] = {}
         for obj in objects:
             by_input.setdefault(obj.input_key, []).append(obj)
@@ -133,13 +136,41 @@ class StacRecorder:
             if not any(f.georeferenced for f in footprints) and record.grids and upstream.get(record.unit.key) is None:
                 # No georeferencing in the input (a UC6 stack's windows): the result grids say where it lies.
                 footprints = tuple(record.grids[:1]) if len(record.grids) == 1 else tuple(record.grids)
+            per_patch = _split_by_patch(record, written, run_folder)
+            if per_patch is not None:
+                # Results per patch (``<unit>/<patch>.tif``, quicklooks): one Item per patch, its own footprint.
+                for name, footprint, objects in per_patch:
+                    facts.append(UnitFacts(name, record.unit.key, (footprint,), self._objects(objects),
+                                           upstream.get(record.unit.key)))
+                continue
             facts.append(UnitFacts(
                 name=record.unit.name, input_key=record.unit.key, footprints=footprints,
-                objects=tuple(RunObject(o.key, o.size, o.sha256, o.content_type, self.rasters.get(o.key))
-                              for o in written),
-                upstream=upstream.get(record.unit.key),
+                objects=self._objects(written), upstream=upstream.get(record.unit.key),
             ))
         return tuple(facts)
+
+    def _objects(self, written: list[WrittenObject]) -> tuple[RunObject, ...]:
+        return tuple(RunObject(o.key, o.size, o.sha256, o.content_type, self.rasters.get(o.key)) for o in written)
+
+
+def _split_by_patch(record: _UnitRecord, written: list[WrittenObject], run_folder: str
+                    ) -> list[tuple[str, Footprint, list[WrittenObject]]] | None:
+    """``(<unit>/<patch name>, footprint, objects)`` per patch when every object of the unit is one patch's
+    (``<run folder>/<unit>/<patch name>[-<hash>].<suffix>``, as ``handlers.base.unique_names`` names them);
+    None when any object is the unit's as a whole."""
+    if len(record.footprints) < 2:
+        return None
+    prefix = f"{run_folder}/{record.unit.name}/"
+    names = {patch_name(patch_id): footprint for patch_id, footprint in record.footprints.items()}
+    grouped: dict[str, list[WrittenObject]] = {}
+    for obj in written:
+        file_name = obj.key[len(prefix):] if obj.key.startswith(prefix) else ""
+        stem = re.split(r"[.]", file_name, maxsplit=1)[0]
+        owner = stem if stem in names else re.sub(r"-[0-9a-f]{8}$", "", stem)
+        if "/" in file_name or owner not in names:
+            return None
+        grouped.setdefault(owner, []).append(obj)
+    return [(f"{record.unit.name}/{name}", names[name], objects) for name, objects in sorted(grouped.items())]
 
 
 def upstream_items(client: S3Client, bucket: str, input_folder: str) -> tuple[str | None, dict[str, UpstreamItem]]:
@@ -164,8 +195,8 @@ def upstream_items(client: S3Client, bucket: str, input_folder: str) -> tuple[st
         )
         for asset in (item.get("assets") or {}).values():
             asset_href = str(asset.get("href", "")) if isinstance(asset, dict) else ""
-            if asset_href.startswith("./"):
-                found[f"{folder}/{asset_href[2:]}"] = upstream
+            if asset_href.startswith(("./", "../")):
+                found[posixpath.normpath(posixpath.join(posixpath.dirname(item_key), asset_href))] = upstream
     return f"s3://{bucket}/{folder}/{COLLECTION_NAME}", found
 
 
@@ -189,7 +220,7 @@ def write_documents(
 
     ``ResultWriteError`` when S3 fails (like any other result object)."""
     upstream_collection, upstream = upstream_items(store.client, store.bucket, input_folder)
-    units = recorder.unit_facts(list(store.written), upstream)
+    units = recorder.unit_facts(list(store.written), upstream, store.folder)
     if not units:
         return []
     facts = RunFacts(run_id=run_id, task=task, bucket=store.bucket, run_folder=store.folder,

@@ -4,7 +4,6 @@ the input has them, sensing times from the product / patch names, relative hrefs
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any

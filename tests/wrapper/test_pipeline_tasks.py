@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import posixpath
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -180,16 +181,17 @@ def check_stac(step: StepFixture, outcome: Any, manifest: dict[str, Any]) -> lis
     collection = json.loads(object_bytes(step.s3, bucket, f"{folder}/collection.json"))
     validate_stac(collection)
     assert collection["id"] == manifest["run_id"]
-    items = []
-    for link in (link for link in collection["links"] if link["rel"] == "item"):
-        item = json.loads(object_bytes(step.s3, bucket, f"{folder}/{link['href'][2:]}"))
+    items, assets = [], {}
+    item_keys = [f"{folder}/{link['href'][2:]}" for link in collection["links"] if link["rel"] == "item"]
+    for key in item_keys:
+        item = json.loads(object_bytes(step.s3, bucket, key))
         validate_stac(item)
         assert item["properties"]["eoml:run_id"] == manifest["run_id"]
         assert item["properties"]["eoml:model"]["weights"] == manifest["model"]["weights"]
         items.append(item)
-    assert sorted(f"{folder}/{link['href'][2:]}" for link in collection["links"] if link["rel"] == "item") == sorted(
-        entry["key"] for entry in manifest["stac"][1:])
-    assets = {f"{folder}/{asset['href'][2:]}": asset for item in items for asset in item["assets"].values()}
+        for asset in item["assets"].values():  # relative to the Item's own place in the folder
+            assets[posixpath.normpath(posixpath.join(posixpath.dirname(key), asset["href"]))] = asset
+    assert sorted(item_keys) == sorted(entry["key"] for entry in manifest["stac"][1:])
     assert sorted(assets) == sorted(entry["key"] for entry in manifest["objects"])
     for entry in manifest["objects"]:
         assert assets[entry["key"]]["file:size"] == entry["size"]
@@ -522,9 +524,16 @@ def test_redelivery_is_a_duplicate_and_a_new_event_gets_its_own_run_folder(
         first.output_folder + ANNOUNCED_SUFFIX,
         f"{first.output_folder}/x/{GEOREFERENCED_PATCH}.tif",
         f"{first.output_folder}/x/{PLAIN_PATCH}.tif",
-        f"{first.output_folder}/collection.json",  # the run folder's STAC (one Item per input unit)
-        f"{first.output_folder}/x.item.json",
+        f"{first.output_folder}/collection.json",  # the run folder's STAC: per-patch results, an Item per patch
+        f"{first.output_folder}/x/{GEOREFERENCED_PATCH}.item.json",
+        f"{first.output_folder}/x/{PLAIN_PATCH}.item.json",
     ])
+    geo_item = json.loads(snapshot[f"{first.output_folder}/x/{GEOREFERENCED_PATCH}.item.json"])
+    plain_item = json.loads(snapshot[f"{first.output_folder}/x/{PLAIN_PATCH}.item.json"])
+    assert geo_item["id"] == f"x__{GEOREFERENCED_PATCH}" and geo_item["properties"]["proj:code"] == "EPSG:32629"
+    assert geo_item["assets"]["tif"]["href"] == f"./{GEOREFERENCED_PATCH}.tif"
+    assert geo_item["assets"]["tif"]["raster:bands"] == [{"data_type": "float32", "nodata": -1.0}]
+    assert geo_item["geometry"]["type"] == "Polygon" and plain_item["geometry"] is None
     assert first.output_folder.startswith(output_folder("result-uc5-cfactor", "in") + "/r-")
     georeferenced = read_geotiff(snapshot[f"{first.output_folder}/x/{GEOREFERENCED_PATCH}.tif"])
     with rasterio.open(SAMPLE_PATCHES / GEOREFERENCED_PATCH / f"{GEOREFERENCED_PATCH}_B02.tif") as source:

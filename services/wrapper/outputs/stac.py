@@ -29,6 +29,7 @@ The documents are built from plain facts (``RunFacts``): nothing here reads S3 o
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -196,11 +197,18 @@ def _s3_url(bucket: str, key: str) -> str:
     return f"s3://{bucket}/{key.lstrip('/')}"
 
 
-def _relative(run_folder: str, key: str) -> str:
+def _relative(run_folder: str, key: str, from_path: str) -> str:
+    """``key`` relative to the document at ``from_path`` (its path inside the run folder), as ``./x`` or ``../x``."""
     prefix = run_folder + "/"
     if not key.startswith(prefix):
         raise OutputFormatError(f"object {key!r} is not inside the run folder {run_folder!r}")
-    return "./" + key[len(prefix):]
+    relative = posixpath.relpath(key[len(prefix):], posixpath.dirname(from_path) or ".")
+    return relative if relative.startswith("../") else "./" + relative
+
+
+def item_id(unit_name: str) -> str:
+    """A unit's Item id: its name, a per-patch unit's ``<unit>/<patch>`` written ``<unit>__<patch>``."""
+    return unit_name.replace("/", "__")
 
 
 def _wgs84_geometry(footprints: Sequence[Footprint]) -> dict[str, Any] | None:
@@ -247,8 +255,8 @@ def _media_type(obj: RunObject) -> str:
     return _MEDIA_TYPES.get(obj.content_type, obj.content_type)
 
 
-def _asset(obj: RunObject, run_folder: str) -> pystac.Asset:
-    return pystac.Asset(href=_relative(run_folder, obj.key), media_type=_media_type(obj), roles=_roles(obj),
+def _asset(obj: RunObject, run_folder: str, item_path: str) -> pystac.Asset:
+    return pystac.Asset(href=_relative(run_folder, obj.key, item_path), media_type=_media_type(obj), roles=_roles(obj),
                         title=obj.key.rsplit("/", 1)[-1])
 
 
@@ -300,7 +308,7 @@ def _item(facts: RunFacts, unit: UnitFacts) -> pystac.Item:
             "no footprint: the input patches carry no georeferencing (CRS and transform)"
             if unit.footprints else "no footprint: this output unit has no patches"
         )
-    item = pystac.Item(id=unit.name, geometry=geometry, bbox=bbox,
+    item = pystac.Item(id=item_id(unit.name), geometry=geometry, bbox=bbox,
                        datetime=when, properties=properties, stac_extensions=[PROCESSING_EXTENSION])
     if "start_datetime" in time_properties:
         item.common_metadata.start_datetime = pystac.utils.str_to_datetime(time_properties["start_datetime"])
@@ -319,7 +327,7 @@ def _item(facts: RunFacts, unit: UnitFacts) -> pystac.Item:
                                   title="upstream run's item"))
     FileExtension.add_to(item)
     for obj in unit.objects:
-        asset = _asset(obj, facts.run_folder)
+        asset = _asset(obj, facts.run_folder, unit.name + ITEM_SUFFIX)
         item.add_asset(_asset_key(obj, unit.name), asset)
         file_info = FileExtension.ext(asset)
         file_info.size = obj.size
@@ -333,9 +341,10 @@ def _item(facts: RunFacts, unit: UnitFacts) -> pystac.Item:
 
 
 def _asset_key(obj: RunObject, unit_name: str) -> str:
-    """The object's name without the unit's name in front (``classes.tif``, ``patchA.quicklook.png``)."""
+    """The object's name without the unit's (or patch's) name in front (``classes.tif``, ``quicklook.png``)."""
     name = obj.key.rsplit("/", 1)[-1]
-    trimmed = name[len(unit_name):].lstrip(".-_/") if name.startswith(unit_name) else name
+    stem = unit_name.rsplit("/", 1)[-1]
+    trimmed = name[len(stem):].lstrip(".-_/") if name.startswith(stem) else name
     return trimmed or name
 
 
@@ -370,8 +379,8 @@ def build_collection(facts: RunFacts) -> pystac.Collection:
     # A local root only to compute relative hrefs; what is stored names no absolute location of its own.
     root = "/eoml-run"
     collection.set_self_href(f"{root}/{COLLECTION_NAME}")
-    for item in items:
-        item.set_self_href(f"{root}/{item.id}{ITEM_SUFFIX}")
+    for item, unit in zip(items, facts.units):
+        item.set_self_href(f"{root}/{unit.name}{ITEM_SUFFIX}")
     return collection
 
 
@@ -383,8 +392,8 @@ def stac_documents(facts: RunFacts) -> dict[str, bytes]:
     collection = build_collection(facts)
     documents = {collection_key(facts.run_folder): _encode(
         collection.to_dict(include_self_link=False, transform_hrefs=True))}
-    for item in collection.get_items():
-        documents[item_key(facts.run_folder, item.id)] = _encode(
+    for item, unit in zip(collection.get_items(), facts.units):
+        documents[item_key(facts.run_folder, unit.name)] = _encode(
             item.to_dict(include_self_link=False, transform_hrefs=True))
     return documents
 
@@ -407,6 +416,7 @@ __all__ = [
     "build_collection",
     "collection_key",
     "is_stac_document",
+    "item_id",
     "item_key",
     "sensing_time",
     "stac_documents",
