@@ -195,7 +195,7 @@ def bench_granule(task: str, server: Server, moto: MotoS3Server, broker: TansuBr
             wrapper.kill()
     if answer.get("status") != "SUCCESS":
         raise RuntimeError(f"granule step did not succeed: {answer}")
-    manifest = json.loads(s3.get_object(Bucket=bucket, Key=answer["folder"] + ".manifest.json")["Body"].read())
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=answer["folder"].rsplit("/", 1)[0] + ".manifest.json")["Body"].read())
     return {
         "task": task, "patches": manifest["patches"], "archive_bytes": archive_size, "batch_size": batch_size,
         "requests_in_flight": in_flight, "wall_s": wall_s, "patches_per_s": manifest["patches"] / wall_s,

@@ -1,10 +1,10 @@
 """The local event plane: what a Knative KafkaSource does, for machines without Knative.
 
 For every wired step a ``StepDispatcher`` thread consumes ``Topics.in`` with the step's consumer group and POSTs
-each record to the Wrapper as the KafkaSource dispatcher would: binary-mode CloudEvent (``ce-id:
+each record to the Wrapper as the KafkaSource dispatcher would, as an HTTP binary-mode CloudEvent: a record that is a
+CloudEvent (Kafka binary or structured mode) keeps the producer's id/source/type; a plain record gets ``ce-id:
 partition:<p>/offset:<o>``, ``ce-type: dev.knative.kafka.event``, ``ce-source: /apis/v1/namespaces/<ns>/
-kafkasources/<name>#<topic>``, ``ce-subject: partition:<p>#<o>``, Kafka headers as ``ce-kafkaheader<name>``), body =
-the record value. Records of a partition are delivered in order, one at a time (the KafkaSource's ``ordered``
+kafkasources/<name>#<topic>``, its Kafka headers as ``ce-kafkaheader<name>`` (``event_plane/cloudevents.py``). Records of a partition are delivered in order, one at a time (the KafkaSource's ``ordered``
 mode). Each attempt waits up to the step's delivery timeout (default 3600 s: the Wrapper answers only when the
 step's outcome is durable, so an attempt lasts as long as the step). Connection errors, timeouts and retryable
 answers (5xx, 404, 408, 409, 429) are retried with the step's backoff (bounded, as a KafkaSource: ``retry`` times,
@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import http.client
 import logging
-import re
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit
 
@@ -30,12 +28,11 @@ from services.core.auth import outgoing_auth_headers
 from services.core.kafka import consumer_config, encode_json, ensure_topics, poll_record, producer_config
 from services.core.step_config import StepConfig
 
+from .event_plane.cloudevents import KafkaRecord, RecordEvent, RecordMode, record_cloudevent
 from .settings import ControllerSettings
 from .wiring import (
-    CLOUDEVENT_TYPE,
     DeliveryPolicy,
     StepRejected,
-    cloudevent_source,
     consumer_group,
     dead_letter_topic,
     delivery_dead_letter_record,
@@ -44,7 +41,7 @@ from .wiring import (
 
 log = logging.getLogger(__name__)
 
-_NOT_ATTRIBUTE_CHARS = re.compile(r"[^a-z0-9]")
+__all__ = ["KafkaRecord", "RecordEvent", "RecordMode", "record_cloudevent", "LocalSourceDriver", "ensure_topic"]
 _RESPONSE_EXCERPT = 300
 
 
@@ -69,19 +66,6 @@ class DispatchTarget:
                    url=f"{wrapper_base_url.rstrip('/')}/{config.config_name}", service_name=config.service_name)
 
 
-@dataclass(frozen=True)
-class KafkaRecord:
-    """The parts of a consumed record a delivery needs (plain data: tests build them directly)."""
-
-    topic: str
-    partition: int
-    offset: int
-    value: bytes
-    key: bytes | None = None
-    headers: tuple[tuple[str, bytes], ...] = ()
-    timestamp_ms: int | None = None
-
-
 def kafka_record(message: Any) -> KafkaRecord:
     """A consumed confluent-kafka ``Message`` (without error) as plain data."""
     headers = tuple((name, value if isinstance(value, bytes) else (value or "").encode("utf-8"))
@@ -93,25 +77,8 @@ def kafka_record(message: Any) -> KafkaRecord:
 
 
 def cloudevent_headers(record: KafkaRecord, target: DispatchTarget) -> dict[str, str]:
-    """Binary-mode CloudEvent headers for a record, as the Knative KafkaSource dispatcher sends them."""
-    headers = {
-        "ce-specversion": "1.0",
-        "ce-id": f"partition:{record.partition}/offset:{record.offset}",
-        "ce-type": CLOUDEVENT_TYPE,
-        "ce-source": cloudevent_source(target.namespace, target.source_name, record.topic),
-        "ce-subject": f"partition:{record.partition}#{record.offset}",
-        "content-type": "application/json",
-    }
-    if record.timestamp_ms:
-        moment = datetime.fromtimestamp(record.timestamp_ms / 1000, tz=timezone.utc)
-        headers["ce-time"] = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    if record.key is not None:
-        headers["ce-key"] = record.key.decode("utf-8", errors="replace")
-    for name, value in record.headers:
-        # CloudEvents attribute names are lower-case letters and digits only.
-        attribute = "kafkaheader" + _NOT_ATTRIBUTE_CHARS.sub("", name.lower())
-        headers[f"ce-{attribute}"] = (value or b"").decode("utf-8", errors="replace")
-    return headers
+    """HTTP binary-mode headers of the event a record is delivered as (``record_cloudevent``)."""
+    return record_cloudevent(record, target.namespace, target.source_name).http_headers()
 
 
 @dataclass
@@ -157,7 +124,8 @@ def deliver_record(record: KafkaRecord, target: DispatchTarget, policy: Delivery
                    post: HttpPoster = http_post, stop: threading.Event | None = None,
                    on_failed_attempt: Callable[[DeliveryResult], None] | None = None) -> DeliveryResult:
     """POST one record until a 2xx, at most ``policy.attempts`` times, backing off between retryable failures."""
-    headers = cloudevent_headers(record, target)
+    event = record_cloudevent(record, target.namespace, target.source_name)
+    headers = event.http_headers()
     stop = stop or threading.Event()
     result = DeliveryResult(delivered=False, attempts=0)
     for attempt in range(1, policy.attempts + 1):
@@ -166,7 +134,7 @@ def deliver_record(record: KafkaRecord, target: DispatchTarget, policy: Delivery
             return result
         result.attempts = attempt
         try:
-            status, answer = post(target.url, record.value, headers, policy.timeout_s)
+            status, answer = post(target.url, event.data, headers, policy.timeout_s)
         except (OSError, http.client.HTTPException) as error:
             result.status, result.error = None, f"{type(error).__name__}: {error}"[:_RESPONSE_EXCERPT]
         else:
@@ -206,7 +174,7 @@ def dead_letter_value(record: KafkaRecord, target: DispatchTarget, result: Deliv
     value = delivery_dead_letter_record(
         reason, config_name=target.config_name, service_name=target.service_name,
         workflow_name=target.workflow_name, topic_in=record.topic,
-        event_id=f"partition:{record.partition}/offset:{record.offset}", value=record.value,
+        event_id=record_cloudevent(record, target.namespace, target.source_name).id, value=record.value,
         attempts=result.attempts, http_status=result.status)
     return encode_json(value)
 

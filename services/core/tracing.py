@@ -132,9 +132,10 @@ def http_headers() -> dict[str, str]:
     return _current_carrier()
 
 
-def kafka_headers() -> list[tuple[str, bytes]]:
-    """The current span's context as CloudEvents Kafka headers (``ce_traceparent``, ``ce_tracestate``)."""
-    return [(f"ce_{name}", value.encode("utf-8")) for name, value in sorted(_current_carrier().items())]
+def kafka_headers() -> dict[str, str]:
+    """The current span's context as CloudEvents Kafka headers (``ce_traceparent``, ``ce_tracestate``); empty
+    outside a recorded span."""
+    return {f"ce_{name}": value for name, value in sorted(_current_carrier().items())}
 
 
 @contextmanager

@@ -342,7 +342,10 @@ def _get(client: Any, bucket: str, key: str) -> bytes:
 
 
 def _manifest(client: Any, bucket: str, folder: str) -> dict[str, Any]:
-    return json.loads(_get(client, bucket, folder.rstrip("/") + ".manifest.json"))
+    """The manifest of an announced folder (a run's winning attempt): beside its run folder."""
+    from services.wrapper.results import manifest_key, run_folder_of
+
+    return json.loads(_get(client, bucket, manifest_key(run_folder_of(folder))))
 
 
 def read_workflow_results(state: PlatformState, report: WorkflowReport) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from services.core.contracts import Notification, NotificationOptional, NotificationStatus
 from services.core.kafka import encode_json, producer_config
@@ -38,10 +38,28 @@ class RecordPosition:
 
 
 class EventPublisher(Protocol):
-    """Publishes one JSON record and returns once the broker acknowledged it (raises otherwise)."""
+    """Publishes one JSON record (with optional Kafka headers) and returns once the broker acknowledged THAT record
+    (raises otherwise)."""
 
     def publish(self, bootstrap_servers: str, topic: str, value: Mapping[str, Any], key: str = "key",
-                headers: Sequence[tuple[str, bytes]] = ()) -> RecordPosition: ...
+                headers: Mapping[str, str] | None = None) -> RecordPosition: ...
+
+
+# The delivery report of a record comes at message.timeout.ms at the latest; this much more before giving up on it.
+DELIVERY_REPORT_GRACE_S = 5.0
+
+
+class _DeliveryReport:
+    """The delivery report of one produced record."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: Any = None
+        self.message: Any = None
+
+    def on_delivery(self, error: Any, message: Any) -> None:
+        self.error, self.message = error, message
+        self.done.set()
 
 
 class KafkaPublisher:
@@ -63,26 +81,29 @@ class KafkaPublisher:
             return producer
 
     def publish(self, bootstrap_servers: str, topic: str, value: Mapping[str, Any], key: str = "key",
-                headers: Sequence[tuple[str, bytes]] = ()) -> RecordPosition:
-        """Produce (with ``headers``, e.g. ``ce_traceparent``), flush, and return where the broker stored the
-        record; raises if it was not acknowledged."""
+                headers: Mapping[str, str] | None = None) -> RecordPosition:
+        """Produce one record and wait for ITS delivery report only; return where the broker stored it.
+
+        Not ``flush()``: the producer is shared by every worker, and a flush waits for (and would count) the other
+        threads' pending records too, so a publish could fail after its own record was stored. Raises when this
+        record was refused or not acknowledged within ``timeout_s`` (``message.timeout.ms``; its report comes then)."""
         if not bootstrap_servers:
             raise RuntimeError(f"no Kafka bootstrap servers configured to publish to {topic!r}")
         producer = self._producer(bootstrap_servers)
-        delivered: list[Any] = []
-        errors: list[Any] = []
-
-        def on_delivery(err: Any, message: Any) -> None:
-            (errors if err is not None else delivered).append(err if err is not None else message)
-
-        producer.produce(topic, key=key.encode("utf-8"), value=encode_json(value), headers=list(headers),
-                         on_delivery=on_delivery)
-        remaining = producer.flush(self.timeout_s)
-        if errors:
-            raise RuntimeError(f"publishing to {topic!r} failed: {errors[0]}")
-        if remaining or not delivered:
-            raise TimeoutError(f"record to {topic!r} not acknowledged within {self.timeout_s} s")
-        message = delivered[0]
+        report = _DeliveryReport()
+        producer.produce(topic, key=key.encode("utf-8"), value=encode_json(value),
+                         headers=[(name, text.encode("utf-8")) for name, text in (headers or {}).items()] or None,
+                         on_delivery=report.on_delivery)
+        # Any thread's poll() serves any record's report: each publish polls until its own has come.
+        deadline = time.monotonic() + self.timeout_s + DELIVERY_REPORT_GRACE_S
+        while not report.done.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"record to {topic!r} not acknowledged within {self.timeout_s} s")
+            producer.poll(min(left, 0.1))
+        if report.error is not None:
+            raise RuntimeError(f"publishing to {topic!r} failed: {report.error}")
+        message = report.message
         return RecordPosition(topic, int(message.partition()), int(message.offset()))
 
     def close(self) -> None:

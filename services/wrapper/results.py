@@ -1,20 +1,25 @@
-"""Where a step's results go and how they are announced: one immutable run folder per delivery.
+"""Where a step's results go and how they are announced: one run folder per delivery, one attempt folder per run
+of it, and only the winning attempt is ever announced.
 
 Output folder: ``<result prefix>/<input folder name>-<8 hex of sha256(input folder[/filename])>`` (depends only on
 what the step message names). Run folder: ``<output folder>/<run id>``, the run id coming from the delivery
 (``run_id``): a redelivery of one event finds the same run folder, a new event for the same input gets a new one.
+Attempt folder: ``<run folder>/<attempt id>``, ``a-<8 hex of the outputs profile>-<8 random hex>``: every run of a
+delivery writes its result objects into a folder of its own, so no run ever writes where another run wrote (a late
+or concurrent duplicate cannot touch an announced object, whatever its settings or model version).
 
-Objects beside the run folder (so that the folder holds result files only, which is what the next component lists):
+Objects beside the run folder (so that an attempt folder holds result files only, which is what the next component
+lists):
 
-- ``<run folder>.manifest.json``: written last, create-only (``If-None-Match: *``): the run is complete. Of two
-  Wrappers running the same delivery at once, the one whose manifest write wins announces;
-- ``<run folder>.announced.json``: the next-step message is on Kafka (topic, partition, offset, event id, time);
+- ``<run folder>.manifest.json``: written last, create-only (``If-None-Match: *``): names the winning attempt
+  (``folder``) and lists its objects. Of two runs of the same delivery, the one whose manifest write wins is the
+  one announced; the other deletes its own attempt folder;
+- ``<run folder>.announced.json``: the next-step message is on Kafka (topic, partition, offset, CloudEvent id);
 - ``<run folder>.failed.json``: the run failed for good and its dead-letter record is on Kafka.
 
-Nothing here deletes or overwrites an object: an announced run folder stays as announced. A run that fails before
-its manifest may leave partial objects in its own (unannounced) run folder; no manifest ever lists them.
+Nothing here overwrites an object; the only deletes are of never announced attempt objects: a losing run's own,
+and, once a run is announced, what runs cut off mid-way left beside the announced attempt.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -22,6 +27,7 @@ import json
 import logging
 import secrets
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 from datetime import datetime
 from typing import Any, Iterable, Sequence
 
@@ -41,11 +47,14 @@ FAILED_SUFFIX = ".failed.json"
 MANIFEST_FORMAT = "eoml-step-result/2"
 MANIFEST_CONTENT_TYPE = "application/json"
 RUN_ID_PREFIX = "r-"
+ATTEMPT_ID_PREFIX = "a-"
 # boto3 switches to a multipart upload above this size (a part per chunk): no single PUT limit, bounded memory.
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNK_BYTES = 16 * 1024 * 1024
 _NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 _PRECONDITION_CODES = frozenset({"412", "PreconditionFailed", "ConditionalRequestConflict", "409"})
+# An S3 implementation without conditional writes: a configuration error, never retried.
+_NOT_IMPLEMENTED_CODES = frozenset({"501", "NotImplemented"})
 
 
 class ResultWriteError(Exception):
@@ -54,6 +63,20 @@ class ResultWriteError(Exception):
     def __init__(self, reason: str, transient: bool = False) -> None:
         super().__init__(reason)
         self.transient = transient
+
+
+class S3ConfigurationError(Exception):
+    """The workflow's S3 endpoint cannot give the Wrapper's guarantees (it ignores or refuses conditional create):
+    permanent, and the message names the endpoint and bucket (never credentials)."""
+
+
+def shown_endpoint(client: S3Client) -> str:
+    """The client's endpoint as scheme://host[:port]: no user info, path or query."""
+    url = client.meta.endpoint_url or ""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return url or "(default AWS endpoint)"
+    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
 
 def output_folder(result_prefix: str, folder: str, filename: str = "") -> str:
@@ -82,6 +105,20 @@ def run_folder(output_folder_key: str, run: str) -> str:
     return f"{output_folder_key}/{run}"
 
 
+def new_attempt_id(profile_sha256: str) -> str:
+    """``a-<8 hex of the outputs profile>-<8 random hex>``: unique per run, telling which settings made it."""
+    return f"{ATTEMPT_ID_PREFIX}{profile_sha256[:8]}-{secrets.token_hex(4)}"
+
+
+def attempt_folder(run_folder_key: str, attempt: str) -> str:
+    return f"{run_folder_key}/{attempt}"
+
+
+def run_folder_of(announced_folder: str) -> str:
+    """The run folder of an announced (attempt) folder: where its manifest and markers are."""
+    return announced_folder.rstrip("/").rsplit("/", 1)[0]
+
+
 def manifest_key(folder: str) -> str:
     return folder + MANIFEST_SUFFIX
 
@@ -94,8 +131,11 @@ def failed_key(folder: str) -> str:
     return folder + FAILED_SUFFIX
 
 
-class ManifestExists(Exception):
-    """Another run of the same delivery wrote the manifest first (create-only write refused)."""
+class ObjectExists(Exception):
+    """A create-only write was refused: the key exists (for the manifest: another run of the delivery won)."""
+
+
+ManifestExists = ObjectExists
 
 
 def _error_code(error: ClientError) -> str:
@@ -151,11 +191,37 @@ class ResultStore:
         self.written.append(written)
         return written
 
-    def finish(self, manifest: dict[str, Any]) -> str:
-        """The manifest, create-only: ``ManifestExists`` when another run of this delivery wrote it first."""
-        key = manifest_key(self.folder)
+    def discard(self) -> None:
+        """Delete what this store wrote (best effort): a run's own attempt objects, which no manifest lists."""
+        for obj in self.written:
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=obj.key)
+            except (BotoCoreError, ClientError) as error:
+                log.warning("unannounced result object not deleted", extra={"key": obj.key, "error": str(error)})
+        self.written = []
+
+    def finish(self, manifest: dict[str, Any], run_folder_key: str) -> str:
+        """The manifest at the run folder's fixed key, create-only: ``ObjectExists`` when another run of this
+        delivery wrote it first."""
+        key = manifest_key(run_folder_key)
         create_only(self.client, self.bucket, key, encode_json(manifest), "the manifest")
         return key
+
+
+def sweep_other_attempts(client: S3Client, bucket: str, run_folder_key: str, announced_folder: str) -> int:
+    """After the announcement: delete (best effort) what runs of the delivery other than the announced one left in
+    the run folder (a run cut off mid-way, e.g. SIGKILL). Never touches the announced folder; returns the count."""
+    keep = announced_folder.rstrip("/") + "/"
+    deleted = 0
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=run_folder_key + "/"):
+            for entry in page.get("Contents", []):
+                if not entry["Key"].startswith(keep):
+                    client.delete_object(Bucket=bucket, Key=entry["Key"])
+                    deleted += 1
+    except (BotoCoreError, ClientError) as error:
+        log.warning("unannounced attempt objects not swept", extra={"run_folder": run_folder_key, "error": str(error)})
+    return deleted
 
 
 def encode_json(value: Any) -> bytes:
@@ -163,12 +229,20 @@ def encode_json(value: Any) -> bytes:
 
 
 def create_only(client: S3Client, bucket: str, key: str, body: bytes, what: str) -> None:
-    """PUT with ``If-None-Match: *`` (S3, MinIO and moto honour it): ``ManifestExists`` if the key exists."""
+    """PUT with ``If-None-Match: *``: ``ObjectExists`` if the key exists, ``S3ConfigurationError`` if the endpoint
+    does not implement conditional writes (``s3_capability`` checks that it honours them before a bucket is used)."""
     try:
         client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=MANIFEST_CONTENT_TYPE, IfNoneMatch="*")
     except ClientError as error:
-        if _error_code(error) in _PRECONDITION_CODES:
-            raise ManifestExists(key) from None
+        code = _error_code(error)
+        if code in _PRECONDITION_CODES:
+            raise ObjectExists(key) from None
+        status = str(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code in _NOT_IMPLEMENTED_CODES or status == "501":
+            raise S3ConfigurationError(
+                f"S3 endpoint {shown_endpoint(client)} (bucket {bucket!r}) does not implement conditional writes "
+                f"(If-None-Match: * answered {status or code} {code}): the Wrapper needs create-only writes"
+            ) from None
         raise _write_error(client, error, f"writing {what} {key}", key) from None
     except BotoCoreError as error:
         raise _write_error(client, error, f"writing {what} {key}", key) from None
@@ -216,6 +290,9 @@ def build_manifest(
     folder: str,
     filename: str,
     output_folder_key: str,
+    run_folder_key: str,
+    attempt: str,
+    outputs_profile: dict[str, Any],
     created: datetime,
     objects: Sequence[WrittenObject],
     patches: int,
@@ -232,8 +309,12 @@ def build_manifest(
         "task": task,
         "model": {"name": model_name, "version": model_version, "weights": weights},
         "input": {"bucket": bucket, "folder": folder, "filename": filename},
-        "folder": output_folder_key,
+        "folder": output_folder_key,  # the winning attempt's folder: what was announced
+        "run_folder": run_folder_key,
+        "attempt": attempt,
         "run_id": run,
+        # The settings that decide which objects a run writes and their bytes (the attempt id carries its hash).
+        "outputs_profile": outputs_profile,
         "created": created.isoformat(),
         # What the next component is told: a run whose announcement was interrupted is announced from here.
         "next_message": next_message,

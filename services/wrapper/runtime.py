@@ -3,8 +3,11 @@ publisher, inference threads), and how a step reaches its bucket (``step_s3_acce
 
 from __future__ import annotations
 
+import hashlib
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.core.step_config import StepConfig, StepCredentials
 from services.wrapper.handlers import TaskHandler, handler_for
@@ -12,6 +15,7 @@ from services.wrapper.inference_client import ModelClient, ModelMismatch, RetryP
 from services.wrapper.inputs import InputLimits, S3Access
 from services.wrapper.notifications import EventPublisher, KafkaPublisher, StepNotifier
 from services.wrapper.outputs.keys import sanitise_name
+from services.wrapper.s3_capability import ConditionalCreateCheck
 from services.wrapper.settings import WrapperSettings
 from services.wrapper.tasks import GENERIC_RESULT_PREFIX, GENERIC_TASK, TaskSpec, task_spec
 
@@ -61,6 +65,24 @@ class StepRuntime:
 
     # The served s2-cloud-mask model for workflows that ask for a cloud filter (made on first use).
     cloud_mask_client: ModelClient | None = None
+    # The (endpoint, bucket) pairs found to honour conditional create (checked on first use, see s3_capability).
+    conditional_create: ConditionalCreateCheck = field(default_factory=ConditionalCreateCheck)
+
+    def outputs_profile(self) -> dict[str, Any]:
+        """The deployment settings that decide which objects a run writes and their bytes, with their hash: a run's
+        attempt id carries it and its manifest lists it, so runs under other settings never share a folder."""
+        settings = self.settings
+        profile: dict[str, Any] = {
+            "task": self.spec.name, "result_prefix": self.result_prefix,
+            "model_name": self.model_client.model_name, "model_version": settings.model_version,
+            "codes_patches_per_file": settings.codes_patches_per_file, "quicklooks": settings.quicklooks,
+            "quicklook_max_side": settings.quicklook_max_side, "classify_threshold": settings.classify_threshold,
+            "compress_levels": settings.compress_levels,
+            "compress_quantiser_scale": settings.compress_quantiser_scale,
+            "cloud_mask_model": settings.cloud_mask_model,
+        }
+        text = json.dumps(profile, sort_keys=True).encode("utf-8")
+        return {**profile, "sha256": hashlib.sha256(text).hexdigest()}
 
     @property
     def result_prefix(self) -> str:

@@ -21,7 +21,6 @@ from services.wrapper.compression_request import compression_request_of, operati
 from services.wrapper.generic_task import CLOUD_FILTER_FIELD, QUICKLOOK_SUFFIX, CloudMeter, cloud_filter_of
 from services.wrapper.handlers.base import InputUnit, Rejection, StepContext, bits_per_pixel, served_prior
 from services.wrapper.inference_client import ServedModel
-from services.wrapper.inputs.s3_listing import S3Client
 from services.wrapper.inputs.types import InputError
 from services.wrapper.notifications import ProgressReporter, StepNotifier
 from services.wrapper.outputs.compressed import OperatingPoint
@@ -58,11 +57,12 @@ def rejection_text(rejection: Rejection) -> str:
 
 
 def process_input(
-    runtime: StepRuntime, message: StepMessage, client: S3Client, bucket: str, write_folder: str,
-    created: datetime, notifier: StepNotifier, log_fields: dict[str, Any], run_id: str = "",
+    runtime: StepRuntime, message: StepMessage, store: ResultStore, created: datetime, notifier: StepNotifier,
+    log_fields: dict[str, Any], *, run_id: str,
 ) -> Processed:
-    """Run the model over the step's input and upload every unit's results under ``write_folder``, then the
-    folder's STAC Collection and Items (``run_stac``)."""
+    """Run the model over the step's input (in ``store``'s bucket) and upload every unit's results with ``store``
+    (into the run's attempt folder), then the folder's STAC Collection and Items (``run_stac``)."""
+    client, bucket, write_folder = store.client, store.bucket, store.folder
     settings = runtime.settings
     folder, filename = message.S3_bucket_desc.folder, message.S3_bucket_desc.filename
     served = runtime.model_client.resolve()
@@ -78,7 +78,6 @@ def process_input(
         )
         planned = runtime.handler.open(ctx)
         result = Processed(served=served, created=created, batch_size=batch_size, units=len(planned.units))
-        store = ResultStore(client, bucket, write_folder)
         progress = ProgressReporter(notifier, len(planned.units), settings.progress_interval_s)
         unit_stats: list[dict[str, Any]] = []
         stac = StacRecorder()
@@ -140,7 +139,7 @@ def process_input(
 
     result.objects = list(store.written)
     result.stac_objects = write_documents(
-        store, stac, run_id=run_id or write_folder.rsplit("/", 1)[-1], task=runtime.spec.name,
+        store, stac, run_id=run_id, task=runtime.spec.name,
         model=ModelFacts(served.name, served.version, served.card.weights), input_folder=folder, created=created)
     result.stats = {"units": result.units, "batch_size": result.batch_size}
     result.bits_per_pixel = bits_per_pixel(unit_stats)

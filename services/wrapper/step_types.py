@@ -15,7 +15,7 @@ from services.core.contracts import StepMessage
 from services.wrapper.inference_client import InferenceError, InferenceUnavailable, ModelMismatch
 from services.wrapper.inputs.types import InputError
 from services.wrapper.outputs.types import OutputFormatError
-from services.wrapper.results import ResultWriteError, WrittenObject, run_id
+from services.wrapper.results import ResultWriteError, S3ConfigurationError, WrittenObject, run_id
 
 if TYPE_CHECKING:
     from services.wrapper.handlers.base import Rejection
@@ -95,7 +95,10 @@ class StepRequest:
 class StepOutcome:
     status: StepStatus
     reason: str = ""
-    output_folder: str | None = None  # the run folder
+    # Where the results are: the announced (winning attempt) folder once announced; before that the run folder.
+    output_folder: str | None = None
+    run_folder: str | None = None  # manifest and markers are beside it
+    announced_folder: str | None = None
     patches: int = 0
     rejections: list[Rejection] = field(default_factory=list)
     objects: list[WrittenObject] = field(default_factory=list)
@@ -129,6 +132,8 @@ def failure_reason(error: BaseException) -> str:
         return f"Model does not fit the task: {error}"
     if isinstance(error, InferenceError):
         return f"Inference failed: {error}"
+    if isinstance(error, S3ConfigurationError):
+        return f"S3 configuration error: {error}"
     if isinstance(error, ResultWriteError):
         return f"Writing results failed: {error}"
     if isinstance(error, OutputFormatError):
@@ -139,4 +144,5 @@ def failure_reason(error: BaseException) -> str:
 
 
 # Failures that are the input's or the deployment's, expected and explained: logged without a traceback.
-EXPLAINED_FAILURES = (InputError, InferenceError, ResultWriteError, OutputFormatError, NoUsableInput)
+EXPLAINED_FAILURES = (InputError, InferenceError, ResultWriteError, OutputFormatError, NoUsableInput,
+                      S3ConfigurationError)

@@ -103,10 +103,11 @@ def test_wrapper_killed_and_restarted_mid_workflow_loses_no_input_and_duplicates
     results = keys_under(state, workflow.bucket, "result-code2image/")
     manifests = [k for k in results if k.endswith(".manifest.json")]
     assert len(manifests) == inputs
-    announced = {m["S3_bucket_desc"]["folder"] for m in finals}
-    assert {k[: -len(".manifest.json")] for k in manifests} == announced
+    announced = {m["S3_bucket_desc"]["folder"] for m in finals}  # each a run folder's winning attempt
+    assert {k[: -len(".manifest.json")] for k in manifests} == {f.rsplit("/", 1)[0] for f in announced}
     for folder in announced:
         assert len([k for k in results if k.startswith(folder + "/")]) == 1
+    assert len([k for k in results if not k.endswith(".json")]) == inputs  # no other attempt's objects left
 
 
 def test_wrapper_killed_while_processing_is_redelivered_and_announces_each_input_once(platform) -> None:
@@ -167,6 +168,8 @@ def test_wrapper_killed_while_processing_is_redelivered_and_announces_each_input
         for manifest_key in manifests:
             folder = manifest_key[: -len(".manifest.json")]
             manifest = json.loads(client.get_object(Bucket=workflow.bucket, Key=manifest_key)["Body"].read())
+            # The run folder holds the announced attempt only (a killed run's attempt is swept once announced).
+            assert manifest["folder"].startswith(folder + "/a-")
             stored = sorted(k for k in results if k.startswith(folder + "/"))
             # The run folder's STAC: its Collection and one Item (one input unit), listed apart in the manifest.
             stac = [k for k in stored if k.endswith(("/collection.json", ".item.json"))]
@@ -176,7 +179,7 @@ def test_wrapper_killed_while_processing_is_redelivered_and_announces_each_input
             names = [key.rsplit("/", 1)[1] for key in stored]
             assert {name[name.index("."):] for name in names} == suffixes and len(names) == len(suffixes)
             assert folder + ".announced.json" in results
-    assert {m["S3_bucket_desc"]["folder"] for m in features_out} == {
+    assert {m["S3_bucket_desc"]["folder"].rsplit("/", 1)[0] for m in features_out} == {
         k[: -len(".manifest.json")] for k in keys_under(state, workflow.bucket, "result-image2feature/")
         if k.endswith(".manifest.json")}
 

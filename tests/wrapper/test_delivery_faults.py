@@ -28,7 +28,7 @@ from moto.server import ThreadedMotoServer
 
 from services.wrapper.inputs import S3Access, make_s3_client
 from services.wrapper.outputs.stac import is_stac_document
-from services.wrapper.results import ANNOUNCED_SUFFIX, FAILED_SUFFIX, MANIFEST_SUFFIX
+from services.wrapper.results import ANNOUNCED_SUFFIX, FAILED_SUFFIX, MANIFEST_SUFFIX, run_folder_of
 from test_service_http import RunningApp, get, post
 from wrapper_input_data import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, sample_patch_names, sample_tar_gz
 from wrapper_stack import (
@@ -113,12 +113,12 @@ def assert_complete(step: StepFixture, run_folder: str, reference: dict[str, byt
     """The run's objects are exactly the reference's bytes and exactly what its manifest lists, beside its STAC
     documents (listed too); announced."""
     assert results_of(step, run_folder) == reference
-    manifest = json.loads(object_bytes(step.s3, step.access.bucket_name, run_folder + MANIFEST_SUFFIX))
+    manifest = json.loads(object_bytes(step.s3, step.access.bucket_name, run_folder_of(run_folder) + MANIFEST_SUFFIX))
     assert sorted(o["key"] for o in manifest["objects"]) == sorted(run_folder + k for k in reference)
     stac = sorted(k for k in list_keys(step.s3, step.access.bucket_name, run_folder + "/") if is_stac_document(k))
     assert stac and sorted(o["key"] for o in manifest["stac"]) == stac
     assert manifest["folder"] == run_folder and manifest["created"] == "2026-07-08T09:10:11+00:00"
-    object_bytes(step.s3, step.access.bucket_name, run_folder + ANNOUNCED_SUFFIX)  # raises if absent
+    object_bytes(step.s3, step.access.bucket_name, run_folder_of(run_folder) + ANNOUNCED_SUFFIX)  # raises if absent
     return manifest
 
 
@@ -407,7 +407,7 @@ def test_inference_server_restarted_mid_step_the_step_completes(
     reference = results_of(step, clean_run["folder"])
     assert body["folder"] != clean_run["folder"]
     assert_complete(step, body["folder"], reference)
-    assert json.loads(object_bytes(step.s3, step.access.bucket_name, body["folder"] + MANIFEST_SUFFIX))["patches"] == patches
+    assert json.loads(object_bytes(step.s3, step.access.bucket_name, run_folder_of(body["folder"]) + MANIFEST_SUFFIX))["patches"] == patches
     assert len(next_step_messages(step)) == 2  # one per event
     assert not step.records([step.dlq_topic], timeout_s=2)
 

@@ -21,7 +21,7 @@ import rasterio
 
 from services.core.model_card import load_card
 from services.wrapper.outputs.quicklook import decode_png
-from services.wrapper.results import MANIFEST_SUFFIX
+from services.wrapper.results import MANIFEST_SUFFIX, run_folder_of
 from wrapper_input_data import SAMPLE_PATCHES, sample_georeference, upload_patch_folder
 from wrapper_stack import (  # noqa: F401 - close_step_runtimes is an autouse fixture
     PROJECT_ROOT,
@@ -249,7 +249,7 @@ def test_eo_wrapper_process_serves_the_cloud_mask_through_task_generic(
         (record,) = step.records([step.topic_out], until=lambda r: len(r) >= 1)
         folder = record["value"]["S3_bucket_desc"]["folder"]
         assert folder.startswith("result-s2-cloud-mask/t33uup-")
-        manifest = json.loads(object_bytes(step.s3, s3_access.bucket_name, folder + MANIFEST_SUFFIX))
+        manifest = json.loads(object_bytes(step.s3, s3_access.bucket_name, run_folder_of(folder) + MANIFEST_SUFFIX))
         assert manifest["task"] == "generic" and manifest["patches"] == len(PATCHES)
         assert len(manifest["stats"]["quicklooks"]) == len(PATCHES)
         # --quicklook-max-side 64: the 120 x 120 pictures are block-averaged by 2.

@@ -142,7 +142,7 @@ def test_bad_members_and_patches_are_rejected_and_the_rest_is_processed(
     assert "B03 holds no data" in reasons[empty]
     features = read_features(object_bytes(ssl.s3, ssl.access.bucket_name, f"{outcome.output_folder}/mixed.features.npz"))
     assert features.patch_ids == tuple(good)
-    manifest = json.loads(object_bytes(ssl.s3, ssl.access.bucket_name, outcome.output_folder + MANIFEST_SUFFIX))
+    manifest = json.loads(object_bytes(ssl.s3, ssl.access.bucket_name, outcome.run_folder + MANIFEST_SUFFIX))
     assert manifest["rejected"] == 4
     assert {r["patch_id"] for r in manifest["rejections"]} == set(reasons)
     notifications = ssl.notifications()
@@ -192,20 +192,25 @@ def test_a_run_stopped_between_manifest_and_announcement_is_announced_on_redeliv
     first = ssl.run(cut_off, "in", event_id="partition:0/offset:9")
     assert first.status == "RETRY" and "Publishing the next step message" in first.reason
     keys = list_keys(ssl.s3, ssl.access.bucket_name, "result-")
-    assert first.output_folder + MANIFEST_SUFFIX in keys and first.output_folder + ANNOUNCED_SUFFIX not in keys
+    assert first.output_folder == first.run_folder  # nothing announced
+    assert first.run_folder + MANIFEST_SUFFIX in keys and first.run_folder + ANNOUNCED_SUFFIX not in keys
     results = {k: object_bytes(ssl.s3, ssl.access.bucket_name, k) for k in keys}
 
     caplog.clear()
     with caplog.at_level(logging.INFO):
         again = ssl.run(ssl.runtime(server.grpc_url), "in", event_id="partition:0/offset:9")
 
-    assert again.status == "SUCCESS" and again.resumed_announcement and again.output_folder == first.output_folder
+    assert again.status == "SUCCESS" and again.resumed_announcement and again.run_folder == first.run_folder
     assert not [r for r in caplog.records if r.getMessage() == "step started"]  # announced, not run again
-    (message,) = [r["value"] for r in ssl.records([ssl.topic_out], timeout_s=4)]
-    assert message["S3_bucket_desc"]["folder"] == first.output_folder
+    manifest = json.loads(results[first.run_folder + MANIFEST_SUFFIX])
+    assert again.output_folder == manifest["folder"] == f"{first.run_folder}/{manifest['attempt']}"
+    (record,) = ssl.records([ssl.topic_out], timeout_s=4)
+    message = record["value"]
+    assert message["S3_bucket_desc"]["folder"] == manifest["folder"]
     assert message["meta_information"] == step_message("in")["meta_information"]
-    marker = json.loads(object_bytes(ssl.s3, ssl.access.bucket_name, first.output_folder + ANNOUNCED_SUFFIX))
+    marker = json.loads(object_bytes(ssl.s3, ssl.access.bucket_name, first.run_folder + ANNOUNCED_SUFFIX))
     assert (marker["event_id"], marker["topic"]) == ("partition:0/offset:9", ssl.topic_out)
+    assert marker["ce_id"] == record["headers"]["ce_id"] == f"{first.run_folder.rsplit('/', 1)[1]}/{ssl.topic_out}"
     assert {k: object_bytes(ssl.s3, ssl.access.bucket_name, k) for k in keys} == results  # nothing rewritten
     assert [n["status"] for n in ssl.notifications()] == ["SUCCESS"]  # the first run's went to no broker
 

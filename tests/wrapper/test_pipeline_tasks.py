@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import posixpath
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -133,6 +134,16 @@ def check_announced(step: StepFixture, outcome: Any, meta: dict[str, Any] | None
     records = step.records([step.topic_out], until=lambda r: len(r) >= 1)
     assert len(records) == 1
     assert records[0]["key"] == "key"
+    # A binary-mode CloudEvent: the identity of the upstream run, deterministic (the event's time, not the clock).
+    headers = dict(records[0]["headers"])
+    # With the OpenTelemetry SDK on in this process (the ``spans`` fixture), the record also carries the trace.
+    traceparent = headers.pop("ce_traceparent", None)
+    assert traceparent is None or re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-0[0-3]", traceparent)
+    assert headers == {
+        "ce_specversion": "1.0", "ce_id": f"{outcome.run_folder.rsplit('/', 1)[1]}/{step.topic_out}",
+        "ce_source": f"/eoml/{step.namespace}/{step.config.config_name}", "ce_type": "eu.eo4eu.ml.step.completed",
+        "ce_time": EVENT_TIME.isoformat(), "content-type": "application/json",
+    }
     assert records[0]["value"] == {
         "previous_component_end": "True",
         "S3_bucket_desc": {"folder": outcome.output_folder, "filename": ""},
@@ -158,8 +169,12 @@ def check_announced(step: StepFixture, outcome: Any, meta: dict[str, Any] | None
 
 def check_manifest(step: StepFixture, outcome: Any) -> dict[str, Any]:
     s3 = step.s3
-    manifest = json.loads(object_bytes(s3, step.access.bucket_name, outcome.output_folder + MANIFEST_SUFFIX))
-    keys = sorted(list_keys(s3, step.access.bucket_name, outcome.output_folder + "/"))
+    # Beside the run folder; its attempt folder (the announced one) holds exactly what it lists: the results
+    # (``objects``) and the folder's STAC documents (``stac``).
+    manifest = json.loads(object_bytes(s3, step.access.bucket_name, outcome.run_folder + MANIFEST_SUFFIX))
+    assert outcome.output_folder == f"{outcome.run_folder}/{manifest['attempt']}"
+    assert manifest["attempt"].startswith(f"a-{manifest['outputs_profile']['sha256'][:8]}-")
+    keys = sorted(list_keys(s3, step.access.bucket_name, outcome.run_folder + "/"))
     assert sorted(o["key"] for o in [*manifest["objects"], *manifest["stac"]]) == keys
     check_stac(step, outcome, manifest)
     for entry in [*manifest["objects"], *manifest["stac"]]:
@@ -278,8 +293,8 @@ def test_ssl_features_then_classify_43_and_19(
     announced = record["value"]["S3_bucket_desc"]["folder"]
     # The KafkaSource (or the local event plane) turns the record's ce_traceparent header into the CloudEvent
     # attribute traceparent (HTTP ce-traceparent): what the Wrapper's HTTP shell reads from a delivery.
-    delivery = parse_delivery({f"ce-{name[3:]}": value.decode() for name, value in record["headers"]
-                               if name.startswith("ce_")} | {"ce-id": "e-2"}, b"{}")
+    delivery = parse_delivery({f"ce-{name[3:]}": value for name, value in record["headers"].items()
+                               if name.startswith("ce_")}, b"{}")
     next_trace = tracing.event_trace_attributes(delivery.attributes)
     first_steps = len(spans.get_finished_spans())
     for task, model, labels in (
@@ -518,10 +533,12 @@ def test_redelivery_is_a_duplicate_and_a_new_event_gets_its_own_run_folder(
     assert first.status == "SUCCESS", first.reason
     keys = sorted(list_keys(uc5.s3, s3_access.bucket_name, "result-uc5-cfactor/"))
     snapshot = {key: object_bytes(uc5.s3, s3_access.bucket_name, key) for key in keys}
-    # Independent patches get one raster each, in a folder named after the archive; manifest and marker beside.
+    # Independent patches get one raster each, in a folder named after the archive, in the run's attempt folder;
+    # manifest and marker beside the run folder.
+    assert first.output_folder.startswith(first.run_folder + "/a-")
     assert keys == sorted([
-        first.output_folder + MANIFEST_SUFFIX,
-        first.output_folder + ANNOUNCED_SUFFIX,
+        first.run_folder + MANIFEST_SUFFIX,
+        first.run_folder + ANNOUNCED_SUFFIX,
         f"{first.output_folder}/x/{GEOREFERENCED_PATCH}.tif",
         f"{first.output_folder}/x/{PLAIN_PATCH}.tif",
         f"{first.output_folder}/collection.json",  # the run folder's STAC: per-patch results, an Item per patch
@@ -534,7 +551,7 @@ def test_redelivery_is_a_duplicate_and_a_new_event_gets_its_own_run_folder(
     assert geo_item["assets"]["tif"]["href"] == f"./{GEOREFERENCED_PATCH}.tif"
     assert geo_item["assets"]["tif"]["raster:bands"] == [{"data_type": "float32", "nodata": -1.0}]
     assert geo_item["geometry"]["type"] == "Polygon" and plain_item["geometry"] is None
-    assert first.output_folder.startswith(output_folder("result-uc5-cfactor", "in") + "/r-")
+    assert first.run_folder.startswith(output_folder("result-uc5-cfactor", "in") + "/r-")
     georeferenced = read_geotiff(snapshot[f"{first.output_folder}/x/{GEOREFERENCED_PATCH}.tif"])
     with rasterio.open(SAMPLE_PATCHES / GEOREFERENCED_PATCH / f"{GEOREFERENCED_PATCH}_B02.tif") as source:
         assert georeferenced.transform == source.transform @ Affine.scale(24)
@@ -548,14 +565,14 @@ def test_redelivery_is_a_duplicate_and_a_new_event_gets_its_own_run_folder(
     # A new event for the same input: its own run folder, the same result bytes; the first run is untouched.
     second = uc5.run(runtime, "in", event_id="partition:0/offset:8")
     assert second.status == "SUCCESS", second.reason
-    assert second.output_folder != first.output_folder
-    assert second.output_folder.rsplit("/", 1)[0] == first.output_folder.rsplit("/", 1)[0]
+    assert second.run_folder != first.run_folder
+    assert second.run_folder.rsplit("/", 1)[0] == first.run_folder.rsplit("/", 1)[0]
     for key in keys:
         assert object_bytes(uc5.s3, s3_access.bucket_name, key) == snapshot[key], key
         if key.startswith(first.output_folder + "/"):
             twin = second.output_folder + key[len(first.output_folder):]
             if is_stac_document(key):  # the same description, of another run (its id)
-                first_run, second_run = (first.output_folder.rsplit("/", 1)[1], second.output_folder.rsplit("/", 1)[1])
+                first_run, second_run = (first.run_folder.rsplit("/", 1)[1], second.run_folder.rsplit("/", 1)[1])
                 assert object_bytes(uc5.s3, s3_access.bucket_name, twin) == snapshot[key].replace(
                     first_run.encode(), second_run.encode()), twin
                 continue

@@ -44,10 +44,13 @@ def test_run_ids_identify_a_delivery() -> None:
 
 def test_the_manifest_write_is_create_only(s3_access: S3Access) -> None:
     client = make_s3_client(s3_access)
-    store = ResultStore(client, s3_access.bucket_name, "result-x/in-1234abcd/r-0123456789abcdef")
-    key = store.finish({"patches": 1})
+    run = "result-x/in-1234abcd/r-0123456789abcdef"
+    store = ResultStore(client, s3_access.bucket_name, f"{run}/a-01234567-89abcdef")
+    key = store.finish({"patches": 1}, run)
+    assert key == run + ".manifest.json"  # beside the run folder, whichever attempt writes it
+    other_attempt = ResultStore(client, s3_access.bucket_name, f"{run}/a-01234567-00000000")
     with pytest.raises(ManifestExists):
-        store.finish({"patches": 2})
+        other_attempt.finish({"patches": 2}, run)
     assert read_json_object(client, s3_access.bucket_name, key) == {"patches": 1}  # the first one stays
     assert read_json_object(client, s3_access.bucket_name, key + ".absent") is None
 

@@ -29,7 +29,7 @@ from aiohttp import web
 from services.wrapper.http_app import create_http_app
 from services.wrapper.inputs import S3Access
 from services.wrapper.pipeline import StepRuntime
-from services.wrapper.results import ANNOUNCED_SUFFIX, MANIFEST_SUFFIX
+from services.wrapper.results import ANNOUNCED_SUFFIX, MANIFEST_SUFFIX, run_folder_of
 from services.wrapper.service import WrapperService
 from services.core.step_config import LocalStepConfigStore
 from wrapper_input_data import sample_patch_names, sample_tar_gz
@@ -176,10 +176,10 @@ def test_delivery_is_answered_once_its_results_are_announced(
     assert (body["status"], body["config_name"], body["event_id"]) == ("SUCCESS", step.config.config_name, headers["ce-id"])
     folder = body["folder"]
     # Durable before the answer: manifest, announced marker (with the record's position), next-step message.
-    marker = json.loads(object_bytes(step.s3, s3_access.bucket_name, folder + ANNOUNCED_SUFFIX))
+    marker = json.loads(object_bytes(step.s3, s3_access.bucket_name, run_folder_of(folder) + ANNOUNCED_SUFFIX))
     assert (marker["event_id"], marker["topic"], marker["offset"]) == (headers["ce-id"], step.topic_out, 0)
     assert announced_folder(step) == folder
-    manifest = json.loads(object_bytes(step.s3, s3_access.bucket_name, folder + MANIFEST_SUFFIX))
+    manifest = json.loads(object_bytes(step.s3, s3_access.bucket_name, run_folder_of(folder) + MANIFEST_SUFFIX))
     assert manifest["patches"] == 1 and manifest["folder"] == folder
     assert manifest["created"] == "2026-05-06T07:08:09+00:00"  # the event's time, not the clock's
 

@@ -128,7 +128,8 @@ def read_records(
     timeout_s: float = 20.0,
     idle_s: float = 1.5,
 ) -> list[dict[str, Any]]:
-    """Records of ``topics`` from the beginning, as ``{"topic", "key", "value"}`` (value parsed as JSON).
+    """Records of ``topics`` from the beginning, as ``{"topic", "key", "value", "headers", "raw"}`` (value parsed as
+    JSON, headers decoded; ``raw``: key, value and headers as stored, to produce the record again).
 
     Stops when ``until(records)`` holds or at ``timeout_s``; without ``until``, also after ``idle_s`` without a new
     record once something was read. Topics that do not exist yet are picked up when they appear.
@@ -166,9 +167,12 @@ def read_records(
             last_record = time.monotonic()
             records.append({
                 "topic": message.topic(),
+                "partition": message.partition(),
+                "offset": message.offset(),
                 "key": message.key().decode("utf-8") if message.key() else None,
                 "value": json.loads(message.value()),
-                "headers": [(name, value) for name, value in (message.headers() or [])],
+                "headers": {name: value.decode("utf-8") for name, value in (message.headers() or [])},
+                "raw": (message.key(), message.value(), list(message.headers() or [])),
             })
     finally:
         consumer.close()
