@@ -130,7 +130,7 @@ def workflow_results(workflow: dict[str, Any], bootstrap_servers: str, client: A
     """Each step of a workflow (the controller's ``GET /workflows/<name>``) with its announced runs."""
     buckets = [b["Name"] for b in client.list_buckets().get("Buckets", [])]
     steps = []
-    for step in workflow.get("steps", []):
+    for step in in_workflow_order(workflow.get("steps", [])):
         results = StepResults(step.get("component_name") or step.get("config_name", "?"), step.get("topic_out", ""))
         for folder in announced_folders(bootstrap_servers, results.topic_out) if results.topic_out else []:
             bucket = find_bucket(client, folder, buckets)
@@ -138,6 +138,18 @@ def workflow_results(workflow: dict[str, Any], bootstrap_servers: str, client: A
                                 RunSummary("?", folder, missing=f"no {COLLECTION_NAME} in any bucket"))
         steps.append(results)
     return steps
+
+
+def in_workflow_order(steps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Steps in the order their data flows (a step whose ``topic_in`` is another's ``topic_out`` after it); the
+    controller lists them by topic name."""
+    remaining, ordered = list(steps), []
+    while remaining:
+        produced = {s.get("topic_out") for s in remaining}
+        ready = [s for s in remaining if s.get("topic_in") not in produced] or remaining[:1]  # a cycle: keep going
+        ordered.extend(ready)
+        remaining = [s for s in remaining if s not in ready]
+    return ordered
 
 
 def _bbox_text(bbox: Sequence[float] | None) -> str:
@@ -167,5 +179,5 @@ def format_results(workflow_name: str, steps: Sequence[StepResults]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["RunSummary", "StepResults", "announced_folders", "find_bucket", "format_results", "summarise_run",
-           "workflow_results"]
+__all__ = ["RunSummary", "StepResults", "announced_folders", "find_bucket", "format_results", "in_workflow_order",
+           "summarise_run", "workflow_results"]

@@ -81,11 +81,11 @@ def _raster_header(file: OutputFile) -> tuple[RasterFacts, Footprint | None] | N
 
 
 def _facts_of(dataset: Any) -> tuple[RasterFacts, Footprint | None]:
-    facts = RasterFacts(dataset.dtypes[0], dataset.nodata, dataset.count)
     if dataset.crs is None:
-        return facts, None
-    grid = Footprint("", dataset.crs.to_wkt(), tuple(dataset.transform)[:6], (dataset.height, dataset.width))
-    return facts, grid
+        return RasterFacts(dataset.dtypes[0], dataset.nodata, dataset.count), None
+    shape, transform = (dataset.height, dataset.width), tuple(dataset.transform)[:6]
+    facts = RasterFacts(dataset.dtypes[0], dataset.nodata, dataset.count, shape, transform)
+    return facts, Footprint("", dataset.crs.to_wkt(), transform, shape)
 
 
 @dataclass

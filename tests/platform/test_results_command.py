@@ -70,14 +70,16 @@ def test_results_lists_each_steps_collections_with_patches_bbox_and_time_range(s
     _announce(kafka_broker.bootstrap_servers, topic_features, features)
     _announce(kafka_broker.bootstrap_servers, topic_features, features)  # a redelivered announcement: one run
     _announce(kafka_broker.bootstrap_servers, topic_classes, classes)
+    # As the controller lists them (by topic name); shown in the order the data flows.
     workflow = {"name": "wf", "steps": [
-        {"component_name": "SSL features", "topic_out": topic_features},
-        {"component_name": "Classifier", "topic_out": topic_classes},
-        {"component_name": "Not run yet", "topic_out": f"none-{uuid.uuid4().hex[:6]}"},
+        {"component_name": "Not run yet", "topic_in": topic_classes, "topic_out": f"none-{uuid.uuid4().hex[:6]}"},
+        {"component_name": "Classifier", "topic_in": topic_features, "topic_out": topic_classes},
+        {"component_name": "SSL features", "topic_in": "in", "topic_out": topic_features},
     ]}
 
     steps = workflow_results(workflow, kafka_broker.bootstrap_servers, s3)
 
+    assert [step.component for step in steps] == ["SSL features", "Classifier", "Not run yet"]
     [feature_run], [class_run], [] = (step.runs for step in steps)
     assert feature_run.collection_url == f"s3://{bucket}/{features}/collection.json"
     assert (feature_run.items, feature_run.patches, feature_run.outputs) == (1, 2, 2)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import pystac
+from pystac.extensions.raster import DataType
 from jsonschema import Draft7Validator
 from pystac.validation.local_validator import get_local_schema_cache
 from referencing import Registry, Resource
@@ -58,4 +58,4 @@ def _check_extension_fields(document: dict[str, Any]) -> None:
         assert re.fullmatch(r"1220[0-9a-f]{64}", asset["file:checksum"])  # sha2-256 multihash
         for band in asset.get("raster:bands", []):
             assert "raster/v1.1.0" in declared
-            assert band["data_type"] in {t.value for t in pystac.extensions.raster.DataType}
+            assert band["data_type"] in {t.value for t in DataType}

@@ -195,7 +195,8 @@ def test_documents_are_deterministic_and_refuse_objects_outside_the_run_folder()
 def test_sensing_time_and_stac_document_names() -> None:
     assert sensing_time("S2B_MSIL1C_20240102T103421_N0510_R108_T32TMT_20240102T112233.SAFE") == datetime(
         2024, 1, 2, 10, 34, 21, tzinfo=timezone.utc)
-    assert sensing_time("patch_12_7") is None
+    assert sensing_time("S2A_MSIL2A_20180413T95032_90_7") == datetime(2018, 4, 13, 9, 50, 32, tzinfo=timezone.utc)
+    assert sensing_time("patch_12_7") is None and sensing_time("S2A_MSIL2A_20181313T101031_1_2") is None
     assert is_stac_document("r/x/collection.json") and is_stac_document("r/x/p.item.json")
     assert not is_stac_document("r/x/p.features.json") and not is_stac_document("r/x/my-collection.json.bak")
 

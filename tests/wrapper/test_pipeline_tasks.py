@@ -550,6 +550,9 @@ def test_redelivery_is_a_duplicate_and_a_new_event_gets_its_own_run_folder(
     assert geo_item["id"] == f"x__{GEOREFERENCED_PATCH}" and geo_item["properties"]["proj:code"] == "EPSG:32629"
     assert geo_item["assets"]["tif"]["href"] == f"./{GEOREFERENCED_PATCH}.tif"
     assert geo_item["assets"]["tif"]["raster:bands"] == [{"data_type": "float32", "nodata": -1.0}]
+    # The item's grid is the patch's (10 m, 120 x 120); the C-factor raster's own is 5 x 5 at 240 m.
+    assert geo_item["properties"]["proj:shape"] == [120, 120]
+    assert geo_item["assets"]["tif"]["proj:shape"] == [5, 5] and geo_item["assets"]["tif"]["proj:transform"][0] == 240
     assert geo_item["geometry"]["type"] == "Polygon" and plain_item["geometry"] is None
     assert first.run_folder.startswith(output_folder("result-uc5-cfactor", "in") + "/r-")
     georeferenced = read_geotiff(snapshot[f"{first.output_folder}/x/{GEOREFERENCED_PATCH}.tif"])

@@ -50,8 +50,9 @@ COLLECTION_NAME = "collection.json"
 ITEM_SUFFIX = ".item.json"
 STAC_MEDIA_TYPE = "application/json"
 PROCESSING_EXTENSION = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
-# Sentinel-2 product and BigEarthNet patch names carry the sensing start: S2A_MSIL2A_20170613T101031_...
-_SENSING_TIME = re.compile(r"MSIL(?:1C|2A)_(\d{8}T\d{6})")
+# Sentinel-2 product and BigEarthNet patch names carry the sensing start: S2A_MSIL2A_20170613T101031_... (some
+# BigEarthNet-v1 names drop the hour's leading zero: S2A_MSIL2A_20180413T95032_90_7 is 09:50:32).
+_SENSING_TIME = re.compile(r"MSIL(?:1C|2A)_(\d{8})T(\d{5,6})(?!\d)")
 _MEDIA_TYPES: Mapping[str, str] = {
     "image/tiff": pystac.MediaType.COG,
     "image/tiff; application=geotiff": pystac.MediaType.COG,
@@ -74,7 +75,10 @@ def sensing_time(name: str) -> datetime | None:
     match = _SENSING_TIME.search(name)
     if match is None:
         return None
-    return datetime.strptime(match.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc)
+    try:
+        return datetime.strptime(match.group(1) + match.group(2).zfill(6), "%Y%m%d%H%M%S").replace(tzinfo=timezone.utc)
+    except ValueError:  # not a time after all (month 13, hour 25): no sensing time
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,11 +116,14 @@ class Footprint:
 
 @dataclass(frozen=True, slots=True)
 class RasterFacts:
-    """What a GeoTIFF asset's bands hold (``raster:bands``)."""
+    """What a GeoTIFF asset's bands hold (``raster:bands``) and, when georeferenced, its own grid (asset-level
+    ``proj:shape`` / ``proj:transform``: a result raster is often coarser than the patch it came from)."""
 
     data_type: str  # numpy dtype name: float32, uint8, uint16
     nodata: float | None = None
     count: int = 1
+    shape: tuple[int, int] | None = None
+    transform: tuple[float, float, float, float, float, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +339,10 @@ def _item(facts: RunFacts, unit: UnitFacts) -> pystac.Item:
         file_info = FileExtension.ext(asset)
         file_info.size = obj.size
         file_info.checksum = "1220" + obj.sha256  # multihash: 0x12 = sha2-256, 0x20 = 32 bytes
+        if obj.raster is not None and obj.raster.shape is not None and obj.raster.transform is not None:
+            asset_projection = ProjectionExtension.ext(asset, add_if_missing=True)
+            asset_projection.shape = list(obj.raster.shape)
+            asset_projection.transform = list(obj.raster.transform)
         if obj.raster is not None:
             RasterExtension.ext(asset, add_if_missing=True).bands = [
                 RasterBand.create(data_type=DataType(obj.raster.data_type), nodata=obj.raster.nodata)
