@@ -10,6 +10,7 @@ and time.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -270,3 +271,31 @@ def test_publish_waits_for_its_own_record_only(kafka_broker: Any) -> None:
     mine = read_records(bootstrap, ["publish-own-mine"], until=lambda r: len(r) >= 10)
     by_position = {(r["partition"], r["offset"]): r["value"]["index"] for r in mine}
     assert [by_position[(p.partition, p.offset)] for p in positions] == list(range(10))
+
+
+def test_a_race_loser_announces_the_winners_manifest_when_the_winner_stopped(
+    server: InferenceServer, s3_access: S3Access, kafka_broker: Any, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    up = upstream(s3_access, kafka_broker, tmp_path)
+    # The winner: its manifest is written, then Kafka is out of its reach (it stops before announcing).
+    cut_off = up.runtime(server.grpc_url, bootstrap_servers=f"127.0.0.1:{free_port()}", kafka_timeout_s=2)
+    winner = up.run(cut_off, "in", event_id="partition:0/offset:6")
+    assert winner.status == "RETRY" and "Publishing the next step message" in winner.reason
+    manifest = json.loads(object_bytes(up.s3, s3_access.bucket_name, winner.run_folder + MANIFEST_SUFFIX))
+
+    # A concurrent run of the same delivery (it claimed before the winner's manifest existed) loses the manifest
+    # race and, the winner's marker not coming within ANNOUNCE_WAIT_S, announces the winner's attempt itself.
+    monkeypatch.setattr(pipeline, "earlier_run", lambda *args: (Earlier.NOTHING, {}))
+    loser = up.run(up.runtime(server.grpc_url, announce_wait_s=0), "in", event_id="partition:0/offset:6")
+
+    assert loser.status == "SUCCESS" and loser.resumed_announcement, loser.reason
+    assert loser.output_folder == manifest["folder"]
+    (record,) = up.records([up.topic_out], timeout_s=3)
+    assert record["value"]["S3_bucket_desc"]["folder"] == manifest["folder"]
+    assert record["headers"]["ce_id"] == f"{winner.run_folder.rsplit('/', 1)[1]}/{up.topic_out}"
+    assert record["headers"]["ce_time"] == manifest["created"]
+    # Under the run folder: the winner's attempt only (the loser deleted its own objects).
+    stored = list_keys(up.s3, s3_access.bucket_name, winner.run_folder + "/")
+    assert stored and all(key.startswith(manifest["folder"] + "/") for key in stored)
+    assert sorted(o["key"] for o in manifest["objects"]) == sorted(stored)
