@@ -39,7 +39,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Mapping
 
 from services.core import tracing
 from services.core.step_config import StepConfig, StepCredentials
@@ -190,6 +190,9 @@ class StepRun:
                         for r in processed.rejections[:limit]],
             rejection_count=len(processed.rejections), stats=processed.stats,
         )
+        # The trace context the next step continues (``ce_traceparent``): recorded here, so that every announcement
+        # of the run, a resumed or a race loser's included, publishes the same record.
+        manifest["trace_headers"] = tracing.kafka_headers()
         manifest = scrub(manifest, self.secrets)
         try:
             self.store.finish(manifest, self.folder)
@@ -203,7 +206,9 @@ class StepRun:
         assert self.client is not None
         message = manifest.get("next_message") or next_message(str(manifest.get("folder", "")), self.request.message)
         created = str(manifest.get("created") or "")
-        position = announce(self.runtime, self.config, self.client, self.folder, self.request, message, created)
+        trace_headers = manifest.get("trace_headers") if isinstance(manifest.get("trace_headers"), dict) else {}
+        position = announce(self.runtime, self.config, self.client, self.folder, self.request, message, created,
+                            trace_headers)
         self.outcome.next_message = message
         self.outcome.output_folder = self.outcome.announced_folder = str(message["S3_bucket_desc"]["folder"])
         self.enter(RunState.ANNOUNCED, topic=self.config.topic_out,
@@ -336,18 +341,21 @@ def run_step(
 
 def announce(
     runtime: StepRuntime, config: StepConfig, client: S3Client, folder: str, request: StepRequest,
-    next_message: dict[str, Any], created: str,
+    next_message: dict[str, Any], created: str, trace_headers: Mapping[str, str] | None = None,
 ) -> RecordPosition | None:
     """Publish the next-step record (acknowledged), then write the run's announced marker. ``PublishError`` when
-    Kafka did not acknowledge the record. The record is the same for every announcement of the run (``next_step``)."""
+    Kafka did not acknowledge the record. The record is the same for every announcement of the run (``next_step``;
+    ``trace_headers``: the manifest's ``ce_traceparent``/``ce_tracestate``)."""
     position: RecordPosition | None = None
     next_message = canonical(next_message)  # every announcement of the run: the same bytes
     headers = next_step_headers(request.run_id, config.topic_out, config.namespace, request.config_name, created)
     if config.topic_out:
         try:
             # ce_traceparent: the next step's delivery continues this trace (CloudEvents distributed tracing).
+            traced = {name: str(value) for name, value in (trace_headers or {}).items()
+                      if name in (tracing.KAFKA_TRACEPARENT, tracing.KAFKA_TRACESTATE)}
             position = runtime.publisher.publish(runtime.bootstrap_servers(config), config.topic_out, next_message,
-                                                 headers={**headers, **tracing.kafka_headers()})
+                                                 headers={**headers, **traced})
         except Exception as error:  # noqa: BLE001 - Kafka refused or timed out: redelivered later
             raise PublishError(f"Publishing the next step message to {config.topic_out!r} failed: {error}") from None
     else:

@@ -220,8 +220,8 @@ WORKFLOW_TRACE = f"00-{WORKFLOW_TRACE_ID}-b7ad6b7169203331-01"
 
 def check_one_trace(finished: Sequence[Any], first_steps: int) -> None:
     """ssl-features then two classify steps: one trace. The first step is a child of the workflow event's span,
-    each classify step a child of the first step's ``announce`` stage (its record's ce_traceparent), every stage
-    of a step a child of that step's span."""
+    each classify step a child of the first step's ``write_manifest`` stage (the manifest records the context its
+    record's ce_traceparent carries), every stage of a step a child of that step's span."""
     steps = [span for span in finished if span.name.startswith("step ")]
     assert [span.name for span in steps] == ["step ssl-features", "step classify", "step classify-19"]
     assert {format(span.context.trace_id, "032x") for span in finished} == {WORKFLOW_TRACE_ID}
@@ -231,7 +231,7 @@ def check_one_trace(finished: Sequence[Any], first_steps: int) -> None:
               and span.parent.span_id == ssl_step.context.span_id}
     assert sorted(stages) == ["announce", "claim", "process", "write_manifest"]
     for classify_step in steps[1:]:
-        assert classify_step.parent.span_id == stages["announce"].context.span_id
+        assert classify_step.parent.span_id == stages["write_manifest"].context.span_id
         assert classify_step.attributes["eoml.status"] == "SUCCESS"
         assert {span.name for span in finished if span.parent is not None
                 and span.parent.span_id == classify_step.context.span_id} == set(stages)
