@@ -10,6 +10,7 @@
     eo-platform upload FILE... --bucket B --prefix P     put input files into the local S3
     eo-platform send TOPIC [FILE|-]                       publish one JSON message (system.ML, a step topic, ...)
     eo-platform watch [--topic T]                         print monitoring.notify (or any topic) as it arrives
+    eo-platform results WORKFLOW                          each step's STAC Collection URL and what it holds
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch = commands.add_parser("watch")
     watch.add_argument("--topic", default="")
     watch.add_argument("--from-beginning", action="store_true")
+    results = commands.add_parser("results", help="each step's STAC Collection URL and a table of its items")
+    results.add_argument("workflow", help="the workflow's name (eo-platform status lists them)")
     return parser
 
 
@@ -165,6 +168,7 @@ def command_demo(arguments: argparse.Namespace) -> int:
         raise
     if arguments.keep_running:
         print("the platform keeps running; stop it with: eo-platform down")
+        print("each workflow's STAC Collections and a table of their items: eo-platform results <workflow name>")
     else:
         print("stopping the local platform ...")
         stack.stop()
@@ -304,9 +308,23 @@ def command_watch(arguments: argparse.Namespace) -> int:
         consumer.close()
 
 
+def command_results(arguments: argparse.Namespace) -> int:
+    from .demo import controller_workflow, s3_client
+    from .results import format_results, workflow_results
+
+    state = _running_state(arguments.root)
+    workflow = controller_workflow(state, arguments.workflow)
+    if workflow is None:
+        print(f"no workflow {arguments.workflow!r} on the controller (eo-platform status lists them)", file=sys.stderr)
+        return EXIT_FAILED
+    print(format_results(arguments.workflow, workflow_results(workflow, state.bootstrap_servers, s3_client(state))))
+    return EXIT_OK
+
+
 COMMANDS = {"demo": command_demo, "up": command_up, "down": command_down, "rollout": command_rollout,
             "status": command_status,
-            "upload": command_upload, "send": command_send, "post": command_post, "watch": command_watch}
+            "upload": command_upload, "send": command_send, "post": command_post, "watch": command_watch,
+            "results": command_results}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

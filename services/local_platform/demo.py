@@ -521,6 +521,8 @@ def format_summary(reports: Sequence[WorkflowReport]) -> str:
         for step in report.steps:
             where = f"s3://{plan.bucket}/{step.output_folder}" if step.output_folder else "-"
             lines.append(f"    {step.component_name:<28} {step.status:<9} {_seconds(step.seconds)}  {where}")
+            if step.output_folder:
+                lines.append(f"    {'':<28} STAC Collection: {where}/collection.json")
         results = report.results
         if "error" in results:
             lines.append(f"    (results could not be read: {results['error']})")

@@ -21,6 +21,7 @@ from typing import Sequence
 from pydantic import ValidationError
 
 from services.core.logging import configure_logging
+from services.core.tracing import configure_tracing
 from services.core.auth import verifier_from_settings
 from services.wrapper.http_app import create_http_app
 from services.wrapper.pipeline import StepRuntime
@@ -123,6 +124,8 @@ async def serve(settings: WrapperSettings) -> ShutdownReport:
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     configure_logging(settings.log_level, settings.log_format)
+    # Spans get ids (the trace context handed on names them); exported only when OTEL_* variables ask for it.
+    configure_tracing(f"eoml-wrapper-{settings.task}")
     try:
         report = asyncio.run(serve(settings))
     except Exception:

@@ -413,9 +413,13 @@ class ModelClient:
 
     # ---- inference -----------------------------------------------------------------------------------------
 
-    def infer_raw(self, served: ServedModel, rows: np.ndarray, output_name: str, class_count: int = 0) -> np.ndarray:
-        """One request (retried on UNAVAILABLE): ``rows`` [N, *input dims] -> the output [N, ...]."""
+    def infer_raw(self, served: ServedModel, rows: np.ndarray, output_name: str, class_count: int = 0,
+                  headers: Mapping[str, str] | None = None) -> np.ndarray:
+        """One request (retried on UNAVAILABLE): ``rows`` [N, *input dims] -> the output [N, ...].
+
+        ``headers`` go with the request (HTTP headers / gRPC metadata): the step's ``traceparent``."""
         tensor = served.input
+        extra = {"headers": dict(headers)} if headers else {}
 
         def call() -> np.ndarray:
             with self._client() as client:
@@ -427,7 +431,7 @@ class ModelClient:
                     requested = grpcclient.InferRequestedOutput(output_name, class_count=class_count)
                     result = client.infer(
                         served.name, [infer_input], model_version=served.version, outputs=[requested],
-                        client_timeout=self.request_timeout_s,
+                        client_timeout=self.request_timeout_s, **extra,
                     )
                 else:
                     import tritonclient.http as httpclient
@@ -435,7 +439,8 @@ class ModelClient:
                     infer_input = httpclient.InferInput(tensor.name, list(rows.shape), tensor.datatype)
                     infer_input.set_data_from_numpy(rows, binary_data=True)
                     requested = httpclient.InferRequestedOutput(output_name, binary_data=True, class_count=class_count)
-                    result = client.infer(served.name, [infer_input], model_version=served.version, outputs=[requested])
+                    result = client.infer(served.name, [infer_input], model_version=served.version, outputs=[requested],
+                                          **extra)
                 output = result.as_numpy(output_name)
             if output is None:
                 raise InferenceError(f"model {served.name!r} returned no output {output_name!r}")
@@ -444,10 +449,10 @@ class ModelClient:
         return call_with_retry(call, self.retry, f"inference on model {served.name!r}", transient=self._transient)
 
     @timed_stage(Stage.INFERENCE)
-    def infer(self, served: ServedModel, rows: np.ndarray) -> np.ndarray:
+    def infer(self, served: ServedModel, rows: np.ndarray, headers: Mapping[str, str] | None = None) -> np.ndarray:
         """``rows`` [N, *input dims] -> the first output [N, *output dims], checked for shape and dtype."""
         output = served.output
-        result = self.infer_raw(served, rows, output.name)
+        result = self.infer_raw(served, rows, output.name, headers=headers)
         expected = (rows.shape[0], *output.dims)
         if tuple(result.shape) != expected or result.dtype != output.numpy_dtype:
             raise InferenceError(

@@ -39,8 +39,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Mapping
 
+from services.core import tracing
 from services.core.metrics import Stage, timed_stage
 from services.core.step_config import StepConfig, StepCredentials
 from services.wrapper.batching import Work
@@ -165,7 +166,7 @@ class StepRun:
         created = (self.request.event_time or datetime.now(timezone.utc)).astimezone(timezone.utc).replace(
             microsecond=0)
         processed = process_input(self.runtime, self.request.message, self.store, created, self.notifier,
-                                  self.log_fields)
+                                  self.log_fields, run_id=self.request.run_id)
         self.outcome.model_version = processed.served.version
         self.outcome.patches, self.outcome.rejections = processed.patches, processed.rejections
         self.outcome.objects, self.outcome.stats = processed.objects, processed.stats
@@ -184,12 +185,15 @@ class StepRun:
             weights=served.card.weights, bucket=self.config.bucket, folder=message.S3_bucket_desc.folder,
             filename=message.S3_bucket_desc.filename, output_folder_key=announced, run_folder_key=self.folder,
             attempt=self.attempt, outputs_profile=self.runtime.outputs_profile(), created=processed.created,
-            objects=processed.objects, patches=processed.patches, run=request.run_id,
-            next_message=next_message(announced, message),
+            objects=processed.objects, stac_objects=processed.stac_objects, patches=processed.patches,
+            run=request.run_id, next_message=next_message(announced, message),
             rejections=[{"patch_id": r.patch_id, "source": r.source, "reason": r.reason}
                         for r in processed.rejections[:limit]],
             rejection_count=len(processed.rejections), stats=processed.stats,
         )
+        # The trace context the next step continues (``ce_traceparent``): recorded here, so that every announcement
+        # of the run, a resumed or a race loser's included, publishes the same record.
+        manifest["trace_headers"] = tracing.kafka_headers()
         manifest = scrub(manifest, self.secrets)
         try:
             self.store.finish(manifest, self.folder)
@@ -203,7 +207,9 @@ class StepRun:
         assert self.client is not None
         message = manifest.get("next_message") or next_message(str(manifest.get("folder", "")), self.request.message)
         created = str(manifest.get("created") or "")
-        position = announce(self.runtime, self.config, self.client, self.folder, self.request, message, created)
+        trace_headers = manifest.get("trace_headers") if isinstance(manifest.get("trace_headers"), dict) else {}
+        position = announce(self.runtime, self.config, self.client, self.folder, self.request, message, created,
+                            trace_headers)
         self.outcome.next_message = message
         self.outcome.output_folder = self.outcome.announced_folder = str(message["S3_bucket_desc"]["folder"])
         self.enter(RunState.ANNOUNCED, topic=self.config.topic_out,
@@ -243,17 +249,22 @@ class StepRun:
     # ---- the machine --------------------------------------------------------------------------------------
 
     def run(self) -> StepOutcome:
+        """The transitions in order, each in its own trace span (a child of the delivery's ``step`` span)."""
         try:
-            claimed = self.claim()
+            with tracing.stage("claim"):
+                claimed = self.claim()
             if isinstance(claimed, StepOutcome):
                 return claimed
             if claimed is not None:
                 return self.resume(claimed)
-            processed = self.process()
-            manifest = self.write_manifest(processed)
+            with tracing.stage("process"):
+                processed = self.process()
+            with tracing.stage("write_manifest"):
+                manifest = self.write_manifest(processed)
             if manifest is None:
                 return self.lost_manifest_race()
-            self.announce(manifest)
+            with tracing.stage("announce", topic=self.config.topic_out):
+                self.announce(manifest)
             self.report_success(processed)
             return self.end(StepStatus.SUCCESS)
         except Exception as error:  # noqa: BLE001 - every failure ends one of two documented ways
@@ -261,7 +272,8 @@ class StepRun:
 
     def resume(self, manifest: dict[str, Any]) -> StepOutcome:
         """A run that wrote its manifest and stopped before announcing: announce it, do not run it again."""
-        self.announce(manifest)
+        with tracing.stage("announce", topic=self.config.topic_out, resumed=1):
+            self.announce(manifest)
         self.outcome.resumed_announcement = True
         self.outcome.patches = int(manifest.get("patches", 0))
         self.notifier.send("SUCCESS", f"{self.runtime.spec.name} done: {self.outcome.patches} patches -> "
@@ -316,23 +328,36 @@ def run_step(
         return StepOutcome(status=StepStatus.IGNORED, reason="previous_component_end is not True")
     secrets = secret_values(credentials)
     run = StepRun(runtime, request, config, credentials, runtime.notifier(config, secrets), secrets, log_fields)
-    return run.run()
+    span_attributes = {"eoml.task": runtime.spec.name, "eoml.config_name": request.config_name,
+                       "eoml.run_id": request.run_id, "eoml.workflow": config.workflow_name,
+                       "cloudevents.event_id": request.event_id}
+    with tracing.step_span(f"step {runtime.spec.name}", tracing.context_of_event(request.trace_attributes),
+                           span_attributes) as span:
+        outcome = run.run()
+        span.set_attribute("eoml.status", outcome.status.value)
+        if outcome.status in (StepStatus.CRITICAL, StepStatus.RETRY):
+            tracing.mark_failed(span, outcome.reason)
+    return outcome
 
 
 @timed_stage(Stage.ANNOUNCE)
 def announce(
     runtime: StepRuntime, config: StepConfig, client: S3Client, folder: str, request: StepRequest,
-    next_message: dict[str, Any], created: str,
+    next_message: dict[str, Any], created: str, trace_headers: Mapping[str, str] | None = None,
 ) -> RecordPosition | None:
     """Publish the next-step record (acknowledged), then write the run's announced marker. ``PublishError`` when
-    Kafka did not acknowledge the record. The record is the same for every announcement of the run (``next_step``)."""
+    Kafka did not acknowledge the record. The record is the same for every announcement of the run (``next_step``;
+    ``trace_headers``: the manifest's ``ce_traceparent``/``ce_tracestate``)."""
     position: RecordPosition | None = None
     next_message = canonical(next_message)  # every announcement of the run: the same bytes
     headers = next_step_headers(request.run_id, config.topic_out, config.namespace, request.config_name, created)
     if config.topic_out:
         try:
+            # ce_traceparent: the next step's delivery continues this trace (CloudEvents distributed tracing).
+            traced = {name: str(value) for name, value in (trace_headers or {}).items()
+                      if name in (tracing.KAFKA_TRACEPARENT, tracing.KAFKA_TRACESTATE)}
             position = runtime.publisher.publish(runtime.bootstrap_servers(config), config.topic_out, next_message,
-                                                 headers=headers)
+                                                 headers={**headers, **traced})
         except Exception as error:  # noqa: BLE001 - Kafka refused or timed out: redelivered later
             raise PublishError(f"Publishing the next step message to {config.topic_out!r} failed: {error}") from None
     else:

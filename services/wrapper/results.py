@@ -304,6 +304,7 @@ def build_manifest(
     rejections: Iterable[dict[str, str]],
     rejection_count: int,
     stats: dict[str, Any],
+    stac_objects: Sequence[WrittenObject] = (),
 ) -> dict[str, Any]:
     """The manifest: deterministic for equal input (no wall-clock time; ``created`` is the event's time)."""
     return {
@@ -326,6 +327,9 @@ def build_manifest(
              "patches": o.patches, "input": o.input_key}
             for o in objects
         ],
+        # The run folder's STAC Collection (first) and Items: not results, so apart from ``objects``.
+        "stac": [{"key": o.key, "size": o.size, "sha256": o.sha256, "content_type": o.content_type}
+                 for o in stac_objects],
         "rejected": rejection_count,
         "rejections": list(rejections),
         "stats": stats,

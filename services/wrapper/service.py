@@ -29,6 +29,7 @@ from typing import Any, Callable, Literal, Mapping
 from pydantic import ValidationError
 
 from services.core.contracts import StepMessage
+from services.core.tracing import event_trace_attributes
 from services.core.step_config import (
     LocalStepConfigStore,
     StepConfig,
@@ -239,6 +240,7 @@ class WrapperService:
         request = StepRequest(
             config_name=config_name, message=message, raw_message=raw, event_id=delivery.event_id,
             event_time=delivery.event_time, event_source=delivery.source, run_id=delivery.run_id(config_name),
+            trace_attributes=event_trace_attributes(delivery.attributes),
         )
         with self.metrics.step(self.runtime.spec.name) as clock:
             outcome = run_step(self.runtime, request, config, credentials)

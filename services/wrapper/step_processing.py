@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from services.core import tracing
 from services.core.contracts import StepMessage
 from services.core.metrics import Stage, stage, timed_items
 from services.wrapper.batching import batched_inference
@@ -24,7 +25,9 @@ from services.wrapper.inference_client import ServedModel
 from services.wrapper.inputs.types import InputError
 from services.wrapper.notifications import ProgressReporter, StepNotifier
 from services.wrapper.outputs.compressed import OperatingPoint
+from services.wrapper.outputs.stac import ModelFacts
 from services.wrapper.results import ResultStore, WrittenObject
+from services.wrapper.run_stac import StacRecorder, write_documents
 from services.wrapper.step_types import NoUsableInput
 
 if TYPE_CHECKING:
@@ -44,6 +47,8 @@ class Processed:
     patches: int = 0
     rejections: list[Rejection] = field(default_factory=list)
     objects: list[WrittenObject] = field(default_factory=list)
+    # The run folder's STAC Collection and Items (written after the results, before the manifest).
+    stac_objects: list[WrittenObject] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
     bits_per_pixel: float | None = None
 
@@ -54,10 +59,10 @@ def rejection_text(rejection: Rejection) -> str:
 
 def process_input(
     runtime: StepRuntime, message: StepMessage, store: ResultStore, created: datetime, notifier: StepNotifier,
-    log_fields: dict[str, Any],
+    log_fields: dict[str, Any], *, run_id: str,
 ) -> Processed:
     """Run the model over the step's input (in ``store``'s bucket) and upload every unit's results with ``store``
-    (into the run's attempt folder)."""
+    (into the run's attempt folder), then the folder's STAC Collection and Items (``run_stac``)."""
     client, bucket, write_folder = store.client, store.bucket, store.folder
     settings = runtime.settings
     folder, filename = message.S3_bucket_desc.folder, message.S3_bucket_desc.filename
@@ -76,6 +81,7 @@ def process_input(
         result = Processed(served=served, created=created, batch_size=batch_size, units=len(planned.units))
         progress = ProgressReporter(notifier, len(planned.units), settings.progress_interval_s)
         unit_stats: list[dict[str, Any]] = []
+        stac = StacRecorder()
         current: InputUnit | None = None
         collector: Any = None
 
@@ -92,6 +98,7 @@ def process_input(
                 with stage(Stage.WRITE):  # encoding; uploads count in ResultStore
                     written = runtime.handler.write_unit(ctx, current, collector)
                 for obj in [*written.objects, *side]:
+                    stac.wrote(current, obj)
                     store.put(obj, current.key)
                     if obj.file.path is not None:
                         os.unlink(obj.file.path)  # uploaded: the spool holds one unit at most
@@ -100,8 +107,12 @@ def process_input(
                     unit_stats.append({"input": current.key, **written.stats})
             progress.end_file()
 
+        # Taken here, in the run's thread: the requests go out from the inference pool's threads, where the run's
+        # span is not current. Each request names the ``process`` stage as its parent.
+        trace_headers = tracing.http_headers()
+
         def infer(rows: Any) -> Any:
-            return runtime.model_client.infer(served, rows)
+            return runtime.model_client.infer(served, rows, headers=trace_headers)
 
         for item in batched_inference(
             timed_items(Stage.DOWNLOAD, planned.items), infer, result.batch_size, settings.requests_in_flight,
@@ -120,6 +131,7 @@ def process_input(
                 notifier.warning(rejection_text(item))
             else:
                 work, outputs = item
+                stac.saw(unit, work.context)
                 runtime.handler.collect(ctx, collector, work, outputs)
             progress.item_done()
         finish_unit()
@@ -129,6 +141,9 @@ def process_input(
         raise NoUsableInput(f"No usable input: all {len(result.rejections)} patch(es)/file(s) were rejected{first}")
 
     result.objects = list(store.written)
+    result.stac_objects = write_documents(
+        store, stac, run_id=run_id, task=runtime.spec.name,
+        model=ModelFacts(served.name, served.version, served.card.weights), input_folder=folder, created=created)
     result.stats = {"units": result.units, "batch_size": result.batch_size}
     result.bits_per_pixel = bits_per_pixel(unit_stats)
     if result.bits_per_pixel is not None:

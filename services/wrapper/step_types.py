@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from services.core.contracts import StepMessage
 from services.wrapper.inference_client import InferenceError, InferenceUnavailable, ModelMismatch
@@ -83,6 +83,8 @@ class StepRequest:
     event_source: str = ""
     # ``results.run_id`` of the delivery; "" = derived from the fields above (random without an event id).
     run_id: str = ""
+    # The event's W3C trace context (``traceparent``/``tracestate`` extension attributes; ``services.core.tracing``).
+    trace_attributes: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.run_id:

@@ -171,6 +171,10 @@ def test_wrapper_killed_while_processing_is_redelivered_and_announces_each_input
             # The run folder holds the announced attempt only (a killed run's attempt is swept once announced).
             assert manifest["folder"].startswith(folder + "/a-")
             stored = sorted(k for k in results if k.startswith(folder + "/"))
+            # The run folder's STAC: its Collection and one Item (one input unit), listed apart in the manifest.
+            stac = [k for k in stored if k.endswith(("/collection.json", ".item.json"))]
+            assert len(stac) == 2 and sorted(o["key"] for o in manifest["stac"]) == stac
+            stored = [k for k in stored if k not in stac]
             assert sorted(o["key"] for o in manifest["objects"]) == stored
             names = [key.rsplit("/", 1)[1] for key in stored]
             assert {name[name.index("."):] for name in names} == suffixes and len(names) == len(suffixes)

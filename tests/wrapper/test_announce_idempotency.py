@@ -298,4 +298,4 @@ def test_a_race_loser_announces_the_winners_manifest_when_the_winner_stopped(
     # Under the run folder: the winner's attempt only (the loser deleted its own objects).
     stored = list_keys(up.s3, s3_access.bucket_name, winner.run_folder + "/")
     assert stored and all(key.startswith(manifest["folder"] + "/") for key in stored)
-    assert sorted(o["key"] for o in manifest["objects"]) == sorted(stored)
+    assert sorted(o["key"] for o in [*manifest["objects"], *manifest["stac"]]) == sorted(stored)

@@ -27,6 +27,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from services.wrapper.inputs import S3Access, make_s3_client
+from services.wrapper.outputs.stac import is_stac_document
 from services.wrapper.results import ANNOUNCED_SUFFIX, FAILED_SUFFIX, MANIFEST_SUFFIX, run_folder_of
 from test_service_http import RunningApp, get, post
 from wrapper_input_data import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, sample_patch_names, sample_tar_gz
@@ -101,16 +102,21 @@ def deliver(url: str, step: StepFixture, offset: int, timeout_s: float = 240,
 
 
 def results_of(step: StepFixture, run_folder: str) -> dict[str, bytes]:
-    """Every result object of a run, by its key relative to the run folder."""
+    """Every result object of a run, by its key relative to the run folder (not its STAC documents, which name the
+    run and so differ between runs of the same input)."""
     keys = list_keys(step.s3, step.access.bucket_name, run_folder + "/")
-    return {key[len(run_folder):]: object_bytes(step.s3, step.access.bucket_name, key) for key in keys}
+    return {key[len(run_folder):]: object_bytes(step.s3, step.access.bucket_name, key) for key in keys
+            if not is_stac_document(key)}
 
 
 def assert_complete(step: StepFixture, run_folder: str, reference: dict[str, bytes]) -> dict[str, Any]:
-    """The run's objects are exactly the reference's bytes and exactly what its manifest lists; announced."""
+    """The run's objects are exactly the reference's bytes and exactly what its manifest lists, beside its STAC
+    documents (listed too); announced."""
     assert results_of(step, run_folder) == reference
     manifest = json.loads(object_bytes(step.s3, step.access.bucket_name, run_folder_of(run_folder) + MANIFEST_SUFFIX))
     assert sorted(o["key"] for o in manifest["objects"]) == sorted(run_folder + k for k in reference)
+    stac = sorted(k for k in list_keys(step.s3, step.access.bucket_name, run_folder + "/") if is_stac_document(k))
+    assert stac and sorted(o["key"] for o in manifest["stac"]) == stac
     assert manifest["folder"] == run_folder and manifest["created"] == "2026-07-08T09:10:11+00:00"
     object_bytes(step.s3, step.access.bucket_name, run_folder_of(run_folder) + ANNOUNCED_SUFFIX)  # raises if absent
     return manifest

@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import posixpath
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -22,7 +24,10 @@ import tritonclient.http as httpclient
 from affine import Affine
 from rasterio.transform import from_origin
 
-from services.core import sentinel2
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from services.core import sentinel2, tracing
 from services.core.transform_codes import LaplaceContextPrior
 from services.core.bigearthnet import BIGEARTHNET_19_LABELS, BIGEARTHNET_43_LABELS
 from services.wrapper.inputs import InputPatch, S3Access, read_tar_stream
@@ -38,6 +43,8 @@ from services.wrapper.outputs import (
 from services.wrapper.outputs import read_compressed_header, write_compressed, write_transform_codes
 from services.wrapper.outputs.compressed import PIXELS_PER_PATCH, OperatingPoint
 from services.wrapper.outputs.types import BandScale, PatchMetadata
+from services.wrapper.outputs.stac import is_stac_document
+from services.wrapper.service import parse_delivery
 from services.wrapper.results import ANNOUNCED_SUFFIX, MANIFEST_SUFFIX, output_folder
 from test_input_safe_products import KEPT_TILES, ORIGIN_X, ORIGIN_Y, PRODUCT, _scene, _upload_tree, _write_safe
 from outputs_test_data import (
@@ -47,6 +54,7 @@ from outputs_test_data import (
     requantised_codes,
     synthetic_prior,
 )
+from stac_schemas import validate as validate_stac
 from wrapper_input_data import SAMPLE_PATCHES, sample_patch_names, sample_tar_gz, upload_patch_folder
 from wrapper_stack import (  # noqa: F401 - close_step_runtimes is an autouse fixture
     close_step_runtimes,
@@ -127,7 +135,11 @@ def check_announced(step: StepFixture, outcome: Any, meta: dict[str, Any] | None
     assert len(records) == 1
     assert records[0]["key"] == "key"
     # A binary-mode CloudEvent: the identity of the upstream run, deterministic (the event's time, not the clock).
-    assert records[0]["headers"] == {
+    headers = dict(records[0]["headers"])
+    # With the OpenTelemetry SDK on in this process (the ``spans`` fixture), the record also carries the trace.
+    traceparent = headers.pop("ce_traceparent", None)
+    assert traceparent is None or re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-0[0-3]", traceparent)
+    assert headers == {
         "ce_specversion": "1.0", "ce_id": f"{outcome.run_folder.rsplit('/', 1)[1]}/{step.topic_out}",
         "ce_source": f"/eoml/{step.namespace}/{step.config.config_name}", "ce_type": "eu.eo4eu.ml.step.completed",
         "ce_time": EVENT_TIME.isoformat(), "content-type": "application/json",
@@ -157,13 +169,15 @@ def check_announced(step: StepFixture, outcome: Any, meta: dict[str, Any] | None
 
 def check_manifest(step: StepFixture, outcome: Any) -> dict[str, Any]:
     s3 = step.s3
-    # Beside the run folder; its attempt folder (the announced one) holds exactly what it lists.
+    # Beside the run folder; its attempt folder (the announced one) holds exactly what it lists: the results
+    # (``objects``) and the folder's STAC documents (``stac``).
     manifest = json.loads(object_bytes(s3, step.access.bucket_name, outcome.run_folder + MANIFEST_SUFFIX))
     assert outcome.output_folder == f"{outcome.run_folder}/{manifest['attempt']}"
     assert manifest["attempt"].startswith(f"a-{manifest['outputs_profile']['sha256'][:8]}-")
     keys = sorted(list_keys(s3, step.access.bucket_name, outcome.run_folder + "/"))
-    assert sorted(o["key"] for o in manifest["objects"]) == keys
-    for entry in manifest["objects"]:
+    assert sorted(o["key"] for o in [*manifest["objects"], *manifest["stac"]]) == keys
+    check_stac(step, outcome, manifest)
+    for entry in [*manifest["objects"], *manifest["stac"]]:
         data = object_bytes(s3, step.access.bucket_name, entry["key"])
         assert entry["size"] == len(data)
         assert entry["sha256"] == hashlib.sha256(data).hexdigest()
@@ -174,17 +188,77 @@ def check_manifest(step: StepFixture, outcome: Any) -> dict[str, Any]:
     return manifest
 
 
+def check_stac(step: StepFixture, outcome: Any, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run folder's STAC: a valid Collection linking valid Items whose assets are exactly the run's results,
+    with the manifest's sizes and checksums. Returns the Items."""
+    bucket, folder = step.access.bucket_name, outcome.output_folder
+    assert manifest["stac"][0]["key"] == f"{folder}/collection.json"
+    collection = json.loads(object_bytes(step.s3, bucket, f"{folder}/collection.json"))
+    validate_stac(collection)
+    assert collection["id"] == manifest["run_id"]
+    items, assets = [], {}
+    item_keys = [f"{folder}/{link['href'][2:]}" for link in collection["links"] if link["rel"] == "item"]
+    for key in item_keys:
+        item = json.loads(object_bytes(step.s3, bucket, key))
+        validate_stac(item)
+        assert item["properties"]["eoml:run_id"] == manifest["run_id"]
+        assert item["properties"]["eoml:model"]["weights"] == manifest["model"]["weights"]
+        items.append(item)
+        for asset in item["assets"].values():  # relative to the Item's own place in the folder
+            assets[posixpath.normpath(posixpath.join(posixpath.dirname(key), asset["href"]))] = asset
+    assert sorted(item_keys) == sorted(entry["key"] for entry in manifest["stac"][1:])
+    assert sorted(assets) == sorted(entry["key"] for entry in manifest["objects"])
+    for entry in manifest["objects"]:
+        assert assets[entry["key"]]["file:size"] == entry["size"]
+        assert assets[entry["key"]]["file:checksum"] == "1220" + entry["sha256"]
+    return items
+
+
+WORKFLOW_TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+WORKFLOW_TRACE = f"00-{WORKFLOW_TRACE_ID}-b7ad6b7169203331-01"
+
+
+def check_one_trace(finished: Sequence[Any], first_steps: int) -> None:
+    """ssl-features then two classify steps: one trace. The first step is a child of the workflow event's span,
+    each classify step a child of the first step's ``write_manifest`` stage (the manifest records the context its
+    record's ce_traceparent carries), every stage of a step a child of that step's span."""
+    steps = [span for span in finished if span.name.startswith("step ")]
+    assert [span.name for span in steps] == ["step ssl-features", "step classify", "step classify-19"]
+    assert {format(span.context.trace_id, "032x") for span in finished} == {WORKFLOW_TRACE_ID}
+    ssl_step = steps[0]
+    assert format(ssl_step.parent.span_id, "016x") == WORKFLOW_TRACE.split("-")[2]
+    stages = {span.name: span for span in finished[:first_steps] if span.parent is not None
+              and span.parent.span_id == ssl_step.context.span_id}
+    assert sorted(stages) == ["announce", "claim", "process", "write_manifest"]
+    for classify_step in steps[1:]:
+        assert classify_step.parent.span_id == stages["write_manifest"].context.span_id
+        assert classify_step.attributes["eoml.status"] == "SUCCESS"
+        assert {span.name for span in finished if span.parent is not None
+                and span.parent.span_id == classify_step.context.span_id} == set(stages)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """The spans this process records (the OpenTelemetry SDK, as the Wrapper's cli configures it)."""
+    exporter = InMemorySpanExporter()
+    assert tracing.configure_tracing("test-wrapper", [SimpleSpanProcessor(exporter)]) is not None
+    yield exporter
+    exporter.shutdown()
+
+
 def test_ssl_features_then_classify_43_and_19(
-    server: InferenceServer, http_client: Any, s3_access: S3Access, kafka_broker: Any, tmp_path: Path
+    server: InferenceServer, http_client: Any, s3_access: S3Access, kafka_broker: Any, tmp_path: Path,
+    spans: InMemorySpanExporter,
 ) -> None:
     patches = [PLAIN_PATCH, GEOREFERENCED_PATCH, SECOND_GEOREFERENCED_PATCH]
     ssl = make_step("ssl-features", s3_access, kafka_broker, tmp_path)
     ssl.s3.put_object(Bucket=s3_access.bucket_name, Key="uploads/run 1/component.tar.gz", Body=sample_tar_gz(patches))
 
-    outcome = ssl.run(ssl.runtime(server.grpc_url), "uploads/run 1")
+    # The workflow's first event carries a trace context (a DSL or gateway that traces).
+    outcome = ssl.run(ssl.runtime(server.grpc_url), "uploads/run 1", trace_attributes={"traceparent": WORKFLOW_TRACE})
 
     assert outcome.status == "SUCCESS", outcome.reason
     assert outcome.output_folder.startswith("result-image2feature/run_1-")
@@ -192,7 +266,14 @@ def test_ssl_features_then_classify_43_and_19(
         f"{outcome.output_folder}/component.features.json", f"{outcome.output_folder}/component.features.npz"
     ]
     check_announced(ssl, outcome)
-    check_manifest(ssl, outcome)
+    ssl_manifest = check_manifest(ssl, outcome)
+    [ssl_item] = check_stac(ssl, outcome, ssl_manifest)
+    assert ssl_item["id"] == "component" and ssl_item["properties"]["eoml:patches"] == patches
+    # Two acquisitions in the archive: a sensing range from the patch names; one patch has no georeferencing,
+    # so the unit claims no footprint.
+    assert (ssl_item["properties"]["start_datetime"], ssl_item["properties"]["end_datetime"]) == (
+        "2017-06-13T10:10:31Z", "2017-06-17T11:33:21Z")
+    assert ssl_item["geometry"] is None and ssl_item["properties"]["eoml:georeferenced"] is False
     as_json = read_features(object_bytes(ssl.s3, s3_access.bucket_name, outcome.objects[0].key))
     as_npz = read_features(object_bytes(ssl.s3, s3_access.bucket_name, outcome.objects[1].key))
     assert as_json.patch_ids == as_npz.patch_ids == tuple(patches)
@@ -208,16 +289,29 @@ def test_ssl_features_then_classify_43_and_19(
     np.testing.assert_allclose(as_npz.features, expected, rtol=1e-4, atol=1e-5)
 
     # The classifier reads where the announcement says the features are.
-    announced = ssl.records([ssl.topic_out], until=lambda r: len(r) >= 1)[0]["value"]["S3_bucket_desc"]["folder"]
+    record = ssl.records([ssl.topic_out], until=lambda r: len(r) >= 1)[0]
+    announced = record["value"]["S3_bucket_desc"]["folder"]
+    # The KafkaSource (or the local event plane) turns the record's ce_traceparent header into the CloudEvent
+    # attribute traceparent (HTTP ce-traceparent): what the Wrapper's HTTP shell reads from a delivery.
+    delivery = parse_delivery({f"ce-{name[3:]}": value for name, value in record["headers"].items()
+                               if name.startswith("ce_")}, b"{}")
+    next_trace = tracing.event_trace_attributes(delivery.attributes)
+    first_steps = len(spans.get_finished_spans())
     for task, model, labels in (
         ("classify", "Bigearth-net-linear-label", BIGEARTHNET_43_LABELS),
         ("classify-19", "Bigearth-net-linear-label-19", BIGEARTHNET_19_LABELS),
     ):
         step = make_step(task, s3_access, kafka_broker, tmp_path)
-        result = step.run(step.runtime(server.grpc_url, classify_threshold=0.5), announced)
+        result = step.run(step.runtime(server.grpc_url, classify_threshold=0.5), announced,
+                          trace_attributes=next_trace)
         assert result.status == "SUCCESS", result.reason
         check_announced(step, result)
-        check_manifest(step, result)
+        manifest = check_manifest(step, result)
+        [item] = check_stac(step, result, manifest)
+        upstream_links = {link["href"] for link in item["links"] if link["rel"] == "derived_from"}
+        assert upstream_links == {f"s3://{s3_access.bucket_name}/{announced}/component.features.npz",
+                                  f"s3://{s3_access.bucket_name}/{announced}/component.item.json"}
+        assert item["properties"]["start_datetime"] == "2017-06-13T10:10:31Z"
         json_key, csv_key = (o.key for o in result.objects)
         assert json_key.endswith("/component.classes.json") and csv_key.endswith("/component.classes.csv")
         classes = read_classes_json(object_bytes(step.s3, s3_access.bucket_name, json_key))
@@ -230,6 +324,7 @@ def test_ssl_features_then_classify_43_and_19(
         for row, predicted in enumerate(classes.predicted):
             assert set(predicted) == {labels[i] for i in np.flatnonzero(probabilities[row] >= 0.5)}
         np.testing.assert_array_equal(classes.features, as_npz.features)
+    check_one_trace(spans.get_finished_spans(), first_steps)
 
 
 def test_compress_then_decompress_round_trip(
@@ -446,7 +541,19 @@ def test_redelivery_is_a_duplicate_and_a_new_event_gets_its_own_run_folder(
         first.run_folder + ANNOUNCED_SUFFIX,
         f"{first.output_folder}/x/{GEOREFERENCED_PATCH}.tif",
         f"{first.output_folder}/x/{PLAIN_PATCH}.tif",
+        f"{first.output_folder}/collection.json",  # the run folder's STAC: per-patch results, an Item per patch
+        f"{first.output_folder}/x/{GEOREFERENCED_PATCH}.item.json",
+        f"{first.output_folder}/x/{PLAIN_PATCH}.item.json",
     ])
+    geo_item = json.loads(snapshot[f"{first.output_folder}/x/{GEOREFERENCED_PATCH}.item.json"])
+    plain_item = json.loads(snapshot[f"{first.output_folder}/x/{PLAIN_PATCH}.item.json"])
+    assert geo_item["id"] == f"x__{GEOREFERENCED_PATCH}" and geo_item["properties"]["proj:code"] == "EPSG:32629"
+    assert geo_item["assets"]["tif"]["href"] == f"./{GEOREFERENCED_PATCH}.tif"
+    assert geo_item["assets"]["tif"]["raster:bands"] == [{"data_type": "float32", "nodata": -1.0}]
+    # The item's grid is the patch's (10 m, 120 x 120); the C-factor raster's own is 5 x 5 at 240 m.
+    assert geo_item["properties"]["proj:shape"] == [120, 120]
+    assert geo_item["assets"]["tif"]["proj:shape"] == [5, 5] and geo_item["assets"]["tif"]["proj:transform"][0] == 240
+    assert geo_item["geometry"]["type"] == "Polygon" and plain_item["geometry"] is None
     assert first.run_folder.startswith(output_folder("result-uc5-cfactor", "in") + "/r-")
     georeferenced = read_geotiff(snapshot[f"{first.output_folder}/x/{GEOREFERENCED_PATCH}.tif"])
     with rasterio.open(SAMPLE_PATCHES / GEOREFERENCED_PATCH / f"{GEOREFERENCED_PATCH}_B02.tif") as source:
@@ -467,6 +574,11 @@ def test_redelivery_is_a_duplicate_and_a_new_event_gets_its_own_run_folder(
         assert object_bytes(uc5.s3, s3_access.bucket_name, key) == snapshot[key], key
         if key.startswith(first.output_folder + "/"):
             twin = second.output_folder + key[len(first.output_folder):]
+            if is_stac_document(key):  # the same description, of another run (its id)
+                first_run, second_run = (first.run_folder.rsplit("/", 1)[1], second.run_folder.rsplit("/", 1)[1])
+                assert object_bytes(uc5.s3, s3_access.bucket_name, twin) == snapshot[key].replace(
+                    first_run.encode(), second_run.encode()), twin
+                continue
             assert object_bytes(uc5.s3, s3_access.bucket_name, twin) == snapshot[key], twin
     announcements = uc5.records([uc5.topic_out], until=lambda r: len(r) >= 2, timeout_s=10)
     assert [r["value"]["S3_bucket_desc"]["folder"] for r in announcements] == [first.output_folder,

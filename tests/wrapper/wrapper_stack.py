@@ -250,8 +250,10 @@ class StepFixture:
         event_time: datetime | None = EVENT_TIME,
         previous_component_end: str = "True",
         event_id: str | None = None,
+        trace_attributes: dict[str, str] | None = None,
     ) -> StepOutcome:
-        """One delivery through ``run_step``; a new event (id) unless ``event_id`` names one (a redelivery)."""
+        """One delivery through ``run_step``; a new event (id) unless ``event_id`` names one (a redelivery).
+        ``trace_attributes``: the event's ``traceparent``/``tracestate`` extension attributes."""
         raw = step_message(folder, filename, meta, previous_component_end)
         request = StepRequest(
             config_name=self.config.config_name,
@@ -260,6 +262,7 @@ class StepFixture:
             event_id=event_id or f"partition:0/offset:{uuid.uuid4().int % 10**9}",
             event_time=event_time,
             event_source=f"/apis/v1/namespaces/{self.namespace}/kafkasources/src#{self.topic_in}",
+            trace_attributes=trace_attributes or {},
         )
         return run_step(runtime, request, self.config, self.credentials)
 

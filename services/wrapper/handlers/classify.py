@@ -19,6 +19,7 @@ from services.wrapper.outputs.classes import stream_classes_csv, stream_classes_
 from services.wrapper.spool import spooled_output
 from services.wrapper.handlers.base import FileRefused, InputUnit, Rejection, StepContext, UnitResult, PlannedInput, TaskHandler
 from services.wrapper.handlers.files import FileContext, list_input_files, read_object, file_units
+from services.wrapper.outputs.stac import is_stac_document
 from services.wrapper.outputs.types import ResultObject
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class ClassifyHandler(TaskHandler):
     def open(self, ctx: StepContext) -> PlannedInput:
         def accept(key: str) -> bool:
             lower = key.lower()
-            return lower.endswith((".npz", ".json")) and not lower.endswith(_NOT_FEATURES)
+            return lower.endswith((".npz", ".json")) and not lower.endswith(_NOT_FEATURES) and not is_stac_document(key)
 
         candidates = list_input_files(ctx, accept, "a feature file (*.features.npz, *.features.json or a feature list .json)")
         npz_stems = {feature_stem(obj.key) for obj in candidates if obj.key.endswith(".npz")}

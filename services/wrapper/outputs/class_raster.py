@@ -1,4 +1,5 @@
-"""The result of a ``pixel-classes`` card: a georeferenced uint8 class GeoTIFF with a colour table.
+"""The result of a ``pixel-classes`` card: a georeferenced uint8 class Cloud-Optimized GeoTIFF
+with a colour table (``rasters.cog_bytes``).
 
 One band of class codes (the card's ``class_codes``), nodata ``CLASS_NODATA_CODE`` (255), DEFLATE compression,
 a GDAL colour table from the card's ``class_colours``, band description ``classes`` and dataset tags
@@ -9,17 +10,15 @@ the arguments only (``created`` is a parameter, never the clock), so a redeliver
 from __future__ import annotations
 
 import json
-import warnings
 from datetime import datetime, timezone
 from typing import Mapping, Sequence
 
 import numpy as np
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
-from rasterio.io import MemoryFile
 
 from services.core.model_card import CLASS_NODATA_CODE
+from services.wrapper.outputs.rasters import cog_bytes
 from services.wrapper.outputs.types import OutputFormatError
 
 CLASS_RASTER_SUFFIX = ".classes.tif"
@@ -44,27 +43,16 @@ def write_class_geotiff(
     if created.tzinfo is None:
         raise OutputFormatError("created must be timezone-aware")
     profile: dict[str, object] = {
-        "driver": "GTiff", "width": codes.shape[1], "height": codes.shape[0], "count": 1, "dtype": "uint8",
-        "nodata": CLASS_NODATA_CODE, "compress": "deflate",
+        "width": codes.shape[1], "height": codes.shape[0], "count": 1, "dtype": "uint8", "nodata": CLASS_NODATA_CODE,
     }
     if crs_wkt is not None:
         profile["crs"] = CRS.from_user_input(crs_wkt)
     if transform is not None:
         profile["transform"] = transform
     stamp = created.astimezone(timezone.utc).isoformat(timespec="seconds")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with MemoryFile() as memory_file:
-                with memory_file.open(**profile) as dataset:
-                    dataset.write(codes, 1)
-                    dataset.write_colormap(1, dict(colour_table))
-                    dataset.set_band_description(1, "classes")
-                    dataset.update_tags(
-                        class_names=json.dumps(list(class_names)), class_codes=json.dumps(list(class_codes)),
-                        model=model, model_version=model_version, created=stamp,
-                        TIFFTAG_DATETIME=created.astimezone(timezone.utc).strftime("%Y:%m:%d %H:%M:%S"),
-                    )
-                return bytes(memory_file.read())
-    except RasterioError as error:
-        raise OutputFormatError(f"GDAL could not write the class GeoTIFF: {error}") from None
+    tags = {
+        "class_names": json.dumps(list(class_names)), "class_codes": json.dumps(list(class_codes)),
+        "model": model, "model_version": model_version, "created": stamp,
+        "TIFFTAG_DATETIME": created.astimezone(timezone.utc).strftime("%Y:%m:%d %H:%M:%S"),
+    }
+    return cog_bytes(codes[None], profile, "DEFLATE", ("classes",), tags, colour_table, what="class GeoTIFF")

@@ -1,4 +1,9 @@
-"""GeoTIFFs in memory, and the ``uc5-cfactor`` / ``uc6-locust`` result rasters.
+"""Cloud-Optimized GeoTIFFs in memory, and the ``uc5-cfactor`` / ``uc6-locust`` result rasters.
+
+Every raster result is written by GDAL's COG driver (``cog_bytes``): tiled in ``COG_BLOCK_SIZE`` blocks, the
+overviews GDAL's ``OVERVIEWS=AUTO`` makes (halving until the image fits one block: none for a 120 x 120 patch),
+and the compression named by the caller (``NONE`` when none is asked for), so a reader can fetch a window or a
+reduced view with HTTP range requests instead of downloading the whole file.
 
 UC5 and UC6 results are float32 GeoTIFFs with values in [0, 1], nodata -1 and ZSTD compression, as production
 writes them (contracts doc section 7). The band description names the quantity (``C-Factor``,
@@ -25,6 +30,8 @@ from services.wrapper.outputs.types import OutputFile, OutputFormatError
 
 GEOTIFF_CONTENT_TYPE = "image/tiff; application=geotiff"
 GEOTIFF_SUFFIX = ".tif"
+# COG tile side: 256 keeps a 120 x 120 patch to one tile and a granule-sized raster to ~1700 tiles per band.
+COG_BLOCK_SIZE = 256
 INDEX_NODATA = -1.0
 
 IndexTask = Literal["uc5-cfactor", "uc6-locust"]
@@ -72,7 +79,7 @@ def geotiff_bytes(
     band_descriptions: Sequence[str] = (),
     tags: Mapping[str, str] | None = None,
 ) -> bytes:
-    """A GeoTIFF of ``array`` ([rows, cols] or [bands, rows, cols]) written by GDAL into memory.
+    """A COG of ``array`` ([rows, cols] or [bands, rows, cols]) written by GDAL into memory (``cog_bytes``).
 
     No CRS/transform (a patch without georeferencing) writes a plain TIFF grid. GDAL writes no clock time of its
     own, so the bytes depend on the arguments only.
@@ -81,13 +88,8 @@ def geotiff_bytes(
         raise OutputFormatError(f"raster must be a non-empty [rows, cols] or [bands, rows, cols] array")
     stack = array[None] if array.ndim == 2 else array
     affine = _to_affine(transform)
-    profile: dict[str, object] = {
-        "driver": "GTiff",
-        "width": stack.shape[2],
-        "height": stack.shape[1],
-        "count": stack.shape[0],
-        "dtype": stack.dtype.name,
-    }
+    profile: dict[str, object] = {"width": stack.shape[2], "height": stack.shape[1], "count": stack.shape[0],
+                                  "dtype": stack.dtype.name}
     if crs_wkt is not None:
         try:
             profile["crs"] = CRS.from_user_input(crs_wkt)
@@ -97,21 +99,41 @@ def geotiff_bytes(
         profile["transform"] = affine
     if nodata is not None:
         profile["nodata"] = nodata
-    if compress is not None:
-        profile["compress"] = compress
+    return cog_bytes(stack, profile, compress or "NONE", band_descriptions, tags or {}, what="GeoTIFF")
+
+
+def cog_bytes(
+    stack: np.ndarray,
+    profile: Mapping[str, object],
+    compress: str,
+    band_descriptions: Sequence[str] = (),
+    tags: Mapping[str, str] | None = None,
+    colour_table: Mapping[int, tuple[int, int, int, int]] | None = None,
+    what: str = "GeoTIFF",
+) -> bytes:
+    """``stack`` [bands, rows, cols] as a Cloud-Optimized GeoTIFF, written by GDAL's COG driver into memory.
+
+    The COG driver only copies a finished dataset (GDAL CreateCopy): rasterio fills a MEM dataset first and GDAL
+    writes the tiles, the overviews and then the header in COG order when it is closed. The bytes depend on the
+    arguments only (GDAL writes no clock time), so a redelivered result is byte-identical.
+    """
+    options = {**profile, "driver": "COG", "compress": compress, "blocksize": COG_BLOCK_SIZE,
+               "overviews": "AUTO", "bigtiff": "IF_SAFER"}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with MemoryFile() as memory_file:
-                with memory_file.open(**profile) as dataset:
+                with memory_file.open(**options) as dataset:
                     dataset.write(stack)
                     for index, description in enumerate(band_descriptions, start=1):
                         dataset.set_band_description(index, description)
+                    if colour_table is not None:
+                        dataset.write_colormap(1, dict(colour_table))
                     if tags:
                         dataset.update_tags(**tags)
                 return bytes(memory_file.read())
     except RasterioError as error:
-        raise OutputFormatError(f"GDAL could not write the GeoTIFF: {error}") from None
+        raise OutputFormatError(f"GDAL could not write the {what}: {error}") from None
 
 
 def read_geotiff(data: bytes) -> GeoRaster:
@@ -192,12 +214,14 @@ def write_index_geotiff(
 
 __all__ = [
     "GEOTIFF_CONTENT_TYPE",
+    "COG_BLOCK_SIZE",
     "GEOTIFF_SUFFIX",
     "GeoRaster",
     "INDEX_NODATA",
     "INDEX_PRODUCT_NAMES",
     "IndexTask",
     "check_index_values",
+    "cog_bytes",
     "geotiff_bytes",
     "read_geotiff",
     "write_index_geotiff",
