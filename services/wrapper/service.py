@@ -22,7 +22,7 @@ import importlib
 import json
 import logging
 from concurrent.futures import wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal, Mapping
 
@@ -77,6 +77,12 @@ class Delivery:
     event_type: str
     attributes: Mapping[str, str]  # every ce-* attribute, lower-cased names without the prefix
     body: bytes
+    # The HTTP request's own W3C ``traceparent``/``tracestate`` (a caller that is no CloudEvent producer, e.g. a
+    # direct POST): the trace a step continues when the event itself carries none.
+    transport_trace: Mapping[str, str] = field(default_factory=dict)
+
+    def trace_attributes(self) -> dict[str, str]:
+        return event_trace_attributes(self.attributes) or dict(self.transport_trace)
 
     def run_id(self, config_name: str) -> str:
         """The delivery's run id (``results.run_id``): the same for every redelivery of one event."""
@@ -116,6 +122,7 @@ def parse_delivery(headers: Mapping[str, str], body: bytes) -> Delivery:
         event_type=attributes.get("type", ""),
         attributes=attributes,
         body=body,
+        transport_trace={name: lowered[name] for name in ("traceparent", "tracestate") if lowered.get(name)},
     )
 
 
@@ -240,7 +247,7 @@ class WrapperService:
         request = StepRequest(
             config_name=config_name, message=message, raw_message=raw, event_id=delivery.event_id,
             event_time=delivery.event_time, event_source=delivery.source, run_id=delivery.run_id(config_name),
-            trace_attributes=event_trace_attributes(delivery.attributes),
+            trace_attributes=delivery.trace_attributes(),
         )
         with self.metrics.step(self.runtime.spec.name) as clock:
             outcome = run_step(self.runtime, request, config, credentials)

@@ -283,6 +283,18 @@ def test_binary_cloudevent_and_config_name_sources() -> None:
         config_name_of(parse_delivery({"content-type": "application/json"}, b"{}"))
 
 
+def test_a_step_continues_the_events_trace_else_the_requests_own_traceparent() -> None:
+    event_parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    request_parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    base = {"Ce-Id": "e1", "Ce-Source": "s#t", "Ce-Type": "x", "Ce-Specversion": "1.0",
+            "Content-Type": "application/json", "Traceparent": request_parent, "Tracestate": "vendor=1"}
+    bare = parse_delivery(base, b"{}")
+    assert bare.trace_attributes() == {"traceparent": request_parent, "tracestate": "vendor=1"}
+    carried = parse_delivery({**base, "Ce-Traceparent": event_parent}, b"{}")
+    assert carried.trace_attributes() == {"traceparent": event_parent}
+    assert parse_delivery({k: v for k, v in base.items() if not k.startswith("Trace")}, b"{}").trace_attributes() == {}
+
+
 def test_structured_cloudevent_carries_the_message_in_data() -> None:
     envelope = {"id": "e1", "source": "s#t", "type": "x", "specversion": "1.0",
                 "data": {"previous_component_end": "True", "S3_bucket_desc": {"folder": "in"}}}
