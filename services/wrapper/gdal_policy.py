@@ -24,14 +24,18 @@ The README's Security section lists each vector with the setting that closes it 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 import rasterio
 from rasterio.env import set_gdal_config
 from rasterio.io import DatasetReader, MemoryFile
+
+if TYPE_CHECKING:
+    from rasterio.crs import CRS
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,45 @@ class NotTheClaimedFormat(ValueError):
         self.found = found  # what the file starts with, for people: "it starts with '<VRTDataset rast'"
 
 
+class CrsRefused(ValueError):
+    """A CRS text that is no EPSG code, WKT or plain PROJ string (e.g. a URL or a file name)."""
+
+
+_EPSG_CODE = re.compile(r"(?i)EPSG:(\d{1,6})")
+# WKT1 and WKT2 root keywords (OGC 01-009, ISO 19162): the CRS is spelled out, nothing is fetched.
+_WKT_ROOT = re.compile(r"(?i)(PROJCS|GEOGCS|GEOCCS|COMPD_CS|LOCAL_CS|VERT_CS|FITTED_CS|PROJCRS|PROJECTEDCRS|GEOGCRS|"
+                       r"GEOGRAPHICCRS|GEODCRS|GEODETICCRS|BASEGEOGCRS|COMPOUNDCRS|BOUNDCRS|ENGCRS|ENGINEERINGCRS|"
+                       r"VERTCRS|VERTICALCRS|DERIVEDPROJCRS|TIMECRS|PARAMETRICCRS)\s*[\[(]")
+# A PROJ string's parameters whose values name files or other definitions (init files, grids): refused.
+_PROJ_PARAMETER = re.compile(r"\+([A-Za-z_][A-Za-z0-9_]*)(?:=([^\s+]*))?")
+_PROJ_FILE_PARAMETERS = frozenset({"init", "nadgrids", "geoidgrids", "hgridshift", "vgridshift", "grids", "file",
+                                   "catalog", "xy_grids", "z_grids"})
+_PROJ_VALUE = re.compile(r"[A-Za-z0-9_.,\-]*")
+
+
+def parse_crs(text: str) -> "CRS":
+    """The CRS of an ``EPSG:<code>``, a WKT text or a plain PROJ string, and nothing else.
+
+    rasterio's ``CRS.from_user_input`` hands any string to GDAL's ``OSRSetFromUserInput``, which fetches URLs with
+    GDAL's own HTTP client (not a VSI file system: ``CPL_VSIL_CURL_ALLOWED_FILENAME`` does not stop it) and reads
+    files named by the string. CRS texts reach the Wrapper from inputs (a ``.compressed`` header's ``crs_wkt``),
+    so they are parsed only in forms that cannot name another resource. ``CrsRefused`` otherwise."""
+    from rasterio.crs import CRS
+
+    stripped = text.strip()
+    if _EPSG_CODE.fullmatch(stripped):
+        return CRS.from_epsg(int(stripped.split(":", 1)[1]))
+    if _WKT_ROOT.match(stripped):
+        return CRS.from_wkt(stripped)
+    if stripped.startswith("+"):
+        parameters = _PROJ_PARAMETER.findall(stripped)
+        rebuilt = " ".join(f"+{k}={v}" if v else f"+{k}" for k, v in parameters)
+        if (parameters and rebuilt.split() == stripped.split()
+                and not any(k.lower() in _PROJ_FILE_PARAMETERS or not _PROJ_VALUE.fullmatch(v) for k, v in parameters)):
+            return CRS.from_proj4(stripped)
+    raise CrsRefused(f"CRS {stripped[:80]!r} is not an EPSG code, WKT or a plain PROJ string")
+
+
 def ensure_gdal_policy() -> None:
     """Set ``GDAL_CONFIG`` process-wide (idempotent, cheap after the first call).
 
@@ -174,6 +217,7 @@ ensure_gdal_policy()
 
 
 __all__ = [
+    "CrsRefused",
     "GDAL_CONFIG",
     "GTIFF",
     "JPEG2000",
@@ -183,5 +227,6 @@ __all__ = [
     "ensure_gdal_policy",
     "open_raster_bytes",
     "open_raster_file",
+    "parse_crs",
     "registered_skipped_drivers",
 ]

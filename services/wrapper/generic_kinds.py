@@ -156,7 +156,7 @@ def working_stack(scene: SceneBands, card: ModelCard) -> WorkingStack:
 
 
 def _resampled_stack(scene: SceneBands, card: ModelCard) -> WorkingStack:
-    from rasterio.crs import CRS
+    from services.wrapper.gdal_policy import parse_crs
     from rasterio.enums import Resampling
     from rasterio.errors import NotGeoreferencedWarning
     from rasterio.warp import reproject
@@ -164,7 +164,7 @@ def _resampled_stack(scene: SceneBands, card: ModelCard) -> WorkingStack:
     rows10, cols10 = scene.grid_shape()
     rows, cols, transform = working_grid(scene, card.working_resolution_m)
     base = scene.transform if scene.transform is not None else Affine(NATIVE_GRID_M, 0, 0, 0, -NATIVE_GRID_M, 0)
-    crs = CRS.from_user_input(scene.crs or _LOCAL_CRS)
+    crs = parse_crs(scene.crs or _LOCAL_CRS)
     # Nodata pixels must not leak into the average of their neighbours: they are the source's nodata, and
     # a working pixel with no valid source pixel stays nodata (NaN).
     src_nodata = float(card.nodata_value) if card.nodata_value is not None else None

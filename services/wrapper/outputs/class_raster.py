@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from affine import Affine
-from rasterio.crs import CRS
+from services.wrapper.gdal_policy import parse_crs
 
 from services.core.model_card import CLASS_NODATA_CODE
 from services.wrapper.outputs.rasters import cog_bytes
@@ -46,7 +46,7 @@ def write_class_geotiff(
         "width": codes.shape[1], "height": codes.shape[0], "count": 1, "dtype": "uint8", "nodata": CLASS_NODATA_CODE,
     }
     if crs_wkt is not None:
-        profile["crs"] = CRS.from_user_input(crs_wkt)
+        profile["crs"] = parse_crs(crs_wkt)
     if transform is not None:
         profile["transform"] = transform
     stamp = created.astimezone(timezone.utc).isoformat(timespec="seconds")

@@ -21,11 +21,10 @@ from typing import Literal, Mapping, Sequence
 
 import numpy as np
 from affine import Affine
-from rasterio.crs import CRS
 from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError
 from rasterio.io import MemoryFile
 
-from services.wrapper.gdal_policy import GTIFF, NotTheClaimedFormat, open_raster_bytes
+from services.wrapper.gdal_policy import GTIFF, CrsRefused, NotTheClaimedFormat, open_raster_bytes, parse_crs
 from services.wrapper.outputs.types import OutputFile, OutputFormatError
 
 GEOTIFF_CONTENT_TYPE = "image/tiff; application=geotiff"
@@ -92,8 +91,8 @@ def geotiff_bytes(
                                   "dtype": stack.dtype.name}
     if crs_wkt is not None:
         try:
-            profile["crs"] = CRS.from_user_input(crs_wkt)
-        except CRSError as error:
+            profile["crs"] = parse_crs(crs_wkt)
+        except (CRSError, CrsRefused) as error:
             raise OutputFormatError(f"CRS {str(crs_wkt)[:80]!r} is not a CRS GDAL understands: {error}") from None
     if affine is not None:
         profile["transform"] = affine

@@ -39,12 +39,12 @@ import pystac
 from pystac.extensions.file import FileExtension
 from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import DataType, RasterBand, RasterExtension
-from rasterio.crs import CRS
 from rasterio.errors import CRSError
 from rasterio.warp import transform_geom
 
 from services.wrapper.inputs.types import BAND_RESOLUTION_M, PATCH_SIZE_10M
 from services.wrapper.outputs.types import OutputFormatError
+from services.wrapper.gdal_policy import CrsRefused, parse_crs
 
 COLLECTION_NAME = "collection.json"
 ITEM_SUFFIX = ".item.json"
@@ -243,8 +243,8 @@ def _bbox(geometry: Mapping[str, Any]) -> list[float]:
 
 def _epsg_code(crs: str) -> str | None:
     try:
-        epsg = CRS.from_user_input(crs).to_epsg()
-    except CRSError:
+        epsg = parse_crs(crs).to_epsg()
+    except (CRSError, CrsRefused):
         return None
     return f"EPSG:{epsg}" if epsg is not None else None
 

@@ -9,8 +9,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from affine import Affine
-from rasterio.crs import CRS
 from rasterio.errors import CRSError
+
+from services.wrapper.gdal_policy import CrsRefused, parse_crs
 
 
 class OutputFormatError(ValueError):
@@ -131,6 +132,8 @@ class PatchMetadata:
         crs_wkt = value.get("crs_wkt")
         if crs_wkt is not None and not isinstance(crs_wkt, str):
             raise OutputFormatError("patch metadata crs_wkt must be a string or null")
+        if crs_wkt is not None:
+            crs_to_wkt(crs_wkt)  # refused here when it is no CRS text (a URL or a file name: gdal_policy.parse_crs)
         return cls(
             patch_id=value.get("patch_id"),  # type: ignore[arg-type]  # validated in __post_init__
             crs_wkt=crs_wkt,
@@ -150,8 +153,8 @@ def compose(first: Affine, second: Affine) -> Affine:
 def crs_to_wkt(crs: str) -> str:
     """Any CRS spelling rasterio understands (``EPSG:32634``, WKT, PROJ) as WKT."""
     try:
-        return CRS.from_user_input(crs).to_wkt()
-    except CRSError as error:
+        return parse_crs(crs).to_wkt()
+    except (CRSError, CrsRefused) as error:
         raise OutputFormatError(f"CRS {crs[:80]!r} is not a CRS GDAL understands: {error}") from None
 
 
