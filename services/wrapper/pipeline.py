@@ -176,7 +176,7 @@ class StepRun:
     def write_manifest(self, processed: Processed) -> dict[str, Any] | None:
         """The manifest, create-only at the run folder's key, naming this attempt; None when a concurrent run of
         this delivery wrote it first."""
-        assert self.store is not None
+        assert self.store is not None and self.client is not None
         request, served, message = self.request, processed.served, self.request.message
         announced = self.store.folder
         limit = self.runtime.settings.max_rejections_listed
@@ -198,14 +198,20 @@ class StepRun:
         try:
             self.store.finish(manifest, self.folder)
         except ObjectExists:
-            return None
+            # The S3 client retries a PUT whose answer was lost; the retry of a write that had succeeded meets its
+            # own manifest (412). Only a manifest naming another attempt means another run won.
+            written = read_json_object(self.client, self.config.bucket, manifest_key(self.folder))
+            if not written or written.get("attempt") != self.attempt:
+                return None
         self.enter(RunState.MANIFEST, attempt=self.attempt)
         return manifest
 
     def announce(self, manifest: dict[str, Any]) -> RecordPosition | None:
         """Publish the manifest's next-step record (acknowledged), then write the announced marker."""
         assert self.client is not None
-        message = manifest.get("next_message") or next_message(str(manifest.get("folder", "")), self.request.message)
+        # Derived from this delivery's own message (every delivery of a run carries the same one), not read from the
+        # manifest: the manifest's copy has credentials redacted, the next step gets meta_information unchanged.
+        message = next_message(str(manifest.get("folder", "")), self.request.message)
         created = str(manifest.get("created") or "")
         trace_headers = manifest.get("trace_headers") if isinstance(manifest.get("trace_headers"), dict) else {}
         position = announce(self.runtime, self.config, self.client, self.folder, self.request, message, created,

@@ -17,7 +17,7 @@ import threading
 from botocore.exceptions import BotoCoreError, ClientError
 
 from services.wrapper.inputs.s3_listing import S3Client
-from services.wrapper.results import ObjectExists, S3ConfigurationError, create_only, shown_endpoint
+from services.wrapper.results import ObjectExists, ResultWriteError, S3ConfigurationError, create_only, shown_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,12 @@ class ConditionalCreateCheck:
             return
         endpoint = shown_endpoint(client)
         key = f"{result_prefix.strip('/')}/{PROBE_FOLDER}/{secrets.token_hex(8)}"
-        create_only(client, bucket, key, b"conditional-create probe", "the conditional-create probe")
+        try:
+            create_only(client, bucket, key, b"conditional-create probe", "the conditional-create probe")
+        except ObjectExists:
+            # A fresh random key exists only when the client's retry of our own first PUT met it: no verdict yet.
+            raise ResultWriteError("the conditional-create probe's first write was retried; checking again later",
+                                   transient=True) from None
         try:
             create_only(client, bucket, key, b"conditional-create probe", "the conditional-create probe")
         except ObjectExists:

@@ -1,8 +1,9 @@
 """A small real HTTP proxy in front of moto that misbehaves like other S3 implementations, request by request.
 
 ``S3Proxy(upstream, rule)``: every request goes to ``rule(method, path, headers)``, which answers ``FORWARD``,
-``DROP_IF_NONE_MATCH`` (forward without the ``If-None-Match`` header, like an S3 that ignores it) or an
-``Answer(status, code)`` (an S3 error document, the request never reaches moto). moto does not check signatures,
+``DROP_IF_NONE_MATCH`` (forward without the ``If-None-Match`` header, like an S3 that ignores it), an
+``Answer(status, code)`` (an S3 error document, the request never reaches moto) or ``LoseAnswer(status, code)``
+(the request reaches moto and is carried out, the client gets that error instead: a response lost on the way). moto does not check signatures,
 so a forwarded request with a header removed is still accepted.
 """
 
@@ -22,9 +23,15 @@ class Answer:
     code: str
 
 
+@dataclass(frozen=True)
+class LoseAnswer:
+    status: int
+    code: str
+
+
 FORWARD = "forward"
 DROP_IF_NONE_MATCH = "drop-if-none-match"
-Rule = Callable[[str, str, Mapping[str, str]], "str | Answer"]
+Rule = Callable[[str, str, Mapping[str, str]], "str | Answer | LoseAnswer"]
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade"}
 
 
@@ -60,13 +67,7 @@ class S3Proxy:
                 action = proxy.rule(self.command, self.path, headers)
                 proxy.seen.append((self.command, self.path, action if isinstance(action, str) else str(action.status)))
                 if isinstance(action, Answer):
-                    document = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{action.code}</Code>'
-                                f"<Message>{action.code} (test proxy)</Message></Error>").encode()
-                    self.send_response(action.status)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(document)))
-                    self.end_headers()
-                    self.wfile.write(document)
+                    self._error(action.status, action.code)
                     return
                 forwarded = {k: v for k, v in headers.items() if k.lower() not in _HOP_BY_HOP}
                 if action == DROP_IF_NONE_MATCH:
@@ -79,6 +80,9 @@ class S3Proxy:
                                        else None, headers=forwarded)
                     response = connection.getresponse()
                     data = response.read()
+                    if isinstance(action, LoseAnswer):  # carried out upstream, the client hears otherwise
+                        self._error(action.status, action.code)
+                        return
                     self.send_response(response.status)
                     for name, value in response.getheaders():
                         if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
@@ -89,6 +93,15 @@ class S3Proxy:
                         self.wfile.write(data)
                 finally:
                     connection.close()
+
+            def _error(self, status: int, code: str) -> None:
+                document = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                            f"<Message>{code} (test proxy)</Message></Error>").encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(document)))
+                self.end_headers()
+                self.wfile.write(document)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 

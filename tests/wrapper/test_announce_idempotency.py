@@ -32,7 +32,7 @@ from services.wrapper.notifications import KafkaPublisher
 from services.wrapper.pipeline import Earlier
 from services.wrapper.results import ANNOUNCED_SUFFIX, FAILED_SUFFIX, MANIFEST_SUFFIX
 from services.wrapper.s3_capability import PROBE_FOLDER
-from s3_proxy import DROP_IF_NONE_MATCH, FORWARD, Answer, S3Proxy
+from s3_proxy import DROP_IF_NONE_MATCH, FORWARD, Answer, LoseAnswer, S3Proxy
 from test_service_http import get, post
 from wrapper_input_data import sample_patch_names, sample_tar_gz
 from wrapper_stack import (  # noqa: F401 - close_step_runtimes is an autouse fixture
@@ -172,6 +172,37 @@ def test_marker_put_failing_after_the_produce_announces_the_same_event_again(
     assert records[0]["raw"] == records[1]["raw"]  # the redelivery's record is the same event: same ce_id
     assert records[0]["headers"]["ce_id"] == f"{first.run_folder.rsplit('/', 1)[1]}/{up.topic_out}"
     assert_one_downstream_run(server, s3_access, up, records, tmp_path)
+
+
+def test_a_manifest_put_whose_answer_was_lost_is_still_this_runs_win(
+    server: InferenceServer, s3_access: S3Access, kafka_broker: Any, tmp_path: Path
+) -> None:
+    """S3 wrote the manifest but the answer was lost (a 500 after the write): the client's retry of the create-only
+    PUT meets the run's own manifest (412). That is this run's win, not a lost race: announced, results kept."""
+    lost = threading.Event()
+
+    def rule(method: str, path: str, headers: Any) -> str | Answer | LoseAnswer:
+        if method == "PUT" and path.split("?")[0].endswith(MANIFEST_SUFFIX) and not lost.is_set():
+            lost.set()
+            return LoseAnswer(500, "InternalError")
+        return FORWARD
+
+    proxy = S3Proxy(str(s3_access.endpoint_url), rule).start()
+    try:
+        up = upstream(s3_access.model_copy(update={"endpoint_url": proxy.url}), kafka_broker, tmp_path)
+        meta = {"max_tokens": 5, "note": "see token=abc"}  # the workflow's own fields: passed on unchanged
+        outcome = up.run(up.runtime(server.grpc_url), "in", meta=meta, event_id="partition:0/offset:9")
+        manifest_puts = [p for m, p, _ in proxy.seen if m == "PUT" and p.split("?")[0].endswith(MANIFEST_SUFFIX)]
+    finally:
+        proxy.stop()
+    assert lost.is_set() and len(manifest_puts) >= 2  # the write, then the client's retry of it
+    assert outcome.status == "SUCCESS" and not outcome.resumed_announcement, outcome.reason
+    direct = make_s3_client(s3_access)
+    manifest = json.loads(object_bytes(direct, s3_access.bucket_name, outcome.run_folder + MANIFEST_SUFFIX))
+    assert manifest["objects"] and all(
+        object_bytes(direct, s3_access.bucket_name, o["key"]) for o in manifest["objects"])  # nothing discarded
+    [record] = up.records([up.topic_out], until=lambda r: len(r) >= 1)
+    assert record["value"]["meta_information"] == meta
 
 
 @pytest.mark.parametrize("misbehaviour", ["ignores If-None-Match", "answers 501"])
