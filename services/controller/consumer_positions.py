@@ -29,7 +29,8 @@ nevertheless); there, and wherever the admin call fails, the offsets are committ
 from __future__ import annotations
 
 import logging
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from services.core.kafka import admin_config, consumer_config
 from services.core.step_config import dns1123_name
@@ -120,7 +121,18 @@ class ConsumerPositions:
 
     def save(self, group: str, topic: str) -> Offsets:
         """Before the source of ``group`` is deleted: keep its positions in the topic's positions group (never moving
-        one back). Returns what the positions group holds now."""
+        one back). Returns what the positions group holds now. ``PositionsUnavailable`` when Kafka fails."""
+        with _kafka_trouble_is_transient(topic):
+            return self._save(group, topic)
+
+    def seed(self, group: str, topic: str) -> Offsets:
+        """Before a source of ``group`` is created: commit the topic's kept positions for it, where they are ahead of
+        what the group has. Returns the group's positions (empty: the source starts at ``initialOffset``).
+        ``PositionsUnavailable`` when Kafka fails."""
+        with _kafka_trouble_is_transient(topic):
+            return self._seed(group, topic)
+
+    def _save(self, group: str, topic: str) -> Offsets:
         kept = self.committed(positions_group(topic), topic)
         merged = _ahead(kept, self.committed(group, topic))
         if merged != kept:
@@ -129,9 +141,7 @@ class ConsumerPositions:
                                                     "positions_group": positions_group(topic), "offsets": merged})
         return merged
 
-    def seed(self, group: str, topic: str) -> Offsets:
-        """Before a source of ``group`` is created: commit the topic's kept positions for it, where they are ahead of
-        what the group has. Returns the group's positions (empty: the source starts at ``initialOffset``)."""
+    def _seed(self, group: str, topic: str) -> Offsets:
         own = self.committed(group, topic)
         wanted = _ahead(own, self.committed(positions_group(topic), topic))
         if wanted != own:
@@ -139,6 +149,20 @@ class ConsumerPositions:
             log.info("consumer positions restored", extra={"consumer_group": group, "topic": topic,
                                                            "offsets": wanted})
         return wanted
+
+
+class PositionsUnavailable(ConnectionError):
+    """Kafka failed while positions were read or committed: a temporary failure, the message is handled again."""
+
+
+@contextmanager
+def _kafka_trouble_is_transient(topic: str) -> Iterator[None]:
+    from confluent_kafka import KafkaException
+
+    try:
+        yield
+    except (KafkaException, RuntimeError) as error:
+        raise PositionsUnavailable(f"consumer positions of {topic!r}: {str(error)[:200]}") from None
 
 
 def _ahead(base: Offsets, other: Offsets) -> Offsets:

@@ -43,7 +43,7 @@ SOURCES = "/kafkasources"
 
 
 def retrying_controller(fake_api, notifier: NullNotifier | None = None, dead_letter_writer: Any = None,
-                        system_topic: str = "system.ML") -> WorkflowController:
+                        system_topic: str = "system.ML", positions: Any = None) -> WorkflowController:
     """Built like ``cli.build_controller``: every API client behind the bounded retry (no real sleeping)."""
     from kubernetes import client
 
@@ -53,7 +53,7 @@ def retrying_controller(fake_api, notifier: NullNotifier | None = None, dead_let
     custom = RetryingApi(client.CustomObjectsApi(api_client), no_wait, sleep=lambda _s: None)
     driver = KubernetesSourceDriver(custom, ControllerSettings(bootstrap_servers="kafka:9092"), sleep=lambda _s: None)
     return WorkflowController(KubernetesStepConfigStore(core, custom), driver, "kafka:9092", notifier=notifier,
-                              dead_letter_writer=dead_letter_writer, system_topic=system_topic)
+                              dead_letter_writer=dead_letter_writer, system_topic=system_topic, positions=positions)
 
 
 def test_a_kubernetes_409_storm_wires_the_step_once(fake_api) -> None:
@@ -83,6 +83,18 @@ def test_a_kubernetes_409_storm_wires_the_step_once(fake_api) -> None:
     assert controller.handle(encode_json(stop)).action == UNWIRED
     assert fake_api.objects("kafkasources", "uc1") == [] and controller.store.list("uc1") == []
     assert fake_api.fail_next == []
+
+
+def test_kafka_failing_while_positions_are_kept_is_retried_not_dropped(fake_api) -> None:
+    """The positions are read and committed through Kafka: Kafka away then is temporary (the sender retries the
+    message), never a refused message (dead letter, 200, the publish lost)."""
+    from services.controller.consumer_positions import ConsumerPositions
+
+    controller = retrying_controller(fake_api, positions=ConsumerPositions(f"127.0.0.1:{free_port()}", timeout_s=1.0))
+    result = controller.handle(encode_json(workflow_message("wf-pos", "pos.in", namespace="uc1")))
+    assert result.retryable and not result.dead_lettered and result.action != REJECTED, result
+    assert "consumer positions" in result.reason
+    assert fake_api.objects("kafkasources", "uc1") == []  # not wired before its positions are known
 
 
 def test_a_storm_beyond_the_budget_is_retried_by_the_sender_not_dropped(fake_api) -> None:
