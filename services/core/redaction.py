@@ -54,8 +54,12 @@ _TEXT_PAIR = re.compile(
     r"(?P<key>[\"']?[A-Za-z0-9_.\-]*(?:" + "|".join(("secret", "password", "passwd", "passphrase", "token",
                                                       "credential", r"access[_-]?key", r"private[_-]?key",
                                                       r"api[_-]?key", "authorization", "signature"))
-    + r")[A-Za-z0-9_.\-]*[\"']?\s*[:=]\s*)(?P<value>\"(?:[^\"\\]|\\.)*\"|'[^']*'|[^\s,;&}\]]+)",
+    + r")[A-Za-z0-9_.\-]*[\"']?\s*[:=]\s*)(?P<value>\"(?:[^\"\\]|\\.)*\"|'[^']*'"
+    # An HTTP authorization value keeps its scheme word: "Authorization: Bearer <token>" masks the token too.
+    r"|(?:(?:Bearer|Basic|Digest|Token|AWS4-HMAC-SHA256|Negotiate)\s+)?[^\s,;&}\]]+)",
     re.IGNORECASE)
+# The user-info of a URL (``scheme://user:password@host``): a password in a URL, under any key.
+_URL_USERINFO = re.compile(r"(?<=://)(?P<userinfo>[^/@\s\"'<>]+)@")
 
 
 def is_credential_key(key: object) -> bool:
@@ -119,9 +123,17 @@ def collect_secrets(value: Any) -> frozenset[str]:
                 walk(inner)
             else:
                 for match in _TEXT_PAIR.finditer(item):
-                    found.add(match.group("value").strip("\"'"))
+                    found.add(_pair_value(match.group("value")))
+                for match in _URL_USERINFO.finditer(item):
+                    found.add(match.group("userinfo"))
     walk(value)
     return frozenset(s for s in found if len(s) >= MIN_SECRET_LENGTH)
+
+
+def _pair_value(value: str) -> str:
+    """The secret of a ``key: value`` pair: unquoted, without an authorization scheme word."""
+    stripped = value.strip("\"'")
+    return stripped.split(None, 1)[1] if " " in stripped and stripped.split(None, 1)[0].isalpha() else stripped
 
 
 _PREFIX = 4  # < MIN_SECRET_LENGTH
@@ -182,7 +194,7 @@ class Redactor:
             cleaned = self.redact(inner)
             return text if cleaned == inner else json.dumps(cleaned)
         matcher: _SecretMatcher = getattr(self, "_matcher")
-        text = redact_signed_urls(matcher.replace(text))
+        text = _URL_USERINFO.sub(REDACTED + "@", redact_signed_urls(matcher.replace(text)))
         return _TEXT_PAIR.sub(lambda m: m.group("key") + REDACTED, text)
 
     def redact(self, value: Any) -> Any:

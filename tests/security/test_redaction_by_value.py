@@ -242,3 +242,17 @@ def test_the_log_mask_replaces_many_values_in_one_pass_and_keeps_the_newest() ->
     mask.add(values)
     text = mask.redactor().text(f"a {values[299]} b {values[150]}{values[120]} c {values[0]}")
     assert text == f"a *** b ****** c {values[0]}"  # value 0 fell out of the bounded mask
+
+
+@pytest.mark.parametrize("text, secret", [
+    ("Authorization: Bearer eyJhbGciOi.eyJzdWIiOi.c2lnbmF0dXJl", "eyJhbGciOi.eyJzdWIiOi.c2lnbmF0dXJl"),
+    ("authorization=Basic YWxpY2U6czNjcjN0cGFzcw==", "YWxpY2U6czNjcjN0cGFzcw=="),
+    ("fetch https://alice:S3cr3tPassw0rd@data.example.org/x", "S3cr3tPassw0rd"),
+])
+def test_authorization_values_and_url_passwords_are_masked_under_any_key(text: str, secret: str) -> None:
+    from services.core import redaction
+
+    message = {"meta_information": {"note": text}}
+    assert secret not in json.dumps(redaction.redact(message))
+    assert any(secret in found for found in redaction.collect_secrets(message))  # and so kept out of log lines
+    assert redaction.redact({"u": "http://example.org/a@b"}) == {"u": "http://example.org/a@b"}
