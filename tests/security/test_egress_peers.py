@@ -98,3 +98,13 @@ def test_an_ipv6_everywhere_allowance_is_carved_by_its_own_family(tmp_path) -> N
     assert s3["to"] == [
         {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16", "10.244.0.0/16", "10.96.0.0/12"]}},
         {"ipBlock": {"cidr": "::/0", "except": ["fe80::/10", "fd00:10:244::/56", "fd00:10:96::/112"]}}]
+
+
+@pytest.mark.parametrize("ranges", [["0.0.0.0/1", "128.0.0.0/1"], ["::0/0"], ["0.0.0.0/4"], ["2000::/3"]])
+def test_a_wide_range_spelled_otherwise_is_refused_not_left_uncarved(tmp_path, ranges: list[str]) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"networkPolicy": {"egress": {
+        "s3Cidrs": ranges, "apiServerCidrs": ["10.0.0.1/32"], "podCidrs": [], "serviceCidrs": []}}}))
+    with pytest.raises(ToolError) as refused:
+        egress_by_component(values=(PROD_VALUES, values))
+    assert "wider than a /8 (IPv4) or /16 (IPv6)" in str(refused.value)
