@@ -24,6 +24,7 @@ The README's Security section lists each vector with the setting that closes it 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from contextlib import contextmanager
@@ -163,7 +164,10 @@ def ensure_gdal_policy() -> None:
         if _applied:
             return
         for key, value in GDAL_CONFIG.items():
-            set_gdal_config(key, value)  # CPLSetConfigOption: global, seen by every thread
+            # The environment too: GDAL falls back to it for every thread (rasterio may set an option thread-locally
+            # when called off the main thread), and GDAL_SKIP is read from it when the drivers are registered.
+            os.environ[key] = value
+            set_gdal_config(key, value)
         still_registered = registered_skipped_drivers()
         if still_registered:
             log.warning(
