@@ -106,6 +106,19 @@ class SystemTopicConsumer:
         return consumer_config(self.bootstrap_servers, self.group_id, **self.consumer_overrides())
 
     def _run(self) -> None:
+        from confluent_kafka import KafkaException
+
+        while not self._stop.is_set():
+            try:
+                self._consume()
+            except KafkaException as error:
+                # A commit or seek failed (the broker went away, the group rebalanced): a fresh consumer resumes at
+                # the last committed offset, so the record comes again (handling is idempotent) and none is skipped.
+                log.warning("consumer restarted after a Kafka error: uncommitted workflow messages come again",
+                            extra={"topic": self.topic, "error": str(error)[:300]})
+                self._stop.wait(self.policy.backoff_s(1))
+
+    def _consume(self) -> None:
         from confluent_kafka import Consumer, TopicPartition
 
         consumer = Consumer(consumer_config(self.bootstrap_servers, self.group_id, **self.consumer_overrides()))
