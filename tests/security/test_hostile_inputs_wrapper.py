@@ -133,7 +133,8 @@ def test_hostile_band_files_through_the_real_wrapper(moto_endpoint: str, inferen
     assert canary.listener.requests == []
     # The clean patches went through; every hostile patch and product is a rejection saying what its file is.
     assert body["status"] == "SUCCESS", body
-    manifest = json.loads(object_bytes(step.s3, access.bucket_name, body["folder"] + MANIFEST_SUFFIX))
+    run_folder = body["folder"].rsplit("/", 1)[0]  # the answer names the announced attempt folder inside the run folder
+    manifest = json.loads(object_bytes(step.s3, access.bucket_name, run_folder + MANIFEST_SUFFIX))
     assert manifest["patches"] == CLEAN_PATCHES
     reasons = {r["patch_id"]: r["reason"] for r in manifest["rejections"]}
     for patch in hostile:
