@@ -3,9 +3,7 @@ patches, per-stage times, answers by HTTP code, dead-letter records, S3 errors, 
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import urllib.error
 import urllib.request
 import uuid
@@ -13,47 +11,19 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.core.step_config import LocalStepConfigStore
-from services.wrapper.http_app import create_http_app
 from services.wrapper.inputs import S3Access
 from services.wrapper.pipeline import StepRuntime
 from services.wrapper.service import WrapperService
 from services.wrapper.settings import WrapperSettings
 from wrapper_input_data import sample_patch_names, sample_tar_gz
+from test_service_http import RunningApp
 from wrapper_stack import InferenceServer, StepFixture, free_port, step_message
 
 SSL_MODEL = "Bigearth-net-ssl-label"
 TASK = "ssl-features"
-
-
-class ServedWrapper:
-    """The Wrapper's aiohttp app on a loopback port, served from a background thread's event loop."""
-
-    def __init__(self, service: WrapperService) -> None:
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
-        self._runner = web.AppRunner(create_http_app(service), access_log=None)
-        started = threading.Event()
-
-        def serve() -> None:
-            asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(self._runner.setup())
-            self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
-            started.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=serve, daemon=True)
-        self._thread.start()
-        assert started.wait(10), "app did not start"
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
 
 
 def post(url: str, body: bytes, headers: dict[str, str]) -> int:
@@ -106,7 +76,7 @@ def test_metrics_count_what_the_deliveries_did(server: InferenceServer, s3_acces
                                namespace=good.namespace, notify_topic=good.notify_topic, progress_interval_s=0,
                                kafka_timeout_s=15, workers=3, s3_max_attempts=1, s3_connect_timeout_s=1)
     service = WrapperService(StepRuntime.from_settings(settings), LocalStepConfigStore(store_root))
-    served = ServedWrapper(service)
+    served = RunningApp(service)
     try:
         before = samples(served.url)
         assert value(before, "eoml_workers") == 3 and value(before, "eoml_runs_in_flight") == 0
@@ -140,5 +110,4 @@ def test_metrics_count_what_the_deliveries_did(server: InferenceServer, s3_acces
             assert value(found, "eoml_step_stage_seconds_sum", task=TASK, stage=stage) > 0, stage
         assert value(found, "eoml_runs_in_flight") == 0
     finally:
-        served.stop()
-        service.shutdown(5)
+        served.stop()  # and the service
