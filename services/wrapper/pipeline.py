@@ -229,8 +229,13 @@ class StepRun:
     def fail(self, error: Exception) -> StepOutcome:
         """A failure: transient -> ``RETRY`` (nothing recorded); permanent -> on record, state ``FAILED``."""
         reason = scrub(failure_reason(error), self.secrets)
+        if self.state is RunState.ANNOUNCED:
+            # The next step has its message and the run its marker: what failed after that changes nothing recorded.
+            log.warning("step announced, a later stage failed", extra={**self.log_fields, "reason": reason})
+            return self.end(StepStatus.SUCCESS)
         self.outcome.reason, self.outcome.next_message = reason, None
-        if is_transient(error) or not self.run_folder_key:
+        # Once the manifest is written the run is decided: a redelivery announces it, it is never dead-lettered.
+        if is_transient(error) or not self.run_folder_key or self.state is RunState.MANIFEST:
             log.warning("step interrupted: the delivery is to be retried", extra={**self.log_fields, "reason": reason})
             if "START" in self.notifier.sent:
                 self.notifier.send("WARNING", f"{self.runtime.spec.name} interrupted, Kafka will deliver it again: "
@@ -246,7 +251,7 @@ class StepRun:
         if not fail_for_good(self.runtime, fields, self.config, self.credentials, self.client, self.folder, reason):
             self.outcome.reason = f"{reason} (and the dead-letter record could not be written)"
             return self.end(StepStatus.RETRY)
-        if self.store is not None and self.state is not RunState.MANIFEST:
+        if self.store is not None:
             self.store.discard()  # never announced, never to be: its partial objects go
         self.enter(RunState.FAILED, reason=reason)
         log.error("step failed", extra={**self.log_fields, "reason": reason})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,7 @@ class StepRuntime:
 
     # The served s2-cloud-mask model for workflows that ask for a cloud filter (made on first use).
     cloud_mask_client: ModelClient | None = None
+    _cloud_mask_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # The (endpoint, bucket) pairs found to honour conditional create (checked on first use, see s3_capability).
     conditional_create: ConditionalCreateCheck = field(default_factory=ConditionalCreateCheck)
 
@@ -96,12 +98,13 @@ class StepRuntime:
         return self.spec.result_prefix
 
     def cloud_mask(self) -> ModelClient:
-        if self.cloud_mask_client is None:
-            self.cloud_mask_client = ModelClient(
-                self.settings.inference_url, self.settings.inference_protocol, self.settings.cloud_mask_model, "",
-                retry=self.model_client.retry, request_timeout_s=self.settings.infer_timeout_s,
-            )
-        return self.cloud_mask_client
+        with self._cloud_mask_lock:  # two first cloud-filter steps at once must not each make (and leak) a client
+            if self.cloud_mask_client is None:
+                self.cloud_mask_client = ModelClient(
+                    self.settings.inference_url, self.settings.inference_protocol, self.settings.cloud_mask_model, "",
+                    retry=self.model_client.retry, request_timeout_s=self.settings.infer_timeout_s,
+                )
+            return self.cloud_mask_client
 
     def batch_size(self, served: ServedModel) -> int:
         if served.max_batch_size < 1:
