@@ -117,7 +117,7 @@ class StepOutcome:
 def is_transient(error: BaseException) -> bool:
     """Failures a later delivery may not meet: the delivery is answered 5xx and redelivered, nothing is recorded.
 
-    The one place that decides it: extend it here (e.g. for errors raised because the process is stopping)."""
+    The one place that decides it (``ProcessStopping``: raised because the process is stopping)."""
     if isinstance(error, (InferenceUnavailable, PublishError, StepRetry, ProcessStopping)):
         return True
     return isinstance(error, (InputError, ResultWriteError)) and bool(getattr(error, "transient", False))
