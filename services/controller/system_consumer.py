@@ -28,14 +28,17 @@ from .wiring import DeliveryPolicy, dead_letter_topic, delivery_dead_letter_reco
 log = logging.getLogger(__name__)
 
 # Kubernetes API calls of one publish at most: step configuration read (ConfigMap, Secret), source read, delete,
-# Secret and ConfigMap create-or-replace (2 each), source create, read, replace; rounded up.
-K8S_CALLS_PER_MESSAGE = 12
-# Bounded waits of the Kubernetes driver (kubernetes_driver.py): a deleted source to disappear, and the 409 backoff.
-K8S_DELETION_WAIT_S = 60.0
+# Secret and ConfigMap create-or-replace (2 each), source create, read, replace (12), plus the driver's 409 loop:
+# up to 8 rounds of read, replace and create (24).
+K8S_CALLS_PER_MESSAGE = 36
+# Bounded waits of the Kubernetes driver (kubernetes_driver.py): a deleted source to disappear (once per 409 round
+# at most: 8 x 60 s), and the 409 backoff.
+K8S_DELETION_WAIT_S = 8 * 60.0
 K8S_CONFLICT_BACKOFF_S = 20.0
-# Kafka admin calls of one publish: dead-letter topic creation, 3 position reads and 2 commits (a commit may fall
-# back to a consumer commit), each bounded by its timeout (15 s).
-KAFKA_ADMIN_CALLS_PER_MESSAGE = 8
+# Kafka waits of one publish under a new name, each bounded by its timeout (15 s): dead-letter topic creation (1),
+# two position saves (each 2 offset reads of 2 waits and a commit that may fall back to a consumer commit: 6) and a
+# seed (2 reads, a commit: 6); rounded up.
+KAFKA_ADMIN_CALLS_PER_MESSAGE = 20
 KAFKA_ADMIN_TIMEOUT_S = 15.0
 MARGIN_S = 60.0
 LIBRDKAFKA_MAX_POLL_INTERVAL_MS = 86_400_000
