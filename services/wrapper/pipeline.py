@@ -44,7 +44,6 @@ from typing import Any, Mapping
 from services.core import tracing
 from services.core.metrics import Stage, timed_stage
 from services.core.step_config import StepConfig, StepCredentials
-from services.wrapper.batching import Work
 from services.wrapper.inputs import make_s3_client
 from services.wrapper.inputs.s3_listing import S3Client
 from services.wrapper.notifications import RecordPosition, StepNotifier, dead_letter_record, scrub
@@ -455,7 +454,6 @@ __all__ = [
     "StepRun",
     "StepRuntime",
     "StepStatus",
-    "Work",
     "fail_for_good",
     "failure_reason",
     "is_transient",

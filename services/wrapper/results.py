@@ -136,8 +136,6 @@ class ObjectExists(Exception):
     """A create-only write was refused: the key exists (for the manifest: another run of the delivery won)."""
 
 
-ManifestExists = ObjectExists
-
 
 def _error_code(error: ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))

@@ -21,7 +21,7 @@ from services.wrapper.outputs.features import (
 from services.wrapper.outputs.types import OutputFile, PatchMetadata
 from services.wrapper.results import (
     MULTIPART_THRESHOLD,
-    ManifestExists,
+    ObjectExists,
     ResultStore,
     ResultWriteError,
     create_only,
@@ -49,7 +49,7 @@ def test_the_manifest_write_is_create_only(s3_access: S3Access) -> None:
     key = store.finish({"patches": 1}, run)
     assert key == run + ".manifest.json"  # beside the run folder, whichever attempt writes it
     other_attempt = ResultStore(client, s3_access.bucket_name, f"{run}/a-01234567-00000000")
-    with pytest.raises(ManifestExists):
+    with pytest.raises(ObjectExists):
         other_attempt.finish({"patches": 2}, run)
     assert read_json_object(client, s3_access.bucket_name, key) == {"patches": 1}  # the first one stays
     assert read_json_object(client, s3_access.bucket_name, key + ".absent") is None
