@@ -104,6 +104,10 @@ class ModelCard(BaseModel):
     class_colours: list[str] = Field(default_factory=list, description="#rrggbb per class, for the colour table")
     licence: str = ""
     source: str = Field("", description="provenance of the weights: package, URL, paper")
+    codec: Literal["", "transform-codes/1", "residual-vq/1"] = Field(
+        "", description="compress/decompress: what the codes are (transform-codes/1: quantised transform coefficients "
+        "coded with the card's entropy_prior; residual-vq/1: residual-VQ codebook indices); '' = decided by "
+        "entropy_prior as schema 2 cards before this field did (a prior: transform-codes/1, none: residual-vq/1)")
     entropy_prior: str = Field(
         "", description="compress/decompress: the learned entropy prior the Wrapper codes the codes with "
         "(services.core.transform_codes.LaplaceContextPrior.to_text); '' = a model without one (per-file histograms)")
