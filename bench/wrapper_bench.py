@@ -61,6 +61,7 @@ os.environ.setdefault("EOML_S3_POLICY_ALLOW_PRIVATE", "true")
 
 from services.core.contracts import StepMessage  # noqa: E402
 from services.core.logging import configure_logging  # noqa: E402
+from services.core.metrics import Stage, WrapperMetrics  # noqa: E402
 from services.core.step_config import LocalStepConfigStore, StepConfig, StepCredentials, step_config_name  # noqa: E402
 from services.local_platform.infra import MotoS3Server, TansuBroker, free_ports  # noqa: E402
 from services.wrapper.batching import Work, batched_inference  # noqa: E402
@@ -374,9 +375,14 @@ def bench_task(task: str, server: Server, s3: Any, moto: MotoS3Server, broker: T
     if warm_up.status != "SUCCESS":
         raise RuntimeError(f"{task}: warm-up step failed: {warm_up.reason}")
     before = compute_ns(stats_client, served.name)
+    cpu_before = time.process_time()
     started = time.perf_counter()
-    outcome = run_step(runtime, request("bench"), config, credentials)
+    # The Wrapper's own stage clock (what eoml_step_stage_seconds reports): exclusive seconds per stage; inference
+    # is summed over concurrent requests and stages overlap across threads, so shares may add up past 100 %.
+    with WrapperMetrics().step(task) as clock:
+        outcome = run_step(runtime, request("bench"), config, credentials)
     wrapper_s = time.perf_counter() - started
+    wrapper_cpu_s = time.process_time() - cpu_before
     wrapper_busy_ns = compute_ns(stats_client, served.name) - before
     stats_client.close()
     runtime.close()
@@ -402,6 +408,8 @@ def bench_task(task: str, server: Server, s3: Any, moto: MotoS3Server, broker: T
         "target_server_busy": TARGET_SERVER_BUSY,
         "meets_target": wrapper_busy_ns / 1e9 / wrapper_s >= TARGET_SERVER_BUSY,
         "bits_per_pixel": outcome.stats.get("bits_per_pixel"),
+        "stage_seconds": {name.value: clock.seconds.get(name, 0.0) for name in Stage},
+        "bench_process_cpu_s": wrapper_cpu_s,
     }
 
 
@@ -416,6 +424,12 @@ def print_table(report: dict[str, Any]) -> None:
               f"{row['server_alone_patches_per_s']:>17.2f} {row['wrapper_patches_per_s']:>12.2f} "
               f"{row['wrapper_vs_server_alone']:>13.1%} {row['wrapper_server_busy']:>11.1%} "
               f"{'ok' if row['meets_target'] else 'MISSED':>7}")
+    print("\nWrapper stages (seconds of the step's stage clock, share of its wall time; bench process CPU includes "
+          "the in-process moto S3 server and tansu client)")
+    for row in report["tasks"]:
+        stages = row.get("stage_seconds", {})
+        shares = ", ".join(f"{name} {seconds:.2f} s ({seconds / row['wrapper_s']:.0%})" for name, seconds in stages.items())
+        print(f"  {row['task']:<14} wall {row['wrapper_s']:.2f} s, CPU {row.get('bench_process_cpu_s', 0):.2f} s: {shares}")
     pre = report["preprocessing"]
     print(f"\nPreprocessing alone, 1 thread: {pre['preprocess_patches_per_s']:.0f} patches/s "
           f"({pre['preprocess_ms_per_patch']:.2f} ms/patch; target >= {TARGET_PREPROCESS_PER_CORE:.0f}/s per core: "

@@ -296,10 +296,16 @@ def encode_symbols(symbols: np.ndarray, levels: int, quantiser_scale: int, prior
     activity = _RunningActivity(len(flat))
     means = np.zeros(len(flat))
     family = _family()
+    columns = _columns(flat, levels * PER_LEVEL)
     for k in range(levels * PER_LEVEL):
-        column = np.ascontiguousarray(flat[:, k], dtype=np.int32)
-        encoder.encode(column, family, means, scales[k][activity.buckets(k)])
-        activity.add(column, k, flat[:, k - CONTEXT_WINDOW] if k >= CONTEXT_WINDOW else None)
+        encoder.encode(columns[k], family, means, scales[k][activity.buckets(k)])
+        activity.add(columns[k], k, columns[k - CONTEXT_WINDOW] if k >= CONTEXT_WINDOW else None)
+
+
+def _columns(flat: np.ndarray, kept: int) -> np.ndarray:
+    """Coefficients 0..kept-1 of every block as contiguous int32 rows [kept, blocks]: the coder walks coefficient by
+    coefficient, and one transposing copy is much cheaper than a strided gather per coefficient."""
+    return np.ascontiguousarray(flat[:, :kept].T, dtype=np.int32)
 
 
 def decode_symbols(decoder: object, patches: int, levels: int, quantiser_scale: int,
@@ -329,8 +335,9 @@ def ideal_bits(symbols: np.ndarray, levels: int, quantiser_scale: int, prior: La
     table = laplace_magnitude_bits(np.arange(_BITS_CAP + 1)[None, None, :], scales[:kept, :, None])
     activity = _RunningActivity(len(flat))
     total = 0.0
+    columns = _columns(flat, kept)
     for k in range(kept):
-        column = flat[:, k]
+        column = columns[k]
         buckets = activity.buckets(k)
         magnitudes = np.abs(column)
         total += float(table[k][buckets, np.minimum(magnitudes, _BITS_CAP)].sum())
@@ -338,14 +345,17 @@ def ideal_bits(symbols: np.ndarray, levels: int, quantiser_scale: int, prior: La
         if large.any():
             total += float((laplace_magnitude_bits(magnitudes[large], scales[k][buckets[large]])
                             - table[k][buckets[large], _BITS_CAP]).sum())
-        activity.add(column, k, flat[:, k - CONTEXT_WINDOW] if k >= CONTEXT_WINDOW else None)
+        activity.add(column, k, columns[k - CONTEXT_WINDOW] if k >= CONTEXT_WINDOW else None)
     return total
 
 
-def block_rms_of_requantisation(q: np.ndarray, quantiser_scale: int, levels: int) -> float:
-    """RMS (DN per pixel value) that requantising base coefficients adds, exact for the orthonormal transform."""
+def block_rms_of_requantisation(q: np.ndarray, quantiser_scale: int, levels: int,
+                                symbols: np.ndarray | None = None) -> float:
+    """RMS (DN per pixel value) that requantising base coefficients adds, exact for the orthonormal transform.
+    ``symbols``: ``requantise(q, quantiser_scale)`` when the caller has it already."""
     kept = q[..., : levels * PER_LEVEL]
-    difference = kept - requantise(kept, quantiser_scale) * quantiser_scale  # |difference| <= scale / 2: int32 safe
-    flat = difference.reshape(-1)
-    squares = int(np.dot(flat.astype(np.int64), flat.astype(np.int64)))
+    requantised = requantise(kept, quantiser_scale) if symbols is None else symbols[..., : levels * PER_LEVEL]
+    difference = kept - requantised * quantiser_scale  # |difference| <= scale / 2: int32 safe
+    flat = difference.reshape(-1).astype(np.float64)
+    squares = float(np.dot(flat, flat))  # exact: each square <= 32**2, the sum far below 2**53
     return float(math.sqrt(squares * BASE_STEP_DN**2 / (q.shape[0] * PATCH * PATCH * BANDS)))

@@ -16,6 +16,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from services.core.metrics import Stage, timed_stage
 from services.wrapper.gdal_policy import GTIFF, NotTheClaimedFormat, open_raster_bytes
+from services.wrapper.inputs.plain_geotiff import decode_plain_geotiff
 from services.wrapper.inputs.decode_limits import MAX_BAND_FILE_PIXELS, DecodeLimitExceeded, check_raster
 from services.wrapper.inputs.types import (
     BAND_RESOLUTION_M,
@@ -70,8 +71,18 @@ def decode_band_file(data: bytes) -> DecodedBand:
     """Decode one band file held in memory (GeoTIFF or plain TIFF), keeping georeferencing when present.
 
     Only GDAL's GTiff driver may open it (``gdal_policy``): a file of any other format is a ``BandDecodeError``
-    that says what the file starts with, never a dataset of another driver.
+    that says what the file starts with, never a dataset of another driver. Plain single-band uint16 (Geo)TIFFs,
+    what BigEarthNet ships, take tifffile's faster path when it reads them exactly as GDAL would
+    (``plain_geotiff``); every other file, and every refusal, goes through GDAL.
     """
+    plain = decode_plain_geotiff(data, MAX_BAND_FILE_PIXELS)
+    if plain is not None:
+        return DecodedBand(array=plain.array, crs=plain.crs, transform=plain.transform)
+    return decode_band_file_with_gdal(data)
+
+
+def decode_band_file_with_gdal(data: bytes) -> DecodedBand:
+    """``decode_band_file`` through GDAL's GTiff driver alone (every file the fast path does not take)."""
     try:
         with warnings.catch_warnings():
             # BigEarthNet v1 mock patches are plain TIFFs; no georeferencing is a normal case, recorded as None.
@@ -147,5 +158,6 @@ __all__ = [
     "assemble_patch",
     "band_file_size_fault",
     "decode_band_file",
+    "decode_band_file_with_gdal",
     "parse_band_file_path",
 ]

@@ -421,7 +421,8 @@ def _check_file_inputs(codes: np.ndarray, patches: Sequence[PatchMetadata], band
 _ESTIMATE_CHUNK = 256
 
 
-def estimated_rms_percent(q: np.ndarray, quantiser_scale: int, levels: int, prior: LaplaceContextPrior) -> float:
+def estimated_rms_percent(q: np.ndarray, quantiser_scale: int, levels: int, prior: LaplaceContextPrior,
+                          symbols: np.ndarray | None = None) -> float:
     """RMS error (% of 10,000 DN) of a file of base coefficients ``q`` at (``quantiser_scale``, ``levels``).
 
     The transform's own error at the base step (truncation to ``levels`` and rounding to 100 DN, measured on the
@@ -431,17 +432,23 @@ def estimated_rms_percent(q: np.ndarray, quantiser_scale: int, levels: int, prio
     squares = 0.0
     for first in range(0, q.shape[0], _ESTIMATE_CHUNK):
         chunk = q[first:first + _ESTIMATE_CHUNK]
-        squares += tc.block_rms_of_requantisation(chunk, quantiser_scale, levels) ** 2 * chunk.shape[0]
+        chunk_symbols = None if symbols is None else symbols[first:first + _ESTIMATE_CHUNK]
+        squares += tc.block_rms_of_requantisation(chunk, quantiser_scale, levels, chunk_symbols) ** 2 * chunk.shape[0]
     added = 100.0 * math.sqrt(squares / q.shape[0]) / 10000.0
     return math.sqrt(base * base + added * added)
 
 
-def _ideal_bits(q: np.ndarray, quantiser_scale: int, levels: int, prior: LaplaceContextPrior) -> float:
-    """``transform_codes.ideal_bits`` of the file at a scale (block contexts are per block: a sum over chunks)."""
-    return sum(
-        tc.ideal_bits(tc.requantise(q[first:first + _ESTIMATE_CHUNK], quantiser_scale), levels, quantiser_scale, prior)
-        for first in range(0, q.shape[0], _ESTIMATE_CHUNK)
-    )
+def _ideal_bits(q: np.ndarray, quantiser_scale: int, levels: int, prior: LaplaceContextPrior,
+                symbols: np.ndarray | None = None) -> float:
+    """``transform_codes.ideal_bits`` of the file at a scale (block contexts are per block: a sum over chunks);
+    ``symbols``: ``requantise(q, quantiser_scale)`` when the caller has it already."""
+    def chunk_symbols(first: int) -> np.ndarray:
+        if symbols is not None:
+            return symbols[first:first + _ESTIMATE_CHUNK]
+        return tc.requantise(q[first:first + _ESTIMATE_CHUNK], quantiser_scale)
+
+    return sum(tc.ideal_bits(chunk_symbols(first), levels, quantiser_scale, prior)
+               for first in range(0, q.shape[0], _ESTIMATE_CHUNK))
 
 
 def write_transform_codes(
@@ -492,7 +499,7 @@ def write_transform_codes(
             raise OutputFormatError(f"codes cannot be coded: {error}") from None
         words = encoder.get_compressed().astype("<u4", copy=False)
         body = words.tobytes()
-        rms = estimated_rms_percent(q, scale, levels, prior)
+        rms = estimated_rms_percent(q, scale, levels, prior, symbols)
         header = {**header_base, "quantiser_scale": scale, "estimated_rms_percent": round(rms, 6),
                   "word_count": int(words.size), "payload_crc32": zlib.crc32(body)}
         if target_met is not None:
@@ -506,7 +513,7 @@ def write_transform_codes(
             symbols=count * LATENT_SHAPE[0] * LATENT_SHAPE[1] * levels,
             file_bytes=len(data),
             payload_bits=int(words.size) * 32,
-            entropy_bits=_ideal_bits(q, scale, levels, prior),
+            entropy_bits=_ideal_bits(q, scale, levels, prior, symbols),
             level_models=(TRANSFORM_CODEC,),
             format_version=FORMAT_VERSION_TRANSFORM,
             quantiser_scale=scale,
