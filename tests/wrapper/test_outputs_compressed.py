@@ -150,6 +150,18 @@ def test_header_carries_scale_and_source_metadata() -> None:
     assert header["levels"] == 4 and header["model_name"] == MODEL
     assert data.startswith(CODE_MAGIC) and struct.unpack_from("<H", data, 8)[0] == FORMAT_VERSION_RESIDUAL
     assert header["format_version"] == FORMAT_VERSION_RESIDUAL
+    assert header["codec"] == "residual-vq/1"
+
+
+def test_format_1_files_without_a_codec_still_read_and_another_codec_is_refused() -> None:
+    codes = _skewed_codes(1, seed=3)
+    data = _write(codes).file.data
+    # As written before the header named the codec: the same codes come back.
+    older = _rewrite_header(data, lambda h: h.pop("codec"))
+    assert "codec" not in read_compressed_header(older)
+    assert np.array_equal(read_compressed(older).codes, codes)
+    with pytest.raises(OutputFormatError, match="header codec is 'transform-codes/1'; this reader handles 'residual-vq/1'"):
+        read_compressed(_rewrite_header(data, lambda h: h.update(codec="transform-codes/1")))
 
 
 def test_writer_is_deterministic() -> None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from services.core.model_card import CardError, Codec, resolve_codec
 from services.core.transform_codes import LaplaceContextPrior, TransformCodesError
 from services.wrapper.inference_client import ModelMismatch, ServedModel
 from services.wrapper.outputs.compressed import PIXELS_PER_PATCH
@@ -153,14 +154,27 @@ def _parse_prior(text: str) -> LaplaceContextPrior:
     return LaplaceContextPrior.from_text(text)
 
 
-def served_prior(served: ServedModel) -> LaplaceContextPrior | None:
-    """The entropy prior the served compressor's or decompressor's card carries (None: a card without one, which
-    means residual-VQ codes in format 1); ``ModelMismatch`` when the card's prior is unreadable."""
-    text = served.card.entropy_prior
-    if not text:
-        return None
+@dataclass(frozen=True, slots=True)
+class ServedCodec:
+    """What the served compressor's or decompressor's codes are, and the entropy prior they are coded with
+    (transform codes only; residual-VQ files carry per-file histograms)."""
+
+    codec: Codec
+    prior: LaplaceContextPrior | None
+
+
+def served_codec(served: ServedModel) -> ServedCodec:
+    """The served model's codec by its card (``services.core.model_card.resolve_codec``: ``card.codec``, or the
+    schema 2 fallback on ``entropy_prior``) with its parsed prior; ``ModelMismatch`` when the card names no codec
+    this Wrapper handles or its prior is unreadable."""
     try:
-        return _parse_prior(text)
+        codec = resolve_codec(served.card)
+    except CardError as error:
+        raise ModelMismatch(f"model {served.name!r}: {error}") from None
+    if codec is not Codec.TRANSFORM_CODES:
+        return ServedCodec(codec, None)
+    try:
+        return ServedCodec(codec, _parse_prior(served.card.entropy_prior))
     except TransformCodesError as error:
         raise ModelMismatch(f"model {served.name!r} card.entropy_prior: {error}") from None
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from services.core.model_card import Codec
 from services.wrapper.batching import Work
 from services.wrapper.inference_client import ModelMismatch, ServedModel
 from services.wrapper.inputs.types import PATCH_SIZE_10M
@@ -15,7 +16,7 @@ from services.wrapper.outputs import BandScale, OutputFormatError, write_compres
 from services.wrapper.outputs.compressed import CODEBOOK_LEVELS, LATENT_SHAPE, PIXELS_PER_PATCH, write_transform_codes
 from services.wrapper.compression_request import operating_point
 from services.wrapper.spool import ArraySpool
-from services.wrapper.handlers.base import InputUnit, StepContext, UnitResult, served_prior, check_dims
+from services.wrapper.handlers.base import InputUnit, StepContext, UnitResult, served_codec, check_dims
 from services.wrapper.handlers.sentinel2 import Sentinel2Handler
 from services.wrapper.outputs.types import ResultObject
 
@@ -29,7 +30,7 @@ class CompressHandler(Sentinel2Handler):
             BandScale.from_card(served.card)
         except OutputFormatError as error:
             raise ModelMismatch(f"model {served.name!r}: {error}") from None
-        served_prior(served)
+        served_codec(served)
 
     # Codes ([-1, 9999]: int16) are spooled to disk; a unit's codes file is split every CODES_PATCHES_PER_FILE
     # patches (the format holds at most 8192), each part coded on its own.
@@ -44,9 +45,9 @@ class CompressHandler(Sentinel2Handler):
         served = ctx.served
         per_file = ctx.settings.codes_patches_per_file
         parts = max(1, -(-len(spool) // per_file))
-        prior = served_prior(served)
+        codec = served_codec(served)
         point = ctx.compression or operating_point(
-            None, ctx.settings.compress_levels, ctx.settings.compress_quantiser_scale, prior is not None, served.name)
+            None, ctx.settings.compress_levels, ctx.settings.compress_quantiser_scale, codec.codec, served.name)
         objects: list[ResultObject] = []
         part_stats: list[dict[str, Any]] = []
         try:
@@ -54,12 +55,12 @@ class CompressHandler(Sentinel2Handler):
                 first, stop = part * per_file, min((part + 1) * per_file, len(spool))
                 codes = spool.read(first, stop).astype(np.int64)
                 scale = BandScale.from_card(served.card)
-                if prior is not None:
+                if codec.codec is Codec.TRANSFORM_CODES and codec.prior is not None:
                     # Format 2: transform codes with the card's prior at the workflow's operating point (each part
                     # meets a target on its own).
                     compressed = write_transform_codes(
-                        codes, point, prior, spool.items[first:stop], scale, served.name, served.version)
-                else:
+                        codes, point, codec.prior, spool.items[first:stop], scale, served.name, served.version)
+                else:  # Format 1: residual-VQ indices with per-file histograms, the first ``levels`` levels.
                     compressed = write_compressed(
                         codes, point.levels, spool.items[first:stop], scale, served.name, served.version)
                 del codes

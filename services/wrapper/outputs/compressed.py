@@ -32,7 +32,8 @@ Wrapper's defaults when it asked for none), whether a target was met (``target_m
 file's estimated RMS error (``estimated_rms_percent``, % of 10,000 DN: the transform's own error at the base step
 on the training corpus, from the prior, combined with the error this file's requantisation adds).
 
-**Version 1** (``write_compressed``; residual-VQ compressors without a prior; still read): symbol = code + 1 (so
+**Version 1** (``write_compressed``; ``codec: "residual-vq/1"`` compressors, no prior; the header names the codec
+since it became a card field, files without it still read): symbol = code + 1 (so
 -1 is symbol 0), alphabet 10001. Symbols are coded level by level (all of level 0, then level 1, ...), each level
 in C order of [patch, row, col], with one model per level chosen from this file's own histogram of that level,
 whichever is smaller in total (model + coded bits):
@@ -70,7 +71,8 @@ FORMAT_VERSION_RESIDUAL = 1  # residual-VQ codes, per-file histograms (``write_c
 FORMAT_VERSION_TRANSFORM = 2  # transform codes, learned prior, rate control (``write_transform_codes``)
 FORMAT_VERSION = FORMAT_VERSION_TRANSFORM  # the newest
 SUPPORTED_VERSIONS = (FORMAT_VERSION_RESIDUAL, FORMAT_VERSION_TRANSFORM)
-TRANSFORM_CODEC = "transform-codes/1"
+TRANSFORM_CODEC = "transform-codes/1"  # services.core.model_card.Codec: the header's ``codec`` of each version
+RESIDUAL_CODEC = "residual-vq/1"
 CODEBOOK_SIZE = 10000
 CODEBOOK_LEVELS = 8
 LATENT_SHAPE = (60, 60)
@@ -377,6 +379,7 @@ def write_compressed(
     body = bytes(tables) + words.tobytes()
     header = {
         **_shared_header(model_name, model_version, levels, band_scale, patches),
+        "codec": RESIDUAL_CODEC,
         "level_models": level_models,
         "table_bytes": len(tables),
         "word_count": int(words.size),
@@ -637,7 +640,8 @@ def read_compressed(
     data = bytes(data)
     if version == FORMAT_VERSION_TRANSFORM:
         return _read_transform_codes(header, offset, data, prior, max_patches)
-    _check_constants(header, _FILE_CONSTANTS)
+    # Files written before the header named its codec have none (still read); one that names another is refused.
+    _check_constants(header, {**_FILE_CONSTANTS, **({"codec": RESIDUAL_CODEC} if "codec" in header else {})})
     levels = _header_int(header, "levels", 1, CODEBOOK_LEVELS)
     table_bytes = _header_int(header, "table_bytes", 0, len(data))
     words = _payload_words(header, data, offset, table_bytes)
