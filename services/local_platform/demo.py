@@ -543,13 +543,13 @@ def format_summary(reports: Sequence[WorkflowReport]) -> str:
                          f"{results['bits_per_pixel']:.3f} bits per pixel (10 bands, 120 x 120 grid)")
             per_input = results.get("wrapper_stats", {}).get("per_input") or [{}]
             point = per_input[0].get("compression", {})
+            weights = str(results.get("model", {}).get("weights", "?"))
+            if "sha256=" in weights:  # the digest's first 12 hex digits are enough to tell checkpoints apart
+                weights = weights[: weights.index("sha256=") + 19] + "..."
             if point.get("format_version") == 1:
                 lines.append(f"    codes: residual-VQ codebook indices (codec residual-vq/1, .codes format 1), "
-                             f"{point.get('levels')} levels, per-file histograms")
+                             f"{point.get('levels')} levels, per-file histograms, weights {weights}")
             if "quantiser_scale" in point:
-                weights = str(results.get("model", {}).get("weights", "?"))
-                if "sha256=" in weights:  # the digest's first 12 hex digits are enough to tell checkpoints apart
-                    weights = weights[: weights.index("sha256=") + 19] + "..."
                 lines.append(f"    operating point: {point.get('levels')} levels, quantiser scale "
                              f"{point.get('quantiser_scale')} (meta_information.compression), weights {weights}")
         if "reconstruction" in results:
