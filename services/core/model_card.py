@@ -24,6 +24,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from services.core.rvq_prior import RVQ_PRIOR_FORMAT, is_rvq_prior_text
+
 CARD_PREFIX = "card."
 CARD_SCHEMA_VERSION = "2"
 SUPPORTED_SCHEMA_VERSIONS = ("1", "2")
@@ -125,7 +127,8 @@ class ModelCard(BaseModel):
         "entropy_prior as schema 2 cards before this field did (a prior: transform-codes/1, none: residual-vq/1)")
     entropy_prior: str = Field(
         "", description="compress/decompress: the learned entropy prior the Wrapper codes the codes with "
-        "(services.core.transform_codes.LaplaceContextPrior.to_text); '' = a model without one (per-file histograms)")
+        "(transform-codes/1: services.core.transform_codes.LaplaceContextPrior.to_text, required; residual-vq/1: "
+        "services.core.rvq_prior.ResidualVqPrior.to_text, optional); '' = none (residual-VQ: per-file histograms)")
 
     @field_validator(*_LIST_FIELDS, mode="before")
     @classmethod
@@ -206,11 +209,13 @@ class ModelCard(BaseModel):
                     for name in ("codec", "entropy_prior") if getattr(self, name)]
         problems: list[str] = []
         codec = resolve_codec(self)
-        if codec is Codec.TRANSFORM_CODES and not self.entropy_prior:
-            problems.append(f"codec {codec} needs an entropy_prior (its codes are entropy-coded with the card's "
-                            "learned prior)")
-        if codec is Codec.RESIDUAL_VQ and self.entropy_prior:
-            problems.append(f"codec {codec} takes no entropy_prior (its files carry per-file histograms, format 1)")
+        rvq_prior = is_rvq_prior_text(self.entropy_prior)
+        if codec is Codec.TRANSFORM_CODES and (not self.entropy_prior or rvq_prior):
+            problems.append(f"codec {codec} needs an entropy_prior of its own kind (its codes are entropy-coded with "
+                            f"the card's learned transform prior; got {'an RVQ prior' if rvq_prior else 'none'})")
+        if codec is Codec.RESIDUAL_VQ and self.entropy_prior and not rvq_prior:
+            problems.append(f"codec {codec} takes an RVQ prior ({RVQ_PRIOR_FORMAT}: per-level index frequencies) or "
+                            "no entropy_prior (per-file histograms, format 1), not a transform prior")
         if self.task == "compress" and self.input_kind not in SENTINEL2_INPUT_KINDS:
             problems.append(f"a compress card reads Sentinel-2 imagery: input_kind {self.input_kind!r} must be one "
                             f"of {', '.join(SENTINEL2_INPUT_KINDS)}")
@@ -329,6 +334,8 @@ def resolve_codec(card: ModelCard) -> Codec:
         raise CardError(f"a {card.task!r} card has no codec (only compress/decompress cards do)")
     if card.codec:
         return Codec(card.codec)
+    # A card without the field and with an RVQ prior cannot be told apart from a mistake: it is read as transform
+    # codes, which its prior then contradicts (a clear refusal, not a guess).
     return Codec.TRANSFORM_CODES if card.entropy_prior else Codec.RESIDUAL_VQ
 
 

@@ -546,9 +546,11 @@ def format_summary(reports: Sequence[WorkflowReport]) -> str:
             weights = str(results.get("model", {}).get("weights", "?"))
             if "sha256=" in weights:  # the digest's first 12 hex digits are enough to tell checkpoints apart
                 weights = weights[: weights.index("sha256=") + 19] + "..."
-            if point.get("format_version") == 1:
-                lines.append(f"    codes: residual-VQ codebook indices (codec residual-vq/1, .codes format 1), "
-                             f"{point.get('levels')} levels, per-file histograms, weights {weights}")
+            version = point.get("format_version")
+            if version in (1, 3):
+                coding = "per-file histograms" if version == 1 else "the card's RVQ prior"
+                lines.append(f"    codes: residual-VQ codebook indices (codec residual-vq/1, .codes format {version}), "
+                             f"{point.get('levels')} levels, {coding}, weights {weights}")
             if "quantiser_scale" in point:
                 lines.append(f"    operating point: {point.get('levels')} levels, quantiser scale "
                              f"{point.get('quantiser_scale')} (meta_information.compression), weights {weights}")

@@ -224,7 +224,8 @@ def codec_card(task: str = "compress", **overrides: Any) -> dict[str, Any]:
     return fields
 
 
-PRIOR_TEXT = "a-prior"  # the card only checks presence; the Wrapper parses it (tests/wrapper)
+PRIOR_TEXT = "laplace-context/1:..."  # the card checks the kind by its prefix; the Wrapper parses it (tests/wrapper)
+RVQ_PRIOR_TEXT = "rvq-level-frequencies/1:..."
 
 
 @pytest.mark.parametrize("task", ["compress", "decompress"])
@@ -235,6 +236,7 @@ PRIOR_TEXT = "a-prior"  # the card only checks presence; the Wrapper parses it (
         ("", PRIOR_TEXT, Codec.TRANSFORM_CODES),  # a prior = transform codes
         ("residual-vq/1", "", Codec.RESIDUAL_VQ),
         ("transform-codes/1", PRIOR_TEXT, Codec.TRANSFORM_CODES),
+        ("residual-vq/1", RVQ_PRIOR_TEXT, Codec.RESIDUAL_VQ),  # an optional static prior of the indices
     ],
 )
 def test_the_codec_is_the_card_field_or_the_prior_fallback(task: str, codec: str, prior: str, expected: Codec) -> None:
@@ -249,7 +251,11 @@ def test_the_codec_is_the_card_field_or_the_prior_fallback(task: str, codec: str
     ("overrides", "message"),
     [
         ({"codec": "transform-codes/1"}, "codec transform-codes/1 needs an entropy_prior"),
-        ({"codec": "residual-vq/1", "entropy_prior": PRIOR_TEXT}, "codec residual-vq/1 takes no entropy_prior"),
+        ({"codec": "residual-vq/1", "entropy_prior": PRIOR_TEXT}, "codec residual-vq/1 takes an RVQ prior .* not a "
+                                                                  "transform prior"),
+        ({"codec": "transform-codes/1", "entropy_prior": RVQ_PRIOR_TEXT}, "needs an entropy_prior of its own kind "
+                                                                         r"\(.*got an RVQ prior\)"),
+        ({"entropy_prior": RVQ_PRIOR_TEXT}, "codec transform-codes/1 needs an entropy_prior of its own kind"),
         ({"codec": "wavelets/2"}, "codec"),
         ({"input_kind": "codes"}, "a compress card reads Sentinel-2 imagery: input_kind 'codes'"),
         ({"task": "decompress", "input_kind": "sentinel2-l2a"}, "a decompress card reads codes: input_kind 'sentinel2-l2a' must be 'codes'"),

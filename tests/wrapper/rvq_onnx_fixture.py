@@ -140,7 +140,7 @@ def _config(name: str, input_: tuple[str, str, Sequence[int]], output: tuple[str
             f"input [\n{tensor(input_)}]\noutput [\n{tensor(output)}]\n" + _parameters(card))
 
 
-def card_fields(task: str, weights_sha256: str, codec: str = "residual-vq/1") -> dict[str, str]:
+def card_fields(task: str, weights_sha256: str, codec: str = "residual-vq/1", entropy_prior: str = "") -> dict[str, str]:
     """The card a model owner writes: the bands and the standardisation the encoder was trained with, the codec."""
     card = {
         "schema_version": "2",
@@ -157,16 +157,19 @@ def card_fields(task: str, weights_sha256: str, codec: str = "residual-vq/1") ->
     }
     if codec:
         card["codec"] = codec
+    if entropy_prior:
+        card["entropy_prior"] = entropy_prior
     return card
 
 
-def write_model(root: Path, name: str, model: onnx.ModelProto, task: str, codec: str = "residual-vq/1") -> Path:
+def write_model(root: Path, name: str, model: onnx.ModelProto, task: str, codec: str = "residual-vq/1",
+                entropy_prior: str = "") -> Path:
     """``root/name/{config.pbtxt, 1/model.onnx}`` with the card of ``task``; returns the model directory."""
     folder = root / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
     data = model.SerializeToString()
     (folder / "1" / "model.onnx").write_bytes(data)
-    card = card_fields(task, hashlib.sha256(data).hexdigest(), codec)
+    card = card_fields(task, hashlib.sha256(data).hexdigest(), codec, entropy_prior)
     bands = len(BANDS)
     if task == "compress":
         config = _config(name, (INPUT, "TYPE_FP32", [bands, 120, 120]), (CODES, "TYPE_INT64", [60, 60, LEVELS]), card)
@@ -176,10 +179,12 @@ def write_model(root: Path, name: str, model: onnx.ModelProto, task: str, codec:
     return folder
 
 
-def write_pair(root: Path, compress_name: str, decompress_name: str, seed: int = 2026) -> RvqWeights:
+def write_pair(root: Path, compress_name: str, decompress_name: str, seed: int = 2026,
+               entropy_prior: str = "") -> RvqWeights:
+    """The pair with seeded weights; ``entropy_prior``: an RVQ prior (``services.core.rvq_prior``) on both cards."""
     weights = RvqWeights.seeded(seed)
-    write_model(root, compress_name, compressor(weights), "compress")
-    write_model(root, decompress_name, decompressor(weights), "decompress")
+    write_model(root, compress_name, compressor(weights), "compress", entropy_prior=entropy_prior)
+    write_model(root, decompress_name, decompressor(weights), "decompress", entropy_prior=entropy_prior)
     return weights
 
 

@@ -24,9 +24,11 @@ import tritonclient.http as httpclient
 import rvq_onnx_fixture
 from services.core import sentinel2
 from services.core.model_card import CardError, check_model_directory
+from services.core.rvq_prior import ResidualVqPrior, fit_rvq_prior
 from services.wrapper.outputs import read_compressed, read_compressed_header, read_decompressed_archive
-from services.wrapper.outputs import write_transform_codes
+from services.wrapper.outputs import write_compressed, write_transform_codes
 from services.wrapper.outputs.compressed import PIXELS_PER_PATCH, OperatingPoint, keep_levels
+from services.wrapper.outputs.residual_prior_codes import write_residual_prior_codes
 from services.wrapper.outputs.types import BandScale, PatchMetadata
 from outputs_test_data import GEOREFERENCED_PATCH, PLAIN_PATCH, SECOND_GEOREFERENCED_PATCH, synthetic_prior
 from test_pipeline_tasks import (  # noqa: F401 - close_step_runtimes is an autouse fixture
@@ -40,10 +42,13 @@ from test_pipeline_tasks import (  # noqa: F401 - close_step_runtimes is an auto
     reference_infer,
     sample_input,
 )
-from wrapper_input_data import SAMPLE_PATCHES, sample_tar_gz
+from wrapper_input_data import SAMPLE_PATCHES, sample_patch_names, sample_tar_gz
 from wrapper_stack import MODEL_REPOSITORY, InferenceServer, list_keys, object_bytes
 
 EXTERNAL = ("external-rvq-compress", "external-rvq-decompress")
+# The same weights with an RVQ prior on both cards (per-level index frequencies of the fixture's codes of training
+# patches): files coded under it (format 3) when smaller than with their own histograms (format 1).
+WITH_PRIOR = ("external-rvq-prior-compress", "external-rvq-prior-decompress")
 EXPORTED = ("Bigearth-net-rvq-compress", "Bigearth-net-rvq-decompress")  # make models (models/specs.py)
 NO_PRIOR_TRANSFORM = "external-transform-without-prior"  # a card that contradicts itself
 EXPORTED_PRESENT = all((MODEL_REPOSITORY / name / "config.pbtxt").is_file() for name in EXPORTED)
@@ -58,16 +63,25 @@ CODES_INPUT, CODES_OUTPUT = "int64_latent32_15", "output_sentinel2_10_bands_120"
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 
 
+def training_prior() -> ResidualVqPrior:
+    """The prior a model owner fits on training codes: here the fixture's codes of sample patches not tested below."""
+    names = [name for name in sample_patch_names() if name not in PATCHES][:12]
+    inputs = np.stack([sample_input(name) for name in names]).astype(np.float64)
+    return fit_rvq_prior(rvq_onnx_fixture.numpy_codes(rvq_onnx_fixture.RvqWeights.seeded(2026), inputs),
+                         source="external fixture codes of 12 sample patches")
+
+
 @pytest.fixture(scope="module")
 def rvq_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceServer]:
     """One server on a temporary repository: the external pair, a compressor whose card says transform-codes/1
     without a prior, and (linked) the project's own RVQ export when it exists."""
     root = tmp_path_factory.mktemp("rvq-repository")
     rvq_onnx_fixture.write_pair(root, *EXTERNAL)
+    rvq_onnx_fixture.write_pair(root, *WITH_PRIOR, entropy_prior=training_prior().to_text())
     weights = rvq_onnx_fixture.RvqWeights.seeded(7)
     rvq_onnx_fixture.write_model(root, NO_PRIOR_TRANSFORM, rvq_onnx_fixture.compressor(weights), "compress",
                                  codec="transform-codes/1")
-    models = [*EXTERNAL, NO_PRIOR_TRANSFORM]
+    models = [*EXTERNAL, *WITH_PRIOR, NO_PRIOR_TRANSFORM]
     if EXPORTED_PRESENT:
         for name in EXPORTED:
             (root / name).symlink_to(MODEL_REPOSITORY / name, target_is_directory=True)
@@ -236,3 +250,49 @@ def test_a_card_saying_transform_codes_without_a_prior_is_refused_at_load(
     assert NO_PRIOR_TRANSFORM in outcome.reason
     written = [k for k in list_keys(compress.s3, s3_access.bucket_name, "") if k != "in/one.tar.gz"]
     assert written and all(key.endswith(".failed.json") for key in written)  # the failure record, no codes
+
+
+def test_an_rvq_prior_on_the_card_never_costs_bits_and_only_its_decompressor_reads_its_files(
+    rvq_server: InferenceServer, rvq_client: Any, s3_access: Any, kafka_broker: Any, tmp_path: Path
+) -> None:
+    compress_model, decompress_model = WITH_PRIOR
+    patches = [PLAIN_PATCH]
+    compress = make_step("compress", s3_access, kafka_broker, tmp_path)
+    compress.s3.put_object(Bucket=s3_access.bucket_name, Key="in/one.tar.gz", Body=sample_tar_gz(patches))
+    outcome = compress.run(compress.runtime(rvq_server.grpc_url, model_name=compress_model), "in")
+    assert outcome.status == "SUCCESS", outcome.reason
+    data = object_bytes(compress.s3, s3_access.bucket_name, outcome.objects[0].key)
+    prior = training_prior()
+    decoded = read_compressed(data, prior)
+    reference = served_codes(rvq_client, compress_model, patches)
+    np.testing.assert_array_equal(decoded.codes, reference)
+    # The Wrapper wrote the smaller of the two files these codes make: its own histograms (format 1) or the card's
+    # prior (format 3). (With the fixture's 64-code levels, a single patch's own histogram is the smaller.)
+    own_histograms = write_compressed(reference, 8, decoded.patches, decoded.band_scale, compress_model, "1")
+    with_prior = write_residual_prior_codes(reference, 8, prior, decoded.patches, decoded.band_scale, compress_model, "1")
+    smaller = min(own_histograms, with_prior, key=lambda f: (len(f.file.data), f.stats.format_version))  # tie: 1
+    assert data == smaller.file.data
+    stats = check_manifest(compress, outcome)["stats"]["per_input"][0]["compression"]
+    assert stats["format_version"] == smaller.stats.format_version
+
+    # A format-3 file beside it: the decompressor with the same prior decodes both; one without (the plain
+    # external pair) decodes the format-1 file, if that is what was written, and refuses the format-3 one.
+    folder = outcome.output_folder
+    compress.s3.put_object(Bucket=s3_access.bucket_name, Key=f"{folder}/prior.codes", Body=with_prior.file.data)
+    decompress = make_step("decompress", s3_access, kafka_broker, tmp_path)
+    result = decompress.run(decompress.runtime(rvq_server.grpc_url, model_name=decompress_model), folder)
+    assert result.status == "SUCCESS", result.reason
+    assert not result.rejections and len(result.objects) == 2
+    per_input = check_manifest(decompress, result)["stats"]["per_input"]
+    assert 3 in {entry["format_version"] for entry in per_input}
+    reconstruction = reference_infer(rvq_client, decompress_model, CODES_INPUT, CODES_OUTPUT, reference,
+                                     datatype="INT64")
+    for archive in result.objects:
+        folders = read_decompressed_archive(object_bytes(decompress.s3, s3_access.bucket_name, archive.key))
+        check_reconstruction(folders, patches, reconstruction)
+    plain = make_step("decompress", s3_access, kafka_broker, tmp_path)
+    refused = plain.run(plain.runtime(rvq_server.grpc_url, model_name=EXTERNAL[1]), folder)
+    reasons = {r.source.rsplit("/", 1)[1]: r.reason for r in refused.rejections}
+    assert "prior.codes" in reasons
+    assert "format 3 (residual-VQ codes under RVQ prior" in reasons["prior.codes"]
+    assert "has no RVQ prior" in reasons["prior.codes"]

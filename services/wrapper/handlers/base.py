@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from services.core.model_card import CardError, Codec, resolve_codec
+from services.core.rvq_prior import ResidualVqPrior, RvqPriorError, parse_rvq_prior
 from services.core.transform_codes import LaplaceContextPrior, TransformCodesError
 from services.wrapper.inference_client import ModelMismatch, ServedModel
 from services.wrapper.outputs.compressed import PIXELS_PER_PATCH
@@ -157,10 +158,11 @@ def _parse_prior(text: str) -> LaplaceContextPrior:
 @dataclass(frozen=True, slots=True)
 class ServedCodec:
     """What the served compressor's or decompressor's codes are, and the entropy prior they are coded with
-    (transform codes only; residual-VQ files carry per-file histograms)."""
+    (transform codes: always; residual-VQ codes: an optional static prior, else per-file histograms)."""
 
     codec: Codec
-    prior: LaplaceContextPrior | None
+    # transform-codes/1: the card's transform prior (always); residual-vq/1: the card's RVQ prior, if any.
+    prior: LaplaceContextPrior | ResidualVqPrior | None
 
 
 def served_codec(served: ServedModel) -> ServedCodec:
@@ -171,11 +173,12 @@ def served_codec(served: ServedModel) -> ServedCodec:
         codec = resolve_codec(served.card)
     except CardError as error:
         raise ModelMismatch(f"model {served.name!r}: {error}") from None
-    if codec is not Codec.TRANSFORM_CODES:
-        return ServedCodec(codec, None)
+    text = served.card.entropy_prior
     try:
-        return ServedCodec(codec, _parse_prior(served.card.entropy_prior))
-    except TransformCodesError as error:
+        if codec is Codec.TRANSFORM_CODES:
+            return ServedCodec(codec, _parse_prior(text))
+        return ServedCodec(codec, parse_rvq_prior(text) if text else None)
+    except (TransformCodesError, RvqPriorError) as error:
         raise ModelMismatch(f"model {served.name!r} card.entropy_prior: {error}") from None
 
 

@@ -8,11 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from services.core.model_card import Codec
+from services.core.transform_codes import LaplaceContextPrior
 from services.wrapper.batching import Work
 from services.wrapper.inference_client import ModelMismatch, ServedModel
 from services.wrapper.inputs.types import PATCH_SIZE_10M
-from services.wrapper.outputs import BandScale, OutputFormatError, write_compressed
+from services.wrapper.outputs import BandScale, OutputFormatError
+from services.wrapper.outputs.residual_prior_codes import smaller_residual_file
 from services.wrapper.outputs.compressed import CODEBOOK_LEVELS, LATENT_SHAPE, PIXELS_PER_PATCH, write_transform_codes
 from services.wrapper.compression_request import operating_point
 from services.wrapper.spool import ArraySpool
@@ -55,14 +56,16 @@ class CompressHandler(Sentinel2Handler):
                 first, stop = part * per_file, min((part + 1) * per_file, len(spool))
                 codes = spool.read(first, stop).astype(np.int64)
                 scale = BandScale.from_card(served.card)
-                if codec.codec is Codec.TRANSFORM_CODES and codec.prior is not None:
+                if isinstance(codec.prior, LaplaceContextPrior):
                     # Format 2: transform codes with the card's prior at the workflow's operating point (each part
                     # meets a target on its own).
                     compressed = write_transform_codes(
                         codes, point, codec.prior, spool.items[first:stop], scale, served.name, served.version)
-                else:  # Format 1: residual-VQ indices with per-file histograms, the first ``levels`` levels.
-                    compressed = write_compressed(
-                        codes, point.levels, spool.items[first:stop], scale, served.name, served.version)
+                else:
+                    # Residual-VQ indices of the first ``levels`` levels: format 1 (per-file histograms), or format 3
+                    # (the card's RVQ prior) when that file is smaller.
+                    compressed = smaller_residual_file(
+                        codes, point.levels, codec.prior, spool.items[first:stop], scale, served.name, served.version)
                 del codes
                 suffix = compressed.file.suffix if parts == 1 else f".part-{part + 1:04d}{compressed.file.suffix}"
                 objects.append(ResultObject(ctx.key(unit, suffix), compressed.file, stop - first))

@@ -16,6 +16,7 @@ from services.wrapper.outputs import BandScale, OutputFormatError, read_compress
 from services.wrapper.outputs.compressed import (
     CODEBOOK_LEVELS,
     FORMAT_VERSION_RESIDUAL,
+    FORMAT_VERSION_RESIDUAL_PRIOR,
     FORMAT_VERSION_TRANSFORM,
     LATENT_SHAPE,
     read_compressed_header,
@@ -102,22 +103,27 @@ class DecompressHandler(TaskHandler):
     @staticmethod
     def _codec_mismatch(ctx: StepContext, header: dict[str, Any], served: ServedCodec) -> str:
         """Why the served decompressor cannot decode a file of this kind ("" when it can): the file's codec (format
-        2: transform codes with a named prior; format 1: residual-VQ codes) must be the card's, and transform codes
-        must have been coded with the card's prior."""
+        2: transform codes; formats 1 and 3: residual-VQ codes) must be the card's, and a file coded with a prior
+        (formats 2 and 3) must name the card's prior."""
         name = ctx.served.name
         version = header.get("format_version")
+        wanted = str(header.get("prior_sha256"))
         if version == FORMAT_VERSION_TRANSFORM:
-            wanted = str(header.get("prior_sha256"))
             if served.codec is not Codec.TRANSFORM_CODES or served.prior is None:
                 return (f"codes file is format 2 (transform codes, entropy prior {wanted[:12]}...); model {name!r} "
-                        f"decodes codec {served.codec} (format 1, no entropy prior on its card)")
+                        f"decodes codec {served.codec} (residual-VQ codes, formats 1 and 3)")
             if served.prior.sha256 != wanted:
                 return (f"codes file was coded with entropy prior {wanted[:12]}...; model {name!r} decodes with "
                         f"prior {served.prior.sha256[:12]}... (compress it again with the matching compressor)")
-        elif served.codec is Codec.TRANSFORM_CODES:
+            return ""
+        if served.codec is Codec.TRANSFORM_CODES:
             prior = served.prior.sha256[:12] if served.prior is not None else "?"
             return (f"codes file is format {version} (residual-VQ codes); model {name!r} decodes transform codes "
                     f"(format 2, entropy prior {prior}...): compress it again with the matching compressor")
+        if version == FORMAT_VERSION_RESIDUAL_PRIOR and (served.prior is None or served.prior.sha256 != wanted):
+            has = f"RVQ prior {served.prior.sha256[:12]}..." if served.prior is not None else "no RVQ prior"
+            return (f"codes file is format 3 (residual-VQ codes under RVQ prior {wanted[:12]}...); model {name!r} "
+                    f"has {has} on its card (compress it again with the matching compressor)")
         return ""
 
     # Decoded patches (576 KB each) are spooled to disk and the archive is written from there chunk by chunk.
