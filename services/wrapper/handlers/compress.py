@@ -56,6 +56,7 @@ class CompressHandler(Sentinel2Handler):
                 first, stop = part * per_file, min((part + 1) * per_file, len(spool))
                 codes = spool.read(first, stop).astype(np.int64)
                 scale = BandScale.from_card(served.card)
+                # served_codec gives transform-codes/1 its transform prior, residual-vq/1 an RVQ prior or none.
                 if isinstance(codec.prior, LaplaceContextPrior):
                     # Format 2: transform codes with the card's prior at the workflow's operating point (each part
                     # meets a target on its own).
