@@ -18,10 +18,13 @@ from __future__ import annotations
 import math
 import os
 import re
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from services.core.rvq_prior import RVQ_PRIOR_FORMAT, is_rvq_prior_text
 
 CARD_PREFIX = "card."
 CARD_SCHEMA_VERSION = "2"
@@ -36,6 +39,20 @@ OutputKind = Literal["", "pixel-classes", "pixel-values", "tile-vector", "tile-c
 PIXEL_OUTPUT_KINDS = ("pixel-classes", "pixel-values")
 TILE_OUTPUT_KINDS = ("tile-vector", "tile-class-probabilities")
 SENTINEL2_INPUT_KINDS = ("sentinel2-l2a", "sentinel2-l1c")
+
+# Compressors and decompressors: what their codes are (``card.codec``), and the codes tensor both sides share:
+# [latent rows, latent cols, code levels] (batch axis excluded), INT64, -1 where a level is not used.
+COMPRESSION_TASKS = ("compress", "decompress")
+CODES_TENSOR_DIMS = (60, 60, 8)
+DECODED_PATCH_SIZE = 120
+
+
+class Codec(StrEnum):
+    """What a compressor's codes are; the Wrapper picks the file format and entropy coding from it."""
+
+    TRANSFORM_CODES = "transform-codes/1"  # quantised transform coefficients + the card's learned entropy prior
+    RESIDUAL_VQ = "residual-vq/1"  # residual-VQ codebook indices, entropy-coded with per-file histograms
+
 
 # Sentinel-2 MSI band names (the card's ``bands`` of a Sentinel-2 model must be among them).
 SENTINEL2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
@@ -110,7 +127,8 @@ class ModelCard(BaseModel):
         "entropy_prior as schema 2 cards before this field did (a prior: transform-codes/1, none: residual-vq/1)")
     entropy_prior: str = Field(
         "", description="compress/decompress: the learned entropy prior the Wrapper codes the codes with "
-        "(services.core.transform_codes.LaplaceContextPrior.to_text); '' = a model without one (per-file histograms)")
+        "(transform-codes/1: services.core.transform_codes.LaplaceContextPrior.to_text, required; residual-vq/1: "
+        "services.core.rvq_prior.ResidualVqPrior.to_text, optional); '' = none (residual-VQ: per-file histograms)")
 
     @field_validator(*_LIST_FIELDS, mode="before")
     @classmethod
@@ -180,6 +198,29 @@ class ModelCard(BaseModel):
             if self.effective_tile_size <= 0:
                 problems.append(f"output_kind {self.output_kind} needs tile_size > 0")
         problems += self._class_problems()
+        problems += self._codec_problems()
+        return problems
+
+    def _codec_problems(self) -> list[str]:
+        """The codec rule (``resolve_codec``): a field of compress/decompress cards, consistent with the prior
+        and the input kind."""
+        if self.task not in COMPRESSION_TASKS:
+            return [f"{name} is only for compress/decompress cards (task is {self.task!r})"
+                    for name in ("codec", "entropy_prior") if getattr(self, name)]
+        problems: list[str] = []
+        codec = resolve_codec(self)
+        rvq_prior = is_rvq_prior_text(self.entropy_prior)
+        if codec is Codec.TRANSFORM_CODES and (not self.entropy_prior or rvq_prior):
+            problems.append(f"codec {codec} needs an entropy_prior of its own kind (its codes are entropy-coded with "
+                            f"the card's learned transform prior; got {'an RVQ prior' if rvq_prior else 'none'})")
+        if codec is Codec.RESIDUAL_VQ and self.entropy_prior and not rvq_prior:
+            problems.append(f"codec {codec} takes an RVQ prior ({RVQ_PRIOR_FORMAT}: per-level index frequencies) or "
+                            "no entropy_prior (per-file histograms, format 1), not a transform prior")
+        if self.task == "compress" and self.input_kind not in SENTINEL2_INPUT_KINDS:
+            problems.append(f"a compress card reads Sentinel-2 imagery: input_kind {self.input_kind!r} must be one "
+                            f"of {', '.join(SENTINEL2_INPUT_KINDS)}")
+        if self.task == "decompress" and self.input_kind != "codes":
+            problems.append(f"a decompress card reads codes: input_kind {self.input_kind!r} must be 'codes'")
         return problems
 
     def _class_problems(self) -> list[str]:
@@ -284,6 +325,20 @@ _V2_DEFAULTS: dict[str, Any] = {
 # The card against the model's tensors (config.pbtxt)
 
 
+def resolve_codec(card: ModelCard) -> Codec:
+    """The codec of a compress or decompress card: ``card.codec`` when set, else the rule of schema 2 cards written
+    before the field existed (an entropy prior: transform codes; none: residual-VQ codes). The one place that
+    decides it: the Wrapper's compress and decompress steps and their rate control all ask here.
+    ``CardError`` for any other task."""
+    if card.task not in COMPRESSION_TASKS:
+        raise CardError(f"a {card.task!r} card has no codec (only compress/decompress cards do)")
+    if card.codec:
+        return Codec(card.codec)
+    # A card without the field and with an RVQ prior cannot be told apart from a mistake: it is read as transform
+    # codes, which its prior then contradicts (a clear refusal, not a guess).
+    return Codec.TRANSFORM_CODES if card.entropy_prior else Codec.RESIDUAL_VQ
+
+
 def _tensors(config: Any, kind: str) -> list[tuple[str, list[int], str]]:
     """(name, dims without batch, label_filename) of the config's inputs or outputs: proto or JSON dict."""
     entries = config.get(kind, []) if isinstance(config, Mapping) else getattr(config, kind)
@@ -321,6 +376,7 @@ def card_tensor_problems(card: ModelCard, config: Any, label_count: int | None =
                 problems.append(
                     f"card tile_size {card.effective_tile_size} does not match the model input dims {dims} "
                     f"(expected [{len(card.bands)}, {card.effective_tile_size}, {card.effective_tile_size}])")
+    problems += _codes_tensor_problems(card, inputs, outputs)
     if not card.output_kind:
         return problems
     if card.output_tensor:
@@ -356,6 +412,28 @@ def card_tensor_problems(card: ModelCard, config: Any, label_count: int | None =
             problems.append(f"output {name}: tile-class-probabilities need class_names or a label_filename")
         elif not classes and label_count is not None and label_count != dims[0]:
             problems.append(f"output {name} has {dims[0]} classes but {label_filename} has {label_count} labels")
+    return problems
+
+
+def _codes_tensor_problems(card: ModelCard, inputs: list[tuple[str, list[int], str]],
+                           outputs: list[tuple[str, list[int], str]]) -> list[str]:
+    """A compressor's output and a decompressor's input are the codes tensor; a decompressor's output is the patch."""
+    if card.task not in COMPRESSION_TASKS or card.schema_version == "1":
+        return []
+    codes = list(CODES_TENSOR_DIMS)
+    tensors = outputs if card.task == "compress" else inputs
+    role = "output" if card.task == "compress" else "input"
+    if len(tensors) != 1:
+        return [f"a {card.task} card needs exactly one {role} tensor (the codes), the config has {len(tensors)}"]
+    problems: list[str] = []
+    name, dims, _ = tensors[0]
+    if dims != codes:
+        problems.append(f"{role} {name} dims {dims} are not the codes tensor {codes} (codec {resolve_codec(card)})")
+    if card.task == "decompress" and card.bands and len(outputs) == 1:
+        name, dims, _ = outputs[0]
+        patch = [len(card.bands), DECODED_PATCH_SIZE, DECODED_PATCH_SIZE]
+        if dims != patch:
+            problems.append(f"output {name} dims {dims} do not match the decoded patch {patch}")
     return problems
 
 
@@ -465,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed = True
             continue
         kind = card.output_kind or f"task {card.task}"
+        if card.task in COMPRESSION_TASKS:
+            kind += f", codec {resolve_codec(card)}"
         print(f"{directory}: card schema {card.schema_version} OK ({card.input_kind}, {len(card.bands)} bands, {kind})")
     return 1 if failed else 0
 

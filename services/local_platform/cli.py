@@ -28,6 +28,7 @@ from services.core.logging import configure_logging
 
 from .inference_backends import add_inference_arguments
 from .security import platform_auth_headers
+from .workflows import DEMO_WORKFLOWS, WORKFLOW_KINDS
 from .stack import DEFAULT_ROOT, LocalStack, PlatformState, StackError, StackOptions, http_status, pid_alive
 
 log = logging.getLogger("services.local_platform")
@@ -56,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also start a real Prometheus scraping every component (make prometheus installs it)")
         if name == "demo":
             sub.add_argument("--patches", type=int, default=8, help="BigEarthNet patches per workflow (max 42)")
-            sub.add_argument("--workflows", nargs="*", choices=["ssl-classify", "compress-decompress", "uc5", "uc6", "cloud-mask"],
-                             help="which sample workflows (default: all)")
+            sub.add_argument("--workflows", nargs="*", choices=WORKFLOW_KINDS,
+                             help=f"which sample workflows (default: {' '.join(DEMO_WORKFLOWS)})")
             sub.add_argument("--timeout-s", type=float, default=900.0)
             sub.add_argument("--keep-running", action="store_true", help="leave the stack up afterwards")
         add_inference_arguments(sub)

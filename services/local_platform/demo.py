@@ -25,7 +25,7 @@ import numpy as np
 from services.core.kafka import consumer_config, producer_config, publish_json
 
 from .stack import PlatformState, create_topics
-from .workflows import SAMPLE_ROOT, WorkflowPlan, input_objects, sample_labels, step_message, workflow_message
+from .workflows import COMPRESSION_KINDS, SAMPLE_ROOT, WorkflowPlan, input_objects, sample_labels, step_message, workflow_message
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +365,7 @@ def read_workflow_results(state: PlatformState, report: WorkflowReport) -> dict[
     results: dict[str, Any] = {"folders": [f"s3://{plan.bucket}/{f}" for f in folders if f]}
     if plan.kind == "ssl-classify":
         results.update(_classification_results(client, plan, folders[0], folders[1]))
-    elif plan.kind == "compress-decompress":
+    elif plan.kind in COMPRESSION_KINDS:
         results.update(_compression_results(client, plan, folders[0], folders[1]))
     elif plan.kind in ("uc5", "uc6"):
         results.update(_raster_results(client, plan.bucket, folders[0]))
@@ -543,10 +543,15 @@ def format_summary(reports: Sequence[WorkflowReport]) -> str:
                          f"{results['bits_per_pixel']:.3f} bits per pixel (10 bands, 120 x 120 grid)")
             per_input = results.get("wrapper_stats", {}).get("per_input") or [{}]
             point = per_input[0].get("compression", {})
+            weights = str(results.get("model", {}).get("weights", "?"))
+            if "sha256=" in weights:  # the digest's first 12 hex digits are enough to tell checkpoints apart
+                weights = weights[: weights.index("sha256=") + 19] + "..."
+            version = point.get("format_version")
+            if version in (1, 3):
+                coding = "per-file histograms" if version == 1 else "the card's RVQ prior"
+                lines.append(f"    codes: residual-VQ codebook indices (codec residual-vq/1, .codes format {version}), "
+                             f"{point.get('levels')} levels, {coding}, weights {weights}")
             if "quantiser_scale" in point:
-                weights = str(results.get("model", {}).get("weights", "?"))
-                if "sha256=" in weights:  # the digest's first 12 hex digits are enough to tell checkpoints apart
-                    weights = weights[: weights.index("sha256=") + 19] + "..."
                 lines.append(f"    operating point: {point.get('levels')} levels, quantiser scale "
                              f"{point.get('quantiser_scale')} (meta_information.compression), weights {weights}")
         if "reconstruction" in results:

@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Mapping
 
+import yaml
 from pydantic import BaseModel, Field
 
 from .inference_backends import external_grpc_address, inference_command, wait_until_ready
 from .infra import free_port, free_ports, tansu_binary, wait_for_port
-from .queue_proxy import POD_TERMINATED, ServingSettings, chart_serving_settings, wrapper_stop_timing
+from .queue_proxy import CHART_VALUES, POD_TERMINATED, ServingSettings, chart_serving_settings, wrapper_stop_timing
 from .security import security_env, write_platform_token
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,35 @@ NAMESPACE = "eoml"
 SYSTEM_TOPIC = "system.ML"
 NOTIFY_TOPIC = "monitoring.notify"
 KAFKA_STORAGE_BUCKET = "tansu"
-# ``ML.ServiceName`` of each Wrapper (DNS-1123 labels, as Knative Service names must be): its task, or a name in
-# GENERIC_SERVICES for a Wrapper of task ``generic`` serving one card-driven model (as in the chart).
+# ``ML.ServiceName`` of each Wrapper the stack starts (DNS-1123 labels, as Knative Service names must be). What each
+# runs (task, and the model when it is not the task's default) comes from the chart's ``wrappers.tasks``
+# (``chart_wrapper_services``), as on Kubernetes: ``cloud-mask`` is task generic on s2-cloud-mask, ``compress-rvq``
+# and ``decompress-rvq`` are tasks compress/decompress on the residual-VQ models.
 DEMO_TASKS: tuple[str, ...] = (
-    "ssl-features", "classify", "compress", "decompress", "uc5-cfactor", "uc6-locust", "cloud-mask",
+    "ssl-features", "classify", "compress", "decompress", "compress-rvq", "decompress-rvq", "uc5-cfactor",
+    "uc6-locust", "cloud-mask",
 )
-GENERIC_SERVICES: Mapping[str, tuple[str, str]] = {"cloud-mask": ("generic", "s2-cloud-mask")}
+
+
+@dataclass(frozen=True)
+class WrapperService:
+    """One Wrapper deployment: its ``ML.ServiceName``, task, and model ("" = the task's default model)."""
+
+    service: str
+    task: str
+    model_name: str = ""
+
+
+def chart_wrapper_services(values_path: Path = CHART_VALUES) -> dict[str, WrapperService]:
+    """The chart's ``wrappers.tasks`` by service name (``serviceName``, default the task), as ``wrappers.yaml``
+    renders them into ``EOML_WRAPPER_TASK`` / ``EOML_WRAPPER_MODEL_NAME``."""
+    wrappers = (yaml.safe_load(values_path.read_text()) or {}).get("wrappers") or {}
+    services = {}
+    for entry in wrappers.get("tasks") or []:
+        service = WrapperService(str(entry.get("serviceName") or entry["task"]), str(entry["task"]),
+                                 str(entry.get("modelName") or ""))
+        services[service.service] = service
+    return services
 
 
 class StackError(RuntimeError):
@@ -402,11 +426,13 @@ class LocalStack:
                                       grace_s=options.grace_s, shutdown_margin_s=options.shutdown_margin_s)
 
     def wrapper_env(self, task: str, port: int) -> dict[str, str]:
-        """Environment of the Wrapper behind service name ``task`` (its task, or a GENERIC_SERVICES entry);
-        SHUTDOWN_TIMEOUT_S and WORKER_WAIT_S by the chart's rule (``wrapper_stop_timing``)."""
+        """Environment of the Wrapper behind service name ``task`` (the chart's entry of that name, else the task of
+        that name on its default model); SHUTDOWN_TIMEOUT_S and WORKER_WAIT_S by the chart's rule
+        (``wrapper_stop_timing``)."""
         assert self.state is not None
         options = self.options
-        wrapper_task, model = GENERIC_SERVICES.get(task, (task, ""))
+        service = chart_wrapper_services().get(task, WrapperService(task, task))
+        wrapper_task, model = service.task, service.model_name
         stop_timing = wrapper_stop_timing(self.state.serving or self._chart_serving())
         return {**stop_timing.env(),
             "EOML_WRAPPER_TASK": wrapper_task, "EOML_WRAPPER_MODEL_NAME": model,

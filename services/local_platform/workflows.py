@@ -39,7 +39,7 @@ class WorkflowPlan:
 
     name: str
     title: str
-    kind: str  # ssl-classify | compress-decompress | uc5 | uc6 | cloud-mask
+    kind: str  # one of WORKFLOW_KINDS
     steps: list[StepPlan]
     bucket: str
     input_folder: str
@@ -138,6 +138,12 @@ def workflow_message(plan: WorkflowPlan, step: StepPlan, status: str, namespace:
     return message
 
 
+# Every sample workflow; ``make demo`` runs DEMO_WORKFLOWS (the residual-VQ chain on request: --workflows).
+WORKFLOW_KINDS = ("ssl-classify", "compress-decompress", "compress-decompress-rvq", "uc5", "uc6", "cloud-mask")
+DEMO_WORKFLOWS = ("ssl-classify", "compress-decompress", "uc5", "uc6", "cloud-mask")
+COMPRESSION_KINDS = ("compress-decompress", "compress-decompress-rvq")
+
+
 def step_message(folder: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the previous component announces (contracts section 3)."""
     return {"previous_component_end": "True", "S3_bucket_desc": {"folder": folder, "filename": ""},
@@ -146,8 +152,9 @@ def step_message(folder: str, meta: dict[str, Any] | None = None) -> dict[str, A
 
 def demo_workflows(run_id: str, bucket: str, patches: Sequence[str], kinds: Sequence[str] | None = None
                    ) -> list[WorkflowPlan]:
-    """The integration workflows of D3.4 3.2.3 (SSL -> classifier, compression -> decompression) plus UC5, UC6 and
-    the cloud mask, with topic names unique to this run."""
+    """The integration workflows of D3.4 3.2.3 (SSL -> classifier, compression -> decompression with the transform
+    coder or the residual-VQ codec) plus UC5, UC6 and the cloud mask, with topic names unique to this run;
+    ``kinds`` None: DEMO_WORKFLOWS."""
     def topic(*parts: str) -> str:
         return ".".join(("eoml", "demo", run_id, *parts))
 
@@ -163,6 +170,14 @@ def demo_workflows(run_id: str, bucket: str, patches: Sequence[str], kinds: Sequ
             [StepPlan("compress", "Compression", topic("compress", "in"), topic("decompress", "in")),
              StepPlan("decompress", "Decompression", topic("decompress", "in"), topic("decompress", "out"))],
             bucket, f"inputs/{run_id}/compression", chosen),
+        # The same two tasks on the residual-VQ models: the Wrappers compress-rvq/decompress-rvq (chart wrappers.tasks).
+        "compress-decompress-rvq": WorkflowPlan(
+            f"demo-{run_id}-compression-rvq", "Residual-VQ compression -> decompression", "compress-decompress-rvq",
+            [StepPlan("compress-rvq", "Compression (residual VQ)", topic("compress-rvq", "in"),
+                      topic("decompress-rvq", "in")),
+             StepPlan("decompress-rvq", "Decompression (residual VQ)", topic("decompress-rvq", "in"),
+                      topic("decompress-rvq", "out"))],
+            bucket, f"inputs/{run_id}/compression-rvq", chosen),
         "uc5": WorkflowPlan(
             f"demo-{run_id}-uc5", "UC5 soil erosion: C-factor", "uc5",
             [StepPlan("uc5-cfactor", "C-factor regressor", topic("uc5", "in"), topic("uc5", "out"))],
@@ -176,7 +191,7 @@ def demo_workflows(run_id: str, bucket: str, patches: Sequence[str], kinds: Sequ
             [StepPlan("uc6-locust", "Locust classifier", topic("uc6", "in"), topic("uc6", "out"))],
             bucket, f"inputs/{run_id}/uc6", []),
     }
-    return [plans[k] for k in (kinds or plans)]
+    return [plans[k] for k in (kinds or DEMO_WORKFLOWS)]
 
 
 def input_objects(plan: WorkflowPlan) -> dict[str, bytes]:

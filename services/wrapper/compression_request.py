@@ -12,8 +12,9 @@ reads this one field of it::
   ``EOML_WRAPPER_COMPRESS_QUANTISER_SCALE`` (8).
 
 A malformed field is an ``InputError`` naming it (the step fails for good: dead letter and a CRITICAL event), like
-a malformed ``cloud_filter``. Scales and targets need a compressor whose card carries an entropy prior (format 2);
-one without (residual-VQ codes, format 1) takes ``levels`` only.
+a malformed ``cloud_filter``. Scales and targets need a compressor whose codec (``card.codec``, resolved by
+``services.core.model_card.resolve_codec``) is ``transform-codes/1`` (format 2); a ``residual-vq/1`` compressor
+(format 1) takes ``levels`` only.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from services.core.model_card import Codec
 from services.core.transform_codes import LEVELS, QUANTISER_SCALES
 from services.wrapper.inputs.types import InputError
 from services.wrapper.outputs.compressed import OperatingPoint
@@ -76,16 +78,18 @@ def compression_request_of(meta_information: dict[str, Any]) -> CompressionReque
 
 
 def operating_point(request: CompressionRequest | None, default_levels: int, default_scale: int,
-                    has_prior: bool, model_name: str) -> OperatingPoint:
+                    codec: Codec, model_name: str) -> OperatingPoint:
     """The operating point of a compress step: the workflow's request completed with the deployment's defaults.
 
-    ``InputError`` when the request asks for a scale or a target from a compressor without an entropy prior."""
+    ``InputError`` when the request asks for a scale or a target from a compressor whose codes are not transform
+    codes (``codec`` of its card: residual-VQ indices have no quantiser scale)."""
     request = request or CompressionRequest()
     rate = request.rate_given
-    if rate is not None and not has_prior:
+    if rate is not None and codec is not Codec.TRANSFORM_CODES:
         raise InputError(
-            f"meta_information.{COMPRESSION_FIELD}.{rate} needs a compressor with an entropy prior; the card of "
-            f"model {model_name!r} has none (its files keep residual-VQ codes): give only levels"
+            f"meta_information.{COMPRESSION_FIELD}.{rate} needs a compressor of codec {Codec.TRANSFORM_CODES} "
+            f"(with an entropy prior); model {model_name!r} is codec {codec} (its files keep residual-VQ codes): "
+            "give only levels"
         )
     levels = request.levels if request.levels is not None else default_levels
     if rate is None:

@@ -20,7 +20,7 @@ from services.core.metrics import Stage, stage, timed_items
 from services.wrapper.batching import batched_inference
 from services.wrapper.compression_request import compression_request_of, operating_point
 from services.wrapper.generic_task import CLOUD_FILTER_FIELD, QUICKLOOK_SUFFIX, CloudMeter, cloud_filter_of
-from services.wrapper.handlers.base import InputUnit, Rejection, StepContext, bits_per_pixel, served_prior
+from services.wrapper.handlers.base import InputUnit, Rejection, StepContext, bits_per_pixel, served_codec
 from services.wrapper.inference_client import ServedModel
 from services.wrapper.inputs.types import InputError
 from services.wrapper.notifications import ProgressReporter, StepNotifier
@@ -168,7 +168,7 @@ def compression_point(runtime: StepRuntime, message: StepMessage, served: Served
     request = compression_request_of(message.meta_information)
     settings = runtime.settings
     return operating_point(request, settings.compress_levels, settings.compress_quantiser_scale,
-                           served_prior(served) is not None, served.name)
+                           served_codec(served).codec, served.name)
 
 
 def open_cloud_meter(runtime: StepRuntime, message: StepMessage) -> CloudMeter | None:

@@ -12,10 +12,12 @@ from services.core.model_card import (
     CARD_SCHEMA_VERSION,
     CLASS_NODATA_CODE,
     CardError,
+    Codec,
     ModelCard,
     check_card_against_config,
     class_colour_table,
     load_card,
+    resolve_codec,
 )
 
 # The uc5-cfactor card as committed before schema version 2 (config.pbtxt parameters, verbatim values).
@@ -202,3 +204,95 @@ def test_colour_table_from_the_card() -> None:
     assert table[CLASS_NODATA_CODE] == (0, 0, 0, 0)
     grey = class_colour_table(ModelCard(**mask_card(class_colours=[])))
     assert grey[0] == (0, 0, 0, 255) and grey[2] == (255, 255, 255, 255)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The codec of compress/decompress cards: the card field, or the schema 2 fallback on the entropy prior
+
+
+def codec_card(task: str = "compress", **overrides: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "task": task,
+        "input_kind": "sentinel2-l2a" if task == "compress" else "codes",
+        "bands": ["B02", "B03", "B04"],
+        "band_mean": [1.0] * 3,
+        "band_std": [2.0] * 3,
+        "normalisation": "standardise",
+        "weights": "seeded-init:seed=1",
+    }
+    fields.update(overrides)
+    return fields
+
+
+PRIOR_TEXT = "laplace-context/1:..."  # the card checks the kind by its prefix; the Wrapper parses it (tests/wrapper)
+RVQ_PRIOR_TEXT = "rvq-level-frequencies/1:..."
+
+
+@pytest.mark.parametrize("task", ["compress", "decompress"])
+@pytest.mark.parametrize(
+    ("codec", "prior", "expected"),
+    [
+        ("", "", Codec.RESIDUAL_VQ),  # schema 2 cards before the field: no prior = residual-VQ codes
+        ("", PRIOR_TEXT, Codec.TRANSFORM_CODES),  # a prior = transform codes
+        ("residual-vq/1", "", Codec.RESIDUAL_VQ),
+        ("transform-codes/1", PRIOR_TEXT, Codec.TRANSFORM_CODES),
+        ("residual-vq/1", RVQ_PRIOR_TEXT, Codec.RESIDUAL_VQ),  # an optional static prior of the indices
+    ],
+)
+def test_the_codec_is_the_card_field_or_the_prior_fallback(task: str, codec: str, prior: str, expected: Codec) -> None:
+    card = ModelCard(**codec_card(task, codec=codec, entropy_prior=prior))
+    assert resolve_codec(card) is expected
+    # It survives config.pbtxt parameters: set, it is written; unset, the fallback decides again.
+    again = ModelCard.from_parameters(card.to_parameters())
+    assert resolve_codec(again) is expected and again.codec == codec
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"codec": "transform-codes/1"}, "codec transform-codes/1 needs an entropy_prior"),
+        ({"codec": "residual-vq/1", "entropy_prior": PRIOR_TEXT}, "codec residual-vq/1 takes an RVQ prior .* not a "
+                                                                  "transform prior"),
+        ({"codec": "transform-codes/1", "entropy_prior": RVQ_PRIOR_TEXT}, "needs an entropy_prior of its own kind "
+                                                                         r"\(.*got an RVQ prior\)"),
+        ({"entropy_prior": RVQ_PRIOR_TEXT}, "codec transform-codes/1 needs an entropy_prior of its own kind"),
+        ({"codec": "wavelets/2"}, "codec"),
+        ({"input_kind": "codes"}, "a compress card reads Sentinel-2 imagery: input_kind 'codes'"),
+        ({"task": "decompress", "input_kind": "sentinel2-l2a"}, "a decompress card reads codes: input_kind 'sentinel2-l2a' must be 'codes'"),
+        ({"task": "ssl-features", "codec": "residual-vq/1"}, "codec is only for compress/decompress cards"),
+        ({"task": "ssl-features", "entropy_prior": PRIOR_TEXT}, "entropy_prior is only for compress/decompress cards"),
+    ],
+)
+def test_codec_rules_refuse_contradictory_compression_cards(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelCard(**codec_card(**overrides))
+    with pytest.raises(CardError, match=message):  # and through the loader, as the Wrapper and the check read cards
+        load_card({"card.schema_version": "2", **{f"card.{k}": ",".join(map(str, v)) if isinstance(v, list) else v
+                                                  for k, v in codec_card(**overrides).items()}})
+
+
+def test_a_codec_is_a_version_2_field_and_other_tasks_have_none() -> None:
+    with pytest.raises(ValueError, match="codec need schema_version 2"):
+        ModelCard(**codec_card(schema_version="1", codec="residual-vq/1"))
+    with pytest.raises(CardError, match="'classify' card has no codec"):
+        resolve_codec(ModelCard(**codec_card(task="classify", input_kind="features", bands=[], band_mean=[],
+                                             band_std=[], normalisation="none")))
+
+
+def _codes_config(card: ModelCard, codes_dims: list[int], patch_dims: list[int]) -> dict:
+    if card.task == "compress":
+        return config_json([3, 120, 120], codes_dims, card)
+    return config_json(codes_dims, patch_dims, card)
+
+
+@pytest.mark.parametrize("task", ["compress", "decompress"])
+def test_the_codes_tensor_is_checked_against_the_card(task: str) -> None:
+    card = ModelCard(**codec_card(task, codec="residual-vq/1"))
+    assert check_card_against_config(_codes_config(card, [60, 60, 8], [3, 120, 120])) == card
+    role = "output" if task == "compress" else "input"
+    with pytest.raises(CardError, match=rf"{role} \w+ dims \[60, 60, 4\] are not the codes tensor \[60, 60, 8\] "
+                                        r"\(codec residual-vq/1\)"):
+        check_card_against_config(_codes_config(card, [60, 60, 4], [3, 120, 120]))
+    if task == "decompress":
+        with pytest.raises(CardError, match=r"output out dims \[4, 120, 120\] do not match the decoded patch"):
+            check_card_against_config(_codes_config(card, [60, 60, 8], [4, 120, 120]))

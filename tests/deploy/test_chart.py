@@ -18,9 +18,11 @@ from services.core.step_config import step_config_from_message
 
 KNATIVE = "serving.knative.dev/"
 KSERVE = "serving.kserve.io/"
-TASKS = {"ssl-features", "classify", "compress", "decompress", "uc5-cfactor", "uc6-locust", "cloud-mask"}
+TASKS = {"ssl-features", "classify", "compress", "decompress", "compress-rvq", "decompress-rvq", "uc5-cfactor",
+         "uc6-locust", "cloud-mask"}
 # Services whose name is not their task: (task, model).
-GENERIC_SERVICES = {"cloud-mask": ("generic", "s2-cloud-mask")}
+NAMED_SERVICES = {"cloud-mask": ("generic", "s2-cloud-mask"), "compress-rvq": ("compress", "Bigearth-net-rvq-compress"),
+                  "decompress-rvq": ("decompress", "Bigearth-net-rvq-decompress")}
 DEV_VALUES = REPO_ROOT / "deploy" / "overlays" / "dev" / "values.yaml"
 
 
@@ -75,12 +77,16 @@ def test_one_wrapper_per_task_in_each_workflow_namespace(tools: Tools) -> None:
     for namespace in ("uc5", "uc6"):
         services = find(docs, "Service", api_prefix=KNATIVE, namespace=namespace)
         assert {s["metadata"]["name"] for s in services} == TASKS
+        # Each service runs under an identity of its own, also two services of one task (compress, compress-rvq).
+        identities = [s["spec"]["template"]["spec"]["serviceAccountName"] for s in services]
+        assert len(set(identities)) == len(identities)
+        assert set(identities) <= {a["metadata"]["name"] for a in find(docs, "ServiceAccount", namespace=namespace)}
         for service in services:
             [container] = service["spec"]["template"]["spec"]["containers"]
             env = env_of(container)
             name = service["metadata"]["name"]
-            if name in GENERIC_SERVICES:
-                assert (env["EOML_WRAPPER_TASK"], env["EOML_WRAPPER_MODEL_NAME"]) == GENERIC_SERVICES[name]
+            if name in NAMED_SERVICES:
+                assert (env["EOML_WRAPPER_TASK"], env["EOML_WRAPPER_MODEL_NAME"]) == NAMED_SERVICES[name]
             else:
                 assert env["EOML_WRAPPER_TASK"] == name and "EOML_WRAPPER_MODEL_NAME" not in env
             assert env["EOML_WRAPPER_NAMESPACE"] == namespace

@@ -68,8 +68,11 @@ def test_wrapper_environment_is_read_as_intended(default_manifest: str, monkeypa
         apply_env(monkeypatch, env)
         settings = WrapperSettings()
         name = service["metadata"]["name"]
-        if name == "cloud-mask":  # task generic serving the model its entry names
-            assert (settings.task, settings.model_name) == ("generic", "s2-cloud-mask")
+        # Services whose entry names a model: task generic on the cloud mask, the residual-VQ codec's two tasks.
+        named = {"cloud-mask": ("generic", "s2-cloud-mask"), "compress-rvq": ("compress", "Bigearth-net-rvq-compress"),
+                 "decompress-rvq": ("decompress", "Bigearth-net-rvq-decompress")}
+        if name in named:
+            assert (settings.task, settings.model_name) == named[name]
         else:
             assert (settings.task, settings.model_name) == (name, "")
         assert settings.namespace == service["metadata"]["namespace"]

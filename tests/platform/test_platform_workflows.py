@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import urllib.request
 from pathlib import Path
+
+import pytest
 
 from confluent_kafka import Producer
 
@@ -107,3 +110,35 @@ def _object(state, bucket: str, key: str) -> bytes:
     from services.local_platform.demo import s3_client
 
     return s3_client(state).get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+RVQ_MODELS = ("Bigearth-net-rvq-compress", "Bigearth-net-rvq-decompress")
+RVQ_EXPORTED = all((Path(__file__).resolve().parents[2] / "model_repository" / m / "config.pbtxt").is_file()
+                   for m in RVQ_MODELS)
+
+
+def test_the_residual_vq_wrappers_serve_the_models_the_chart_names(platform) -> None:
+    # Started whether or not the models are exported (a Wrapper's readiness does not wait for its model); which
+    # model each serves comes from the chart's wrappers.tasks, as on Kubernetes.
+    for service, model in zip(("compress-rvq", "decompress-rvq"), RVQ_MODELS):
+        with urllib.request.urlopen(f"{platform.state.wrapper_urls[service]}/readyz", timeout=10) as response:
+            assert json.loads(response.read())["model"] == model
+
+
+@pytest.mark.skipif(not RVQ_EXPORTED, reason="Bigearth-net-rvq-compress/-decompress not in model_repository "
+                                             "(make models exports them)")
+def test_the_residual_vq_workflow_runs_end_to_end_on_its_own_wrappers(platform) -> None:
+    state = platform.state
+    (workflow,) = plans(["compress-decompress-rvq"], patches=2, offset=8)
+    assert [s.service for s in workflow.steps] == ["compress-rvq", "decompress-rvq"]
+    [report] = run_workflows(state, [workflow], timeout_s=600, write=lambda _line: None)
+    assert report.status == "succeeded", report.reason
+    results = report.results
+    assert results["patches"] == 2 and results["model"]["name"] == RVQ_MODELS[0]
+    compression = results["wrapper_stats"]["per_input"][0]["compression"]
+    assert (compression["format_version"], compression["levels"]) == (1, 8)  # residual-VQ codes, all levels
+    assert 0 < results["bits_per_pixel"] < 16 * 10
+    reconstruction = results["reconstruction"]
+    assert reconstruction["bands_compared"] == 2 * 10
+    assert math.isfinite(reconstruction["rmse_dn"]) and reconstruction["rmse_dn"] > 0
+    assert stop_workflows(state, [workflow]) == []

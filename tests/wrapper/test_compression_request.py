@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from services.core.model_card import Codec
 from services.wrapper.compression_request import CompressionRequest, compression_request_of, operating_point
 from services.wrapper.inputs.types import InputError
 from services.wrapper.outputs import OperatingPoint
@@ -13,7 +14,7 @@ from services.wrapper.settings import WrapperSettings
 
 def test_absent_field_means_the_deployment_defaults() -> None:
     assert compression_request_of({"other": 1}) is None
-    point = operating_point(None, 8, 8, has_prior=True, model_name="m")
+    point = operating_point(None, 8, 8, codec=Codec.TRANSFORM_CODES, model_name="m")
     assert point == OperatingPoint(8, quantiser_scale=8)
     assert point.as_dict() == {"levels": 8, "quantiser_scale": 8}
 
@@ -30,7 +31,7 @@ def test_absent_field_means_the_deployment_defaults() -> None:
 )
 def test_given_fields_win_over_the_defaults(raw: dict, expected: OperatingPoint) -> None:
     request = compression_request_of({"compression": raw})
-    assert operating_point(request, 6, 16, has_prior=True, model_name="m") == expected
+    assert operating_point(request, 6, 16, codec=Codec.TRANSFORM_CODES, model_name="m") == expected
 
 
 @pytest.mark.parametrize(
@@ -61,14 +62,14 @@ def test_malformed_fields_are_input_errors_naming_the_field(raw: object, field: 
 
 
 @pytest.mark.parametrize("rate", ["quantiser_scale", "target_bpp", "target_rms_percent"])
-def test_a_compressor_without_a_prior_takes_levels_only(rate: str) -> None:
+def test_a_residual_vq_compressor_takes_levels_only(rate: str) -> None:
     value = 4 if rate == "quantiser_scale" else 1.0
     request = compression_request_of({"compression": {"levels": 2, rate: value}})
-    with pytest.raises(InputError, match=rf"meta_information.compression.{rate} needs a compressor with an entropy "
-                                         r"prior; the card of model 'old' has none"):
-        operating_point(request, 8, 8, has_prior=False, model_name="old")
+    with pytest.raises(InputError, match=rf"meta_information.compression.{rate} needs a compressor of codec "
+                                         r"transform-codes/1 .*model 'rvq' is codec residual-vq/1"):
+        operating_point(request, 8, 8, codec=Codec.RESIDUAL_VQ, model_name="rvq")
     levels_only = compression_request_of({"compression": {"levels": 2}})
-    assert operating_point(levels_only, 8, 8, has_prior=False, model_name="old").levels == 2
+    assert operating_point(levels_only, 8, 8, codec=Codec.RESIDUAL_VQ, model_name="rvq").levels == 2
 
 
 def test_request_model_is_strict_and_closed() -> None:

@@ -21,6 +21,7 @@ from outputs_test_data import (
     synthetic_prior,
     synthetic_transform_codes,
 )
+from services.core.rvq_prior import fit_rvq_prior
 from services.core.transform_codes import QUANTISER_SCALES
 from services.wrapper.outputs import (
     OperatingPoint,
@@ -32,7 +33,13 @@ from services.wrapper.outputs import (
     write_compressed,
     write_transform_codes,
 )
-from services.wrapper.outputs.compressed import CODE_MAGIC, FORMAT_VERSION_RESIDUAL, FORMAT_VERSION_TRANSFORM
+from services.wrapper.outputs.compressed import (
+    CODE_MAGIC,
+    FORMAT_VERSION_RESIDUAL,
+    FORMAT_VERSION_RESIDUAL_PRIOR,
+    FORMAT_VERSION_TRANSFORM,
+)
+from services.wrapper.outputs.residual_prior_codes import smaller_residual_file, write_residual_prior_codes
 
 MODEL = "Bigearth-net-compression-compress-pytorch"
 
@@ -150,6 +157,18 @@ def test_header_carries_scale_and_source_metadata() -> None:
     assert header["levels"] == 4 and header["model_name"] == MODEL
     assert data.startswith(CODE_MAGIC) and struct.unpack_from("<H", data, 8)[0] == FORMAT_VERSION_RESIDUAL
     assert header["format_version"] == FORMAT_VERSION_RESIDUAL
+    assert header["codec"] == "residual-vq/1"
+
+
+def test_format_1_files_without_a_codec_still_read_and_another_codec_is_refused() -> None:
+    codes = _skewed_codes(1, seed=3)
+    data = _write(codes).file.data
+    # As written before the header named the codec: the same codes come back.
+    older = _rewrite_header(data, lambda h: h.pop("codec"))
+    assert "codec" not in read_compressed_header(older)
+    assert np.array_equal(read_compressed(older).codes, codes)
+    with pytest.raises(OutputFormatError, match="header codec is 'transform-codes/1'; this reader handles 'residual-vq/1'"):
+        read_compressed(_rewrite_header(data, lambda h: h.update(codec="transform-codes/1")))
 
 
 def test_writer_is_deterministic() -> None:
@@ -440,3 +459,52 @@ def test_v2_estimates_of_a_file_larger_than_one_estimate_chunk() -> None:
                                        synthetic_prior())
     assert stats.entropy_bits == pytest.approx(whole, rel=1e-9)
     assert stats.entropy_bits <= stats.payload_bits <= stats.entropy_bits * 1.01 + 64
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Format 3: residual-VQ codes under the card's static RVQ prior, written only when smaller than format 1
+
+
+def _rvq_prior(seed: int = 11):  # type: ignore[no-untyped-def]
+    return fit_rvq_prior(_skewed_codes(6, seed=seed), source="skewed training codes")
+
+
+@pytest.mark.parametrize("levels", [1, 4, 8])
+def test_format_3_decodes_the_codes_bit_exactly_with_its_prior(levels: int) -> None:
+    codes = _skewed_codes(2, seed=levels)
+    codes[1, :10, :10, 5:] = -1
+    prior = _rvq_prior()
+    result = write_residual_prior_codes(codes, levels, prior, _patches(2), band_scale(), MODEL, "1")
+    data = result.file.data
+    header = read_compressed_header(data)
+    assert (header["format_version"], header["codec"], header["prior_sha256"]) == (3, "residual-vq/1", prior.sha256)
+    assert struct.unpack_from("<H", data, 8)[0] == FORMAT_VERSION_RESIDUAL_PRIOR
+    decoded = read_compressed(data, prior)
+    np.testing.assert_array_equal(decoded.codes, keep_levels(codes, levels))
+    assert decoded.format_version == 3 and decoded.levels == levels
+    assert result.stats.format_version == 3 and result.stats.payload_bits >= result.stats.entropy_bits - 64
+
+
+def test_format_3_needs_the_prior_its_header_names() -> None:
+    data = write_residual_prior_codes(_skewed_codes(1), 8, _rvq_prior(), _patches(1), band_scale(), MODEL, "1").file.data
+    with pytest.raises(OutputFormatError, match="no RVQ prior given"):
+        read_compressed(data)
+    with pytest.raises(OutputFormatError, match="not with"):
+        read_compressed(data, _rvq_prior(seed=12))
+    with pytest.raises(OutputFormatError, match="no RVQ prior given"):
+        read_compressed(data, synthetic_prior())
+
+
+def test_the_smaller_file_is_kept_and_a_prior_never_costs_bits() -> None:
+    prior = _rvq_prior()
+    # One patch drawn like the training codes: format 1's per-file tables cost more than the prior's mismatch.
+    small = _skewed_codes(1, seed=3)
+    chosen = smaller_residual_file(small, 8, prior, _patches(1), band_scale(), MODEL, "1")
+    own = _write(small)
+    assert chosen.stats.format_version == 3 and len(chosen.file.data) < len(own.file.data)
+    # Codes unlike the training codes (uniform): the prior would cost more, format 1 is written.
+    unlike = _uniform_codes(1, seed=4)
+    kept = smaller_residual_file(unlike, 8, prior, _patches(1), band_scale(), MODEL, "1")
+    assert kept.stats.format_version == 1 and kept.file.data == _write(unlike).file.data
+    # Without a prior: format 1.
+    assert smaller_residual_file(small, 8, None, _patches(1), band_scale(), MODEL, "1").file.data == own.file.data

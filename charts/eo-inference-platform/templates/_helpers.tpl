@@ -194,7 +194,7 @@ names (the same ones the KafkaSources reference), certificates mounted as files.
 {{- end }}
 {{- end -}}
 
-{{/* One service account per Wrapper task. Call with (dict "root" $ "task" "classify"). */}}
+{{/* One service account per Wrapper service (its serviceName, default its task). Call with (dict "root" $ "task" "classify"). */}}
 {{- define "eoml.wrapperTaskServiceAccount" -}}
 {{- printf "%s-%s" (include "eoml.wrapperServiceAccount" .root) .task | trunc 63 | trimSuffix "-" -}}
 {{- end -}}

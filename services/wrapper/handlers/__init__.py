@@ -18,7 +18,8 @@ from services.wrapper.handlers.base import (
     TaskHandler,
     UnitResult,
     bits_per_pixel,
-    served_prior,
+    ServedCodec,
+    served_codec,
     unique_names,
 )
 from services.wrapper.tasks import TaskSpec
@@ -54,6 +55,7 @@ __all__ = [
     "UnitResult",
     "bits_per_pixel",
     "handler_for",
-    "served_prior",
+    "ServedCodec",
+    "served_codec",
     "unique_names",
 ]

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from services.core.model_card import CardError, Codec, resolve_codec
+from services.core.rvq_prior import ResidualVqPrior, RvqPriorError, parse_rvq_prior
 from services.core.transform_codes import LaplaceContextPrior, TransformCodesError
 from services.wrapper.inference_client import ModelMismatch, ServedModel
 from services.wrapper.outputs.compressed import PIXELS_PER_PATCH
@@ -153,15 +155,30 @@ def _parse_prior(text: str) -> LaplaceContextPrior:
     return LaplaceContextPrior.from_text(text)
 
 
-def served_prior(served: ServedModel) -> LaplaceContextPrior | None:
-    """The entropy prior the served compressor's or decompressor's card carries (None: a card without one, which
-    means residual-VQ codes in format 1); ``ModelMismatch`` when the card's prior is unreadable."""
-    text = served.card.entropy_prior
-    if not text:
-        return None
+@dataclass(frozen=True, slots=True)
+class ServedCodec:
+    """What the served compressor's or decompressor's codes are, and the entropy prior they are coded with
+    (transform codes: always; residual-VQ codes: an optional static prior, else per-file histograms)."""
+
+    codec: Codec
+    # transform-codes/1: the card's transform prior (always); residual-vq/1: the card's RVQ prior, if any.
+    prior: LaplaceContextPrior | ResidualVqPrior | None
+
+
+def served_codec(served: ServedModel) -> ServedCodec:
+    """The served model's codec by its card (``services.core.model_card.resolve_codec``: ``card.codec``, or the
+    schema 2 fallback on ``entropy_prior``) with its parsed prior; ``ModelMismatch`` when the card names no codec
+    this Wrapper handles or its prior is unreadable."""
     try:
-        return _parse_prior(text)
-    except TransformCodesError as error:
+        codec = resolve_codec(served.card)
+    except CardError as error:
+        raise ModelMismatch(f"model {served.name!r}: {error}") from None
+    text = served.card.entropy_prior
+    try:
+        if codec is Codec.TRANSFORM_CODES:
+            return ServedCodec(codec, _parse_prior(text))
+        return ServedCodec(codec, parse_rvq_prior(text) if text else None)
+    except (TransformCodesError, RvqPriorError) as error:
         raise ModelMismatch(f"model {served.name!r} card.entropy_prior: {error}") from None
 
 

@@ -8,14 +8,16 @@ from typing import Any
 
 import numpy as np
 
+from services.core.transform_codes import LaplaceContextPrior
 from services.wrapper.batching import Work
 from services.wrapper.inference_client import ModelMismatch, ServedModel
 from services.wrapper.inputs.types import PATCH_SIZE_10M
-from services.wrapper.outputs import BandScale, OutputFormatError, write_compressed
+from services.wrapper.outputs import BandScale, OutputFormatError
+from services.wrapper.outputs.residual_prior_codes import smaller_residual_file
 from services.wrapper.outputs.compressed import CODEBOOK_LEVELS, LATENT_SHAPE, PIXELS_PER_PATCH, write_transform_codes
 from services.wrapper.compression_request import operating_point
 from services.wrapper.spool import ArraySpool
-from services.wrapper.handlers.base import InputUnit, StepContext, UnitResult, served_prior, check_dims
+from services.wrapper.handlers.base import InputUnit, StepContext, UnitResult, served_codec, check_dims
 from services.wrapper.handlers.sentinel2 import Sentinel2Handler
 from services.wrapper.outputs.types import ResultObject
 
@@ -29,7 +31,7 @@ class CompressHandler(Sentinel2Handler):
             BandScale.from_card(served.card)
         except OutputFormatError as error:
             raise ModelMismatch(f"model {served.name!r}: {error}") from None
-        served_prior(served)
+        served_codec(served)
 
     # Codes ([-1, 9999]: int16) are spooled to disk; a unit's codes file is split every CODES_PATCHES_PER_FILE
     # patches (the format holds at most 8192), each part coded on its own.
@@ -44,9 +46,9 @@ class CompressHandler(Sentinel2Handler):
         served = ctx.served
         per_file = ctx.settings.codes_patches_per_file
         parts = max(1, -(-len(spool) // per_file))
-        prior = served_prior(served)
+        codec = served_codec(served)
         point = ctx.compression or operating_point(
-            None, ctx.settings.compress_levels, ctx.settings.compress_quantiser_scale, prior is not None, served.name)
+            None, ctx.settings.compress_levels, ctx.settings.compress_quantiser_scale, codec.codec, served.name)
         objects: list[ResultObject] = []
         part_stats: list[dict[str, Any]] = []
         try:
@@ -54,14 +56,17 @@ class CompressHandler(Sentinel2Handler):
                 first, stop = part * per_file, min((part + 1) * per_file, len(spool))
                 codes = spool.read(first, stop).astype(np.int64)
                 scale = BandScale.from_card(served.card)
-                if prior is not None:
+                # served_codec gives transform-codes/1 its transform prior, residual-vq/1 an RVQ prior or none.
+                if isinstance(codec.prior, LaplaceContextPrior):
                     # Format 2: transform codes with the card's prior at the workflow's operating point (each part
                     # meets a target on its own).
                     compressed = write_transform_codes(
-                        codes, point, prior, spool.items[first:stop], scale, served.name, served.version)
+                        codes, point, codec.prior, spool.items[first:stop], scale, served.name, served.version)
                 else:
-                    compressed = write_compressed(
-                        codes, point.levels, spool.items[first:stop], scale, served.name, served.version)
+                    # Residual-VQ indices of the first ``levels`` levels: format 1 (per-file histograms), or format 3
+                    # (the card's RVQ prior) when that file is smaller.
+                    compressed = smaller_residual_file(
+                        codes, point.levels, codec.prior, spool.items[first:stop], scale, served.name, served.version)
                 del codes
                 suffix = compressed.file.suffix if parts == 1 else f".part-{part + 1:04d}{compressed.file.suffix}"
                 objects.append(ResultObject(ctx.key(unit, suffix), compressed.file, stop - first))

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from services.core.transform_codes import LaplaceContextPrior
+from services.core.model_card import Codec
 from services.wrapper.batching import Work
 from services.wrapper.inference_client import ModelMismatch, ServedModel
 from services.wrapper.inputs.s3_listing import S3ObjectRef
@@ -16,6 +16,7 @@ from services.wrapper.outputs import BandScale, OutputFormatError, read_compress
 from services.wrapper.outputs.compressed import (
     CODEBOOK_LEVELS,
     FORMAT_VERSION_RESIDUAL,
+    FORMAT_VERSION_RESIDUAL_PRIOR,
     FORMAT_VERSION_TRANSFORM,
     LATENT_SHAPE,
     read_compressed_header,
@@ -29,8 +30,9 @@ from services.wrapper.handlers.base import (
     StepContext,
     UnitResult,
     PlannedInput,
+    ServedCodec,
     TaskHandler,
-    served_prior,
+    served_codec,
     check_dims,
 )
 from services.wrapper.handlers.files import FileContext, list_input_files, read_object, file_units
@@ -57,7 +59,7 @@ class DecompressHandler(TaskHandler):
             BandScale.from_card(card)
         except OutputFormatError as error:
             raise ModelMismatch(f"model {served.name!r}: {error}") from None
-        served_prior(served)
+        served_codec(served)
 
     def open(self, ctx: StepContext) -> PlannedInput:
         files = list_input_files(ctx, lambda key: key.endswith(".codes"), "a compressed codes file (*.codes)")
@@ -66,15 +68,15 @@ class DecompressHandler(TaskHandler):
 
     def _items(self, ctx: StepContext, files: list[S3ObjectRef], units: list[InputUnit]) -> Iterator[Work[Any] | Rejection]:
         expected_scale = BandScale.from_card(ctx.served.card)
-        prior = served_prior(ctx.served)
+        codec = served_codec(ctx.served)
         for obj, unit in zip(files, units):
             data = read_object(ctx, obj)
             if isinstance(data, FileRefused):
                 yield Rejection(unit, unit.name, obj.key, data.reason)
                 continue
             try:
-                mismatch = self._codec_mismatch(ctx, read_compressed_header(data), prior)
-                decoded = None if mismatch else read_compressed(data, prior)
+                mismatch = self._codec_mismatch(ctx, read_compressed_header(data), codec)
+                decoded = None if mismatch else read_compressed(data, codec.prior)
             except OutputFormatError as error:
                 yield Rejection(unit, unit.name, obj.key, f"not a readable codes file: {error}")
                 continue
@@ -99,22 +101,29 @@ class DecompressHandler(TaskHandler):
                 yield Work(codes[index:index + 1], FileContext(unit, patch, info))
 
     @staticmethod
-    def _codec_mismatch(ctx: StepContext, header: dict[str, Any], prior: LaplaceContextPrior | None) -> str:
-        """Why the served decompressor cannot decode a file of this kind ("" when it can): its codes must be the
-        kind the model decodes (transform codes with the card's prior, or residual-VQ codes without one)."""
+    def _codec_mismatch(ctx: StepContext, header: dict[str, Any], served: ServedCodec) -> str:
+        """Why the served decompressor cannot decode a file of this kind ("" when it can): the file's codec (format
+        2: transform codes; formats 1 and 3: residual-VQ codes) must be the card's, and a file coded with a prior
+        (formats 2 and 3) must name the card's prior."""
         name = ctx.served.name
         version = header.get("format_version")
+        wanted = str(header.get("prior_sha256"))
         if version == FORMAT_VERSION_TRANSFORM:
-            wanted = str(header.get("prior_sha256"))
-            if prior is None:
+            if served.codec is not Codec.TRANSFORM_CODES or served.prior is None:
                 return (f"codes file is format 2 (transform codes, entropy prior {wanted[:12]}...); model {name!r} "
-                        "decodes residual-VQ codes (format 1, no entropy prior on its card)")
-            if prior.sha256 != wanted:
+                        f"decodes codec {served.codec} (residual-VQ codes, formats 1 and 3)")
+            if served.prior.sha256 != wanted:
                 return (f"codes file was coded with entropy prior {wanted[:12]}...; model {name!r} decodes with "
-                        f"prior {prior.sha256[:12]}... (compress it again with the matching compressor)")
-        elif prior is not None:
+                        f"prior {served.prior.sha256[:12]}... (compress it again with the matching compressor)")
+            return ""
+        if served.codec is Codec.TRANSFORM_CODES:
+            prior = served.prior.sha256[:12] if served.prior is not None else "?"
             return (f"codes file is format {version} (residual-VQ codes); model {name!r} decodes transform codes "
-                    f"(format 2, entropy prior {prior.sha256[:12]}...): compress it again with the matching compressor")
+                    f"(format 2, entropy prior {prior}...): compress it again with the matching compressor")
+        if version == FORMAT_VERSION_RESIDUAL_PRIOR and (served.prior is None or served.prior.sha256 != wanted):
+            has = f"RVQ prior {served.prior.sha256[:12]}..." if served.prior is not None else "no RVQ prior"
+            return (f"codes file is format 3 (residual-VQ codes under RVQ prior {wanted[:12]}...); model {name!r} "
+                    f"has {has} on its card (compress it again with the matching compressor)")
         return ""
 
     # Decoded patches (576 KB each) are spooled to disk and the archive is written from there chunk by chunk.

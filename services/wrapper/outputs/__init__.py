@@ -9,9 +9,11 @@ task             writer(s)                                   reader
 ===============  ==========================================  ==============================================
 ssl-features     ``write_features_json``/``_npz``            ``read_features`` (production JSON or npz)
 classify         ``write_classes_json``/``_csv``             ``read_classes_json``/``_csv``
-compress         ``write_transform_codes`` (format 2, with   ``read_compressed`` (formats 1 and 2; codes
+compress         ``write_transform_codes`` (format 2, with   ``read_compressed`` (formats 1, 2 and 3; codes
                  the card's entropy prior, rate control)     exact at quantiser scale 1)
                  ``write_compressed`` (format 1, no prior)
+                 ``residual_prior_codes`` (format 3: RVQ
+                 codes, the card's RVQ prior, if smaller)
 decompress       ``write_decompressed_archive`` (tar.gz)     ``read_decompressed_archive``
 uc5-cfactor      ``cut_cfactor_crops`` -> model ->           ``read_geotiff``
                  ``assemble_window_raster`` ->

@@ -7,12 +7,13 @@ with -1 in the dropped ones, which the decompressor decodes as "level not used".
 Two format versions share the prefix and the header rules (all integers little-endian)::
 
     offset 0   magic  b"EOMLRVQC"                      8 bytes
-    offset 8   format version (uint16): 1 or 2
+    offset 8   format version (uint16): 1, 2 or 3
     offset 10  header length H in bytes (uint32)
     offset 14  CRC-32 of the header bytes (uint32)
     offset 18  header: H bytes of UTF-8 JSON (sorted keys)
                version 1: model tables (``table_bytes`` bytes), then the coded words
                version 2: the coded words
+               version 3: the coded words (``residual_prior_codes.py``: residual-VQ codes, the card's static prior)
                coded words: ``word_count`` uint32 words of one ``constriction`` range-coder stream
 
 Every header records the model name and version, the number of levels kept, the per-band scale the decoder side
@@ -32,7 +33,8 @@ Wrapper's defaults when it asked for none), whether a target was met (``target_m
 file's estimated RMS error (``estimated_rms_percent``, % of 10,000 DN: the transform's own error at the base step
 on the training corpus, from the prior, combined with the error this file's requantisation adds).
 
-**Version 1** (``write_compressed``; residual-VQ compressors without a prior; still read): symbol = code + 1 (so
+**Version 1** (``write_compressed``; ``codec: "residual-vq/1"`` compressors, no prior; the header names the codec
+since it became a card field, files without it still read): symbol = code + 1 (so
 -1 is symbol 0), alphabet 10001. Symbols are coded level by level (all of level 0, then level 1, ...), each level
 in C order of [patch, row, col], with one model per level chosen from this file's own histogram of that level,
 whichever is smaller in total (model + coded bits):
@@ -62,15 +64,18 @@ import numpy as np
 
 from services.core import transform_codes as tc
 from services.core.metrics import Stage, timed_stage
+from services.core.rvq_prior import ResidualVqPrior
 from services.core.transform_codes import QUANTISER_SCALES, LaplaceContextPrior, TransformCodesError
 from services.wrapper.outputs.types import BandScale, OutputFile, OutputFormatError, PatchMetadata, check_patches
 
 CODE_MAGIC = b"EOMLRVQC"
 FORMAT_VERSION_RESIDUAL = 1  # residual-VQ codes, per-file histograms (``write_compressed``)
 FORMAT_VERSION_TRANSFORM = 2  # transform codes, learned prior, rate control (``write_transform_codes``)
-FORMAT_VERSION = FORMAT_VERSION_TRANSFORM  # the newest
-SUPPORTED_VERSIONS = (FORMAT_VERSION_RESIDUAL, FORMAT_VERSION_TRANSFORM)
-TRANSFORM_CODEC = "transform-codes/1"
+FORMAT_VERSION_RESIDUAL_PRIOR = 3  # residual-VQ codes under the card's static prior (``residual_prior_codes.py``)
+FORMAT_VERSION = FORMAT_VERSION_RESIDUAL_PRIOR  # the newest
+SUPPORTED_VERSIONS = (FORMAT_VERSION_RESIDUAL, FORMAT_VERSION_TRANSFORM, FORMAT_VERSION_RESIDUAL_PRIOR)
+TRANSFORM_CODEC = "transform-codes/1"  # services.core.model_card.Codec: the header's ``codec`` of each version
+RESIDUAL_CODEC = "residual-vq/1"
 CODEBOOK_SIZE = 10000
 CODEBOOK_LEVELS = 8
 LATENT_SHAPE = (60, 60)
@@ -377,6 +382,7 @@ def write_compressed(
     body = bytes(tables) + words.tobytes()
     header = {
         **_shared_header(model_name, model_version, levels, band_scale, patches),
+        "codec": RESIDUAL_CODEC,
         "level_models": level_models,
         "table_bytes": len(tables),
         "word_count": int(words.size),
@@ -633,9 +639,10 @@ def _payload_words(header: dict[str, Any], data: bytes, offset: int, table_bytes
 
 @timed_stage(Stage.DECODE)
 def read_compressed(
-    data: bytes, prior: LaplaceContextPrior | None = None, max_patches: int = MAX_PATCHES_PER_FILE
+    data: bytes, prior: LaplaceContextPrior | ResidualVqPrior | None = None, max_patches: int = MAX_PATCHES_PER_FILE
 ) -> DecodedCodes:
-    """Decode a file written by ``write_compressed`` (version 1) or ``write_transform_codes`` (version 2, with the
+    """Decode a file written by ``write_compressed`` (version 1), ``write_transform_codes`` (version 2, with the
+    ``prior`` its header names) or ``residual_prior_codes.write_residual_prior_codes`` (version 3, with the RVQ
     ``prior`` its header names); any damage is an ``OutputFormatError``, never wrong codes.
 
     A file of more than ``max_patches`` patches is refused before anything is allocated for its codes.
@@ -644,7 +651,12 @@ def read_compressed(
     data = bytes(data)
     if version == FORMAT_VERSION_TRANSFORM:
         return _read_transform_codes(header, offset, data, prior, max_patches)
-    _check_constants(header, _FILE_CONSTANTS)
+    if version == FORMAT_VERSION_RESIDUAL_PRIOR:
+        from services.wrapper.outputs.residual_prior_codes import read_residual_prior_codes  # it imports this module
+
+        return read_residual_prior_codes(header, offset, data, prior, max_patches)
+    # Files written before the header named its codec have none (still read); one that names another is refused.
+    _check_constants(header, {**_FILE_CONSTANTS, **({"codec": RESIDUAL_CODEC} if "codec" in header else {})})
     levels = _header_int(header, "levels", 1, CODEBOOK_LEVELS)
     table_bytes = _header_int(header, "table_bytes", 0, len(data))
     words = _payload_words(header, data, offset, table_bytes)
@@ -696,7 +708,7 @@ def read_compressed(
 
 
 def _read_transform_codes(
-    header: dict[str, Any], offset: int, data: bytes, prior: LaplaceContextPrior | None, max_patches: int
+    header: dict[str, Any], offset: int, data: bytes, prior: object, max_patches: int
 ) -> DecodedCodes:
     _check_constants(header, {"codec": TRANSFORM_CODEC, **_FILE_CONSTANTS})
     levels = _header_int(header, "levels", 1, CODEBOOK_LEVELS)
@@ -707,7 +719,7 @@ def _read_transform_codes(
     wanted = header.get("prior_sha256")
     if not isinstance(wanted, str):
         raise OutputFormatError("compressed file header prior_sha256 must be a string")
-    if prior is None:
+    if not isinstance(prior, LaplaceContextPrior):
         raise OutputFormatError(f"compressed file was coded with entropy prior {wanted[:12]}...; no prior was given "
                                 "to decode it (the decompressor's model card names one)")
     if prior.sha256 != wanted:
