@@ -256,7 +256,9 @@ def train(args: argparse.Namespace) -> dict:
         state_path.with_suffix(".tmp").replace(state_path)
 
     def evaluate() -> None:
+        eval_started = time.monotonic()
         metrics = knn_metrics(model, labelled, device) if "train" in labelled else {}
+        progress["eval_seconds"] = time.monotonic() - eval_started
         progress["knn"].append(dict(step=progress["step"], images=progress["images"], **metrics))
         log.info("knn", extra=progress["knn"][-1])
 
@@ -296,8 +298,8 @@ def train(args: argparse.Namespace) -> dict:
         optimiser.step()
         progress["step"] += 1
         progress["losses"].append(total)
-        if not progress["total_steps"]:  # fix the cosine's length once, from the first update's speed
-            per_update = time.monotonic() - update_started
+        if not progress["total_steps"]:  # fix the cosine's length once, from the first update's and kNN's speed
+            per_update = time.monotonic() - update_started + progress.get("eval_seconds", 0.0) / args.eval_every
             progress["total_steps"] = max(1, int((args.budget_minutes * 60 - (spent + per_update)) / per_update) + 1)
             log.info("cosine length fixed", extra={"total_steps": progress["total_steps"],
                                                    "seconds_per_update": round(per_update, 1)})
