@@ -569,20 +569,22 @@ def bigearthnet_labels(root: Path | None = None) -> dict[str, PatchLabels]:
     index = Path(__file__).resolve().parent.parent / "data" / "bigearthnet-sample" / "index.json"
     labels = {entry["patch"]: PatchLabels(19 if "BENv2" in entry["source"] else 43, tuple(entry["labels"]))
               for entry in json.loads(index.read_text())}
-    downloads = root / "downloads"
-    configilm = fetch_archive(SOURCES["configilm-0.7-ben"], downloads)
-    for key, value in _lmdb_records(_archive_member(configilm, CONFIGILM_LMDBS[0])):
-        if key.decode().startswith("S2"):
-            labels.setdefault(key.decode(), PatchLabels(43, tuple(_pickled_patch_labels(value))))
-    example = bz2.decompress(_archive_member(fetch_archive(SOURCES["bigearthnet-s2-example"], downloads),
-                                             "BigEarthNet-S2-Example.tar.bz2"))
-    with tarfile.open(fileobj=io.BytesIO(example)) as handle:
-        for member in handle.getmembers():
-            if member.isfile() and member.name.endswith("_labels_metadata.json"):
-                extracted = handle.extractfile(member)
-                assert extracted is not None
-                name = Path(member.name).name.removesuffix("_labels_metadata.json")
-                labels.setdefault(name, PatchLabels(43, tuple(json.loads(extracted.read())["labels"])))
+    downloads = root / "downloads"  # archives make data fetched and checked; a corpus without them has fewer labels
+    configilm = downloads / SOURCES["configilm-0.7-ben"].filename
+    if configilm.is_file():
+        for key, value in _lmdb_records(_archive_member(configilm, CONFIGILM_LMDBS[0])):
+            if key.decode().startswith("S2"):
+                labels.setdefault(key.decode(), PatchLabels(43, tuple(_pickled_patch_labels(value))))
+    example_archive = downloads / SOURCES["bigearthnet-s2-example"].filename
+    if example_archive.is_file():
+        example = bz2.decompress(_archive_member(example_archive, "BigEarthNet-S2-Example.tar.bz2"))
+        with tarfile.open(fileobj=io.BytesIO(example)) as handle:
+            for member in handle.getmembers():
+                if member.isfile() and member.name.endswith("_labels_metadata.json"):
+                    extracted = handle.extractfile(member)
+                    assert extracted is not None
+                    name = Path(member.name).name.removesuffix("_labels_metadata.json")
+                    labels.setdefault(name, PatchLabels(43, tuple(json.loads(extracted.read())["labels"])))
     return labels
 
 

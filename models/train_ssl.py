@@ -122,7 +122,8 @@ def _gaussian_blur(image: torch.Tensor, sigma: float, size: int = 9) -> torch.Te
     return F.conv2d(rows, kernel.view(1, 1, size, 1).expand(bands, 1, size, 1), groups=bands)[0]
 
 
-def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(batch: torch.Tensor, generator: torch.Generator, jitter_probability: float = 0.8,
+            blur_probability: float = 0.5) -> torch.Tensor:
     """One random view per standardised patch [N, bands, H, W]: flips, a 90-degree rotation, colour jitter (p 0.8:
     brightness +-0.4 std, contrast x0.6-1.4 about the patch mean, per-band gain x0.9-1.1), Gaussian blur (p 0.5,
     sigma 0.1-2 px). No cropping or resizing: the view has the input's shape and dtype."""
@@ -136,11 +137,11 @@ def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if bool(torch.rand((), generator=generator) < 0.5):
             image = image.flip(-2)
         image = torch.rot90(image, int(torch.randint(4, (), generator=generator)), dims=(-2, -1))
-        if bool(torch.rand((), generator=generator) < 0.8):
+        if bool(torch.rand((), generator=generator) < jitter_probability):
             mean = image.mean()
             image = (image - mean) * float(uniform(0.6, 1.4)) + mean + float(uniform(-0.4, 0.4))
             image = image * uniform(0.9, 1.1, (image.shape[0], 1, 1)).to(image)
-        if bool(torch.rand((), generator=generator) < 0.5):
+        if bool(torch.rand((), generator=generator) < blur_probability):
             image = _gaussian_blur(image, float(uniform(0.1, 2.0)))
         views.append(image.contiguous())
     return torch.stack(views)
@@ -275,12 +276,9 @@ def train(args: argparse.Namespace) -> dict:
     model.train()
     started = time.monotonic()
     spent_before = progress["seconds"]
-    while True:
+    # The budget is checked after each update: every invocation with updates left makes at least one.
+    while not (progress["total_steps"] and progress["step"] >= progress["total_steps"]):
         spent = spent_before + time.monotonic() - started
-        if progress["total_steps"] and progress["step"] >= progress["total_steps"]:
-            break
-        if spent >= args.budget_minutes * 60:
-            break
         lr = cosine_learning_rate(args.learning_rate, progress["step"], progress["total_steps"] or 1)
         for group in optimiser.param_groups:
             group["lr"] = lr
@@ -310,6 +308,8 @@ def train(args: argparse.Namespace) -> dict:
             evaluate()
             model.train()
             save()
+        if spent_before + time.monotonic() - started >= args.budget_minutes * 60:
+            break
     if not progress["knn"] or progress["knn"][-1]["step"] != progress["step"]:
         evaluate()
     progress["seconds"] = spent_before + time.monotonic() - started
