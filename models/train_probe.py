@@ -75,7 +75,8 @@ def targets_of(labels: list[corpus.PatchLabels]) -> dict[int, np.ndarray]:
     return {43: t43.astype(np.int64), 19: t19.astype(np.int64)}
 
 
-def fit_probe(features: np.ndarray, targets: np.ndarray, l2: float, seed: int = 0) -> linear_probe.LinearProbe:
+def fit_probe(features: np.ndarray, targets: np.ndarray, l2: float, steps: int = PROBE_STEPS,
+              seed: int = 0) -> linear_probe.LinearProbe:
     """BCE probe on standardised features, returned as the served layer on raw features."""
     mean, std = features.mean(axis=0), features.std(axis=0) + 1e-6
     x = torch.from_numpy((features - mean) / std).float()
@@ -85,7 +86,7 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, l2: float, seed: int = 
     torch.nn.init.zeros_(layer.weight)
     torch.nn.init.zeros_(layer.bias)
     optimiser = torch.optim.Adam(layer.parameters(), lr=PROBE_LEARNING_RATE)
-    for _ in range(PROBE_STEPS):
+    for _ in range(steps):
         optimiser.zero_grad()
         loss = F.binary_cross_entropy_with_logits(layer(x), y) + l2 * layer.weight.pow(2).sum()
         loss.backward()
@@ -121,13 +122,13 @@ def scene_folds(scenes: np.ndarray, folds: int, seed: int = 0) -> list[np.ndarra
 
 
 def cross_validated(features: np.ndarray, targets: np.ndarray, scenes: np.ndarray, l2: float,
-                    folds: int = CV_FOLDS) -> tuple[dict[str, float], dict[str, float]]:
+                    steps: int = PROBE_STEPS, folds: int = CV_FOLDS) -> tuple[dict[str, float], dict[str, float]]:
     """(probe metrics, frequency-prior metrics) of out-of-fold predictions pooled over scene-grouped folds."""
     scores, predictions = np.zeros(targets.shape), np.zeros(targets.shape, np.int64)
     prior_scores, prior_predictions = np.zeros(targets.shape), np.zeros(targets.shape, np.int64)
     for test in scene_folds(scenes, folds):
         train = np.setdiff1d(np.arange(len(targets)), test)
-        probe = fit_probe(features[train], targets[train], l2)
+        probe = fit_probe(features[train], targets[train], l2, steps)
         scores[test] = probe_scores(probe, features[test])
         predictions[test] = (scores[test] >= THRESHOLD).astype(np.int64)
         prior = linear_probe.FrequencyPrior.fit(targets[train])
@@ -135,9 +136,10 @@ def cross_validated(features: np.ndarray, targets: np.ndarray, scenes: np.ndarra
     return metrics(targets, scores, predictions), metrics(targets, prior_scores, prior_predictions)
 
 
-def choose_l2(features: np.ndarray, targets: np.ndarray, scenes: np.ndarray) -> tuple[float, dict[str, float]]:
+def choose_l2(features: np.ndarray, targets: np.ndarray, scenes: np.ndarray,
+              steps: int = PROBE_STEPS) -> tuple[float, dict[str, float]]:
     """The L2 penalty with the best scene-grouped CV micro-F1 inside the training scenes (ties: the larger)."""
-    results = {str(l2): cross_validated(features, targets, scenes, l2)[0]["micro_f1"] for l2 in L2_GRID}
+    results = {str(l2): cross_validated(features, targets, scenes, l2, steps)[0]["micro_f1"] for l2 in L2_GRID}
     best = max(L2_GRID, key=lambda l2: (results[str(l2)], l2))
     return best, results
 
@@ -151,7 +153,8 @@ def _mean(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: float(np.mean([run[key] for run in runs])) for key in runs[0]}
 
 
-def label_efficiency(train: Labelled, held_out: Labelled, classes: int, l2: float) -> list[dict]:
+def label_efficiency(train: Labelled, held_out: Labelled, classes: int, l2: float,
+                     steps: int = PROBE_STEPS) -> list[dict]:
     """Per training fraction: SSL probe, random-trunk probe and prior on the strict held-out set (mean over seeds)."""
     rows, test = train.rows(classes), held_out.rows(classes)
     y_test = held_out.targets[classes][test]
@@ -162,7 +165,7 @@ def label_efficiency(train: Labelled, held_out: Labelled, classes: int, l2: floa
             pick = subset(rows, fraction, seed)
             y = train.targets[classes][pick]
             for trunk in ("ssl", "random"):
-                probe = fit_probe(train.features[trunk][pick], y, l2)
+                probe = fit_probe(train.features[trunk][pick], y, l2, steps)
                 scores = probe_scores(probe, held_out.features[trunk][test])
                 runs[trunk].append(metrics(y_test, scores, (scores >= THRESHOLD).astype(np.int64)))
             prior = linear_probe.FrequencyPrior.fit(y)
@@ -194,9 +197,11 @@ def probe_bytes(probe: linear_probe.LinearProbe) -> bytes:
     return buffer.getvalue()
 
 
-def evaluate_classes(train: Labelled, held_out: Labelled, classes: int) -> tuple[dict, linear_probe.LinearProbe]:
+def evaluate_classes(train: Labelled, held_out: Labelled, classes: int,
+                     steps: int = PROBE_STEPS) -> tuple[dict, linear_probe.LinearProbe]:
     rows = train.rows(classes)
-    l2, l2_cv = choose_l2(train.features["ssl"][rows], train.targets[classes][rows], train.scenes[rows])
+    l2, l2_cv = choose_l2(train.features["ssl"][rows], train.targets[classes][rows], train.scenes[rows],
+                             steps)
     log.info("l2 chosen on training scenes", extra={"classes": classes, "l2": l2})
     everything = {trunk: np.concatenate([train.features[trunk][rows], held_out.features[trunk][held_out.rows(classes)]])
                   for trunk in ("ssl", "random")}
@@ -204,8 +209,8 @@ def evaluate_classes(train: Labelled, held_out: Labelled, classes: int) -> tuple
     scenes_all = np.concatenate([train.scenes[rows], held_out.scenes[held_out.rows(classes)]])
     cv = {}
     for trunk in ("ssl", "random"):
-        cv[trunk], cv["prior"] = cross_validated(everything[trunk], y_all, scenes_all, l2)
-    final = fit_probe(train.features["ssl"][rows], train.targets[classes][rows], l2)
+        cv[trunk], cv["prior"] = cross_validated(everything[trunk], y_all, scenes_all, l2, steps)
+    final = fit_probe(train.features["ssl"][rows], train.targets[classes][rows], l2, steps)
     prior = linear_probe.FrequencyPrior.fit(train.targets[classes][rows])
     record = {
         "classes": classes, "l2": l2, "l2_cv_micro_f1_training_scenes": l2_cv,
@@ -213,7 +218,7 @@ def evaluate_classes(train: Labelled, held_out: Labelled, classes: int) -> tuple
         "held_out_patches": int(len(held_out.rows(classes))),
         "held_out_scenes": sorted(set(held_out.scenes[held_out.rows(classes)].tolist())),
         "prior_k": prior.k,
-        "label_efficiency_held_out": label_efficiency(train, held_out, classes, l2),
+        "label_efficiency_held_out": label_efficiency(train, held_out, classes, l2, steps),
         "cross_validation": {"folds": min(CV_FOLDS, len(np.unique(scenes_all))), "patches": int(len(y_all)),
                              "scenes": int(len(np.unique(scenes_all))), **cv},
     }
@@ -226,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trunk", choices=("resnet101", "tiny"), default="resnet101",
                         help="architecture of --ssl-checkpoint (tiny: tests only)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--probe-steps", type=int, default=PROBE_STEPS, help="Adam steps per probe fit")
     parser.add_argument("--data-root", type=Path, default=None, help="corpus folder (default $EOML_DATA_CACHE)")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "checkpoints")
     return parser
@@ -241,11 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     ssl_sha = hashlib.sha256(args.ssl_checkpoint.read_bytes()).hexdigest()
     evaluation: dict = {"ssl_checkpoint": args.ssl_checkpoint.name, "ssl_sha256": ssl_sha, "threshold": THRESHOLD,
-                        "probe": {"steps": PROBE_STEPS, "learning_rate": PROBE_LEARNING_RATE, "optimiser": "Adam",
+                        "probe": {"steps": args.probe_steps, "learning_rate": PROBE_LEARNING_RATE, "optimiser": "Adam",
                                   "loss": "binary cross-entropy + l2 * ||W||^2", "l2_grid": list(L2_GRID)},
                         "fractions": list(FRACTIONS), "subset_seeds": list(SUBSET_SEEDS), "probes": {}}
     for classes in (43, 19):
-        record, probe = evaluate_classes(train, held_out, classes)
+        record, probe = evaluate_classes(train, held_out, classes, args.probe_steps)
         payload = probe_bytes(probe)
         (args.output_dir / PROBE_NAMES[classes]).write_bytes(payload)
         record.update(checkpoint=PROBE_NAMES[classes], bytes=len(payload), sha256=hashlib.sha256(payload).hexdigest())
