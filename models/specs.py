@@ -279,8 +279,8 @@ def _ssl_training_notes() -> str:
         f"- SimCLR (D3.4 2.2, Table 1) on the corpus' training split (`make data`, {data['format']}): "
         f"{data['patches']} unlabelled patches of {len(data['scenes'])} scenes, levels {', '.join(data['levels'])} "
         "(L1C included: the L2A training scenes hold 61 patches; colour jitter covers the radiometric offset);",
-        f"- LARS (momentum 0.9, trust coefficient {hp['lars_eta']}), learning rate {hp['learning_rate']}, weight decay "
-        f"{hp['weight_decay']} off for biases and normalisation parameters, cosine annealing without restarts over "
+        f"- LARS (momentum 0.9, trust coefficient {hp['lars_eta']}), learning rate {hp['learning_rate']}, "
+        f"weight decay {hp['weight_decay']} off for biases and normalisation parameters, cosine annealing without restarts over "
         f"{record['cosine_steps']} updates; NT-Xent temperature {hp['temperature']}; projection "
         f"{' -> '.join(str(d) for d in hp['projection'])}; {hp['augmentation']};",
         f"- scale: batch {hp['batch']} x {hp['accumulation']} accumulation step(s) (Table 1: 128 x 8; CPU here), "
@@ -294,7 +294,8 @@ def _ssl_training_notes() -> str:
         "",
         f"kNN feature-bank metric (D3.4 2.2; k = {hp['knn_k']}, 19-class labels, cosine similarity, micro-F1 of "
         "scores >= 0.5), logged during training and never used for a choice: training patches leave-one-scene-out "
-        "against the other training scenes' bank, and the labelled validation-scene patches against the training bank.",
+        "against the other training scenes' bank, and the labelled validation-scene patches against the training "
+        "bank.",
         "",
         "| update | views seen | kNN micro-F1, training (leave one scene out) | kNN micro-F1, validation scenes |",
         "|---|---|---|---|",

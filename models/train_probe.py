@@ -1,8 +1,8 @@
 """``make train-probe``: the 43- and 19-class linear probes on the frozen SimCLR trunk, and how good they are.
 
-Labelled data: the corpus' BigEarthNet patches whose labels its sources carry (``corpus.bigearthnet_labels``). BigEarthNet
-v1 sources give 43-class names (the 19-class targets follow by the official mapping); the bundled sample's BENv2
-patches give 19-class names only, so they train and test the 19-class probe alone.
+Labelled data: the corpus' BigEarthNet patches whose labels its sources carry (``corpus.bigearthnet_labels``).
+BigEarthNet v1 sources give 43-class names (the 19-class targets follow by the official mapping); the bundled
+sample's BENv2 patches give 19-class names only, so they train and test the 19-class probe alone.
 
 Probe: ``Linear(2048, classes)`` + sigmoid, binary cross-entropy, full-batch Adam (``PROBE_STEPS`` at
 ``PROBE_LEARNING_RATE``) on the features standardised with the training features' mean/std, folded back into the

@@ -18,9 +18,10 @@ Table 1, as implemented here:
   machine has no other network access); the trunk starts from the model family's seeded initialisation.
 
 The kNN feature-bank metric (D3.4 2.2) is logged every ``--eval-every`` updates and never steers training: the
-features of the labelled training patches are the bank (19-class labels: every labelled patch has them), each query's label scores are the similarity-weighted mean of
-its k nearest bank labels. Two queries: the labelled training patches themselves, leave-one-scene-out (training data
-only), and the labelled patches of the validation scenes (looked at for the report, never for a choice).
+features of the labelled training patches are the bank (19-class labels: every labelled patch has them), each
+query's label scores are the similarity-weighted mean of its k nearest bank labels. Two queries: the labelled
+training patches themselves, leave-one-scene-out (training data only), and the labelled patches of the validation
+scenes (looked at for the report, never for a choice).
 
 Data: the training split of ``make data`` (``models.corpus``), L2A and L1C (``--levels``). L1C top-of-atmosphere
 patches are used: the L2A training scenes hold only 61 patches, and the radiometric offset of L1C is of the kind

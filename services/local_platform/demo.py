@@ -530,7 +530,8 @@ def probe_quality_lines(weights: str, evaluation_path: Path = PROBE_EVALUATION) 
                 f"{full['prior']['micro_f1']:.2f} for the label-frequency prior and {full['random']['micro_f1']:.2f} "
                 f"for the random-trunk probe;",
                 f" scene-grouped CV over {cv['patches']} patches: {cv['ssl']['micro_f1']:.2f} vs prior "
-                f"{cv['prior']['micro_f1']:.2f}. The sample patches below are of training scenes (the probe may have trained on them): no test.)"]
+                f"{cv['prior']['micro_f1']:.2f}. The sample patches below are of training scenes (the probe may have "
+                "trained on them): no test.)"]
     return []
 
 
