@@ -129,3 +129,23 @@ def test_train_probe_cli_is_deterministic_and_writes_servable_probes(labelled_co
         assert hashlib.sha256(payload).hexdigest() == record["sha256"]
         probe = linear_probe.LinearProbe(classes)
         probe.load_state_dict(torch.load(tmp_path / "a" / name, weights_only=True))  # the served module's layout
+
+
+def test_demo_states_the_probes_held_out_figures_for_the_checkpoint_it_serves(tmp_path: Path) -> None:
+    from services.local_platform.demo import probe_quality_lines
+
+    def scores(micro: float) -> dict[str, float]:
+        return {"micro_f1": micro, "macro_f1": 0.1, "map": 0.2}
+
+    record = {"classes": 43, "sha256": "ab" * 32, "labelled_train_patches": 29, "held_out_patches": 7,
+              "label_efficiency_held_out": [{"ssl": scores(0.11), "random": scores(0.22), "prior": scores(0.33)},
+                                            {"ssl": scores(0.61), "random": scores(0.42), "prior": scores(0.53)}],
+              "cross_validation": {"patches": 36, "ssl": scores(0.64), "random": scores(0.5), "prior": scores(0.45)}}
+    path = tmp_path / "probe-evaluation.json"
+    path.write_text(json.dumps({"probes": {"43": record}}))
+    text = " ".join(probe_quality_lines(f"checkpoint:probe-43.pt:sha256={'ab' * 32}", path))
+    # The 100 % row (the served probe's training set), not a smaller label budget.
+    assert "micro-F1 0.61 vs 0.53 for the label-frequency prior and 0.42 for the random-trunk probe" in text
+    assert "0.64 vs prior 0.45" in text and "7 patches of unseen scenes" in text
+    assert probe_quality_lines(f"checkpoint:probe-43.pt:sha256={'cd' * 32}", path) == []  # another checkpoint
+    assert probe_quality_lines("seeded-init:seed=2", path) == []
