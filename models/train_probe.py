@@ -78,7 +78,9 @@ def targets_of(labels: list[corpus.PatchLabels]) -> dict[int, np.ndarray]:
 def fit_probe(features: np.ndarray, targets: np.ndarray, l2: float, steps: int = PROBE_STEPS,
               seed: int = 0) -> linear_probe.LinearProbe:
     """BCE probe on standardised features, returned as the served layer on raw features."""
-    mean, std = features.mean(axis=0), features.std(axis=0) + 1e-6
+    mean, std = features.mean(axis=0), features.std(axis=0)
+    # A near-constant feature would get a huge folded weight (w / std) that blows up on other scenes: floor its std.
+    std = np.maximum(std, 0.01 * float(std.mean()) + 1e-6)
     x = torch.from_numpy((features - mean) / std).float()
     y = torch.from_numpy(targets).float()
     torch.manual_seed(seed)
