@@ -69,7 +69,7 @@ class FrequencyPrior:
     k: int
 
     @classmethod
-    def fit(cls, targets: np.ndarray) -> "FrequencyPrior":
+    def fit(cls, targets: np.ndarray) -> FrequencyPrior:
         """Frequencies from the training targets; ``k`` maximises micro-F1 on those same training targets (ties:
         the smaller k)."""
         frequencies = targets.mean(axis=0)

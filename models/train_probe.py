@@ -147,7 +147,7 @@ def choose_l2(features: np.ndarray, targets: np.ndarray, scenes: np.ndarray,
 
 
 def subset(rows: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    count = max(2, int(round(fraction * len(rows))))
+    count = max(2, round(fraction * len(rows)))
     return np.sort(np.random.default_rng(seed).choice(rows, size=min(count, len(rows)), replace=False))
 
 
@@ -216,13 +216,13 @@ def evaluate_classes(train: Labelled, held_out: Labelled, classes: int,
     prior = linear_probe.FrequencyPrior.fit(train.targets[classes][rows])
     record = {
         "classes": classes, "l2": l2, "l2_cv_micro_f1_training_scenes": l2_cv,
-        "labelled_train_patches": int(len(rows)), "labelled_train_scenes": int(len(np.unique(train.scenes[rows]))),
-        "held_out_patches": int(len(held_out.rows(classes))),
+        "labelled_train_patches": len(rows), "labelled_train_scenes": len(np.unique(train.scenes[rows])),
+        "held_out_patches": len(held_out.rows(classes)),
         "held_out_scenes": sorted(set(held_out.scenes[held_out.rows(classes)].tolist())),
         "prior_k": prior.k,
         "label_efficiency_held_out": label_efficiency(train, held_out, classes, l2, steps),
-        "cross_validation": {"folds": min(CV_FOLDS, len(np.unique(scenes_all))), "patches": int(len(y_all)),
-                             "scenes": int(len(np.unique(scenes_all))), **cv},
+        "cross_validation": {"folds": min(CV_FOLDS, len(np.unique(scenes_all))), "patches": len(y_all),
+                             "scenes": len(np.unique(scenes_all)), **cv},
     }
     return record, final
 

@@ -40,8 +40,8 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -70,10 +70,15 @@ class LARS(torch.optim.Optimizer):
 
     def __init__(self, groups: Iterable[dict], lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
                  eta: float = 1.0) -> None:
-        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, adapt=True))
+        super().__init__(groups, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta,
+                                  "adapt": True})
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[no-untyped-def]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is None:
@@ -90,7 +95,7 @@ class LARS(torch.optim.Optimizer):
                     state["momentum"] = torch.zeros_like(param)
                 velocity = state["momentum"].mul_(group["momentum"]).add_(direction)
                 param.sub_(velocity, alpha=group["lr"])
-        return None
+        return loss
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -98,8 +103,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     parameters (every tensor of one dimension) do neither (D3.4 2.2; SimCLR's LARS exclusion)."""
     decayed = [p for p in model.parameters() if p.ndim > 1]
     excluded = [p for p in model.parameters() if p.ndim <= 1]
-    return [dict(params=decayed, weight_decay=weight_decay, adapt=True),
-            dict(params=excluded, weight_decay=0.0, adapt=False)]
+    return [{"params": decayed, "weight_decay": weight_decay, "adapt": True},
+            {"params": excluded, "weight_decay": 0.0, "adapt": False}]
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:

@@ -111,7 +111,7 @@ def run(root: Path, out: Path) -> dict:
 def test_train_probe_cli_is_deterministic_and_writes_servable_probes(labelled_corpus: tuple[Path, list[str]],
                                                                      tmp_path: Path) -> None:
     root, scenes = labelled_corpus
-    validation_scene = sorted(set(scenes))[-1]
+    validation_scene = max(scenes)
     held_out = scenes.count(validation_scene)
     first, second = run(root, tmp_path / "a"), run(root, tmp_path / "b")
     assert first == second  # seeded subsets, zero-initialised full-batch fits: a rerun gives the same record

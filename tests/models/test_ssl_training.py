@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -92,7 +93,7 @@ def test_augment_keeps_shape_and_dtype_and_never_crops() -> None:
 def test_cosine_schedule_anneals_to_zero_without_restart() -> None:
     rates = [train_ssl.cosine_learning_rate(3e-4, step, 10) for step in range(15)]
     assert rates[0] == 3e-4 and rates[10] == pytest.approx(0.0, abs=1e-12)
-    assert all(a >= b for a, b in zip(rates, rates[1:]))  # never goes back up, even past the planned length
+    assert all(a >= b for a, b in itertools.pairwise(rates))  # never goes back up, even past the planned length
 
 
 # Two scenes of the bundled sample (labelled by data/bigearthnet-sample/index.json): the kNN metric has a bank with
