@@ -305,6 +305,18 @@ def _ssl_training_notes() -> str:
     return "\n".join(lines)
 
 
+def _probe_verdict(record: dict) -> str:
+    """One sentence: does the served probe (100 % row) beat both baselines on unseen scenes, here and in CV?"""
+    def versus(scores: dict) -> str:
+        ssl, prior, random = (scores[k]["micro_f1"] for k in ("ssl", "prior", "random"))
+        return (f"micro-F1 {ssl:.3f}, {'above' if ssl > prior else 'not above'} the frequency prior ({prior:.3f}) and "
+                f"{'above' if ssl > random else 'not above'} the random-trunk probe ({random:.3f})")
+
+    return (f"**Served probe on the strict held-out set: {versus(record['label_efficiency_held_out'][-1])}; in "
+            f"scene-grouped cross-validation: {versus(record['cross_validation'])}.** With "
+            f"{record['held_out_patches']} held-out patches one patch's labels move micro-F1 by several points.")
+
+
 def _probe_training_notes(classes: int) -> Callable[[], str]:
     def notes() -> str:
         from .train_probe import format_tables  # torch-side module; imported when a card is rendered
@@ -333,6 +345,8 @@ def _probe_training_notes(classes: int) -> Callable[[], str]:
             "Baselines: the same probe on the seeded-random trunk (where SimCLR training starts) and the "
             f"label-frequency prior (the k most frequent training labels, k chosen on the training labels: k = "
             f"{record['prior_k']} at 100 %). The validation scenes' labels were looked at only for these tables.",
+            "",
+            _probe_verdict(record),
             "",
             format_tables(record),
         ])

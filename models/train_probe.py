@@ -270,8 +270,8 @@ def format_tables(record: dict) -> str:
 
     lines = [f"Strict held-out set: {record['held_out_patches']} labelled patches of {len(record['held_out_scenes'])} "
              "validation scenes (unseen by trunk and probe). Mean over seeded subsets below 100 %.", "",
-             "| labelled training patches | SSL probe micro-F1 / macro-F1 / mAP | random-trunk probe | "
-             "frequency prior |", "|---|---|---|---|"]
+             "| labelled training patches | SSL probe micro-F1 | macro-F1 | mAP | random-trunk probe micro-F1 | "
+             "macro-F1 | mAP | frequency prior micro-F1 | macro-F1 | mAP |", "|---" * 10 + "|"]
     for row in record["label_efficiency_held_out"]:
         lines.append(f"| {row['train_patches']} ({100 * row['fraction']:.0f} %, {row['draws']} draws) | "
                      f"{cells(row['ssl'])} | {cells(row['random'])} | {cells(row['prior'])} |")
