@@ -13,7 +13,7 @@ def main(source: str, target: str) -> None:
     result = json.loads(open(source).read())
     figure, axis = plt.subplots(figsize=(7, 4.5))
     curves: dict[str, list[tuple[float, float]]] = {}
-    for point in result["baselines"] + result["ours"]:
+    for point in result["baselines"] + result["ours"] + result.get("rvq", []):
         if "lossless" not in point["codec"]:
             curves.setdefault(point["codec"], []).append((point["bpp"], point["rms_percent"]))
     for codec, points in curves.items():
