@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot-python", default="", help="a Python with matplotlib for the PNG")
     parser.add_argument("--rvq-record", type=Path, default=None,
                         help="also write the RVQ summary its model card renders (models/checkpoints/rvq-evaluation.json)")
-    parser.add_argument("--ssl-patches", type=int, default=24,
+    parser.add_argument("--ssl-patches", type=int, default=16,
                         help="validation patches (seeded choice) whose SSL features every operating point compares")
     parser.add_argument("--prior-patches", type=int, default=64,
                         help="training patches whose RVQ codes fit the learned-prior measurement")
