@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -296,7 +297,7 @@ class LevelUsage:
     entropy_bits: float
 
 
-def codebook_usage(codes: torch.Tensor | "np.ndarray", size: int = CODEBOOK_SIZE) -> list[LevelUsage]:  # noqa: F821
+def codebook_usage(codes: torch.Tensor | np.ndarray, size: int = CODEBOOK_SIZE) -> list[LevelUsage]:
     """Per-level usage of codes [..., levels]: the share of the codebook used and the perplexity."""
     flat = torch.as_tensor(codes).reshape(-1, codes.shape[-1])
     rows = []
