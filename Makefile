@@ -47,6 +47,8 @@ UPLOAD_ARGS ?=
 DATA_CACHE ?= $(HOME)/.cache/eoml/corpus
 # make train-compressor: options of python -m models.train_compressor (--budget-minutes, --steps, --device, --restart)
 TRAIN_ARGS ?=
+# make train-compressor CODEC=rvq: the D3.4 residual-VQ compressor (models/train_rvq.py) instead of the transform coder
+CODEC ?= transform
 
 MODEL_SOURCES := $(wildcard models/*.py) $(wildcard models/checkpoints/*) $(wildcard $(REPOSITORY)/*/config.pbtxt) services/core/sentinel2.py services/core/bigearthnet.py services/core/model_card.py data/bigearthnet-sample/index.json
 
@@ -97,7 +99,7 @@ data: install
 # Fits the transform, trains the post-filter (CUDA when present, CPU budget otherwise), fits the entropy prior; writes
 # models/checkpoints/compression.{pt,json} (committed: a fresh clone exports the trained weights without training).
 train-compressor: data
-	EOML_DATA_CACHE=$(DATA_CACHE) $(PY) -m models.train_compressor $(TRAIN_ARGS)
+	EOML_DATA_CACHE=$(DATA_CACHE) $(PY) -m models.train_compressor --codec $(CODEC) $(TRAIN_ARGS)
 
 # make train-ssl / train-probe: options of python -m models.train_ssl / models.train_probe (see --help)
 SSL_ARGS ?=
@@ -112,7 +114,8 @@ train-probe: data
 # The compressor against JPEG 2000 / JPEG-XL on the corpus' validation scenes: table, JSON and PNG under bench/results/.
 eval-compression: data models $(BENCH_VENV)/.installed
 	EOML_DATA_CACHE=$(DATA_CACHE) $(PY) bench/eval_compression.py --repository $(REPOSITORY) \
-	  --plot-python $(BENCH_VENV)/bin/python --record models/checkpoints/compression-evaluation.json $(EVAL_ARGS)
+	  --plot-python $(BENCH_VENV)/bin/python --record models/checkpoints/compression-evaluation.json \
+	  --rvq-record models/checkpoints/rvq-evaluation.json $(EVAL_ARGS)
 
 test: install models perf-analyzer tools triton-install prometheus
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -9,11 +9,15 @@ compressor never saw, ``models.corpus.VALIDATION_SCENES``):
   of the real ``.codes`` file (header included); each file is read back (``read_compressed``), the exported decoder
   reconstructs and ``denormalise`` maps back to DN;
 - JPEG 2000 (OpenJPEG through imagecodecs) per band, uint16, at several PSNR targets, and lossless (reversible 5/3);
-- JPEG-XL (libjxl through imagecodecs) per band, uint16, at several butteraugli distances, and lossless.
+- JPEG 2000 multi-component: one codestream per resolution group (10 m, 20 m bands), ``bench/eval_rvq.py``;
+- JPEG-XL (libjxl through imagecodecs) per band, uint16, at several butteraugli distances, and lossless;
+- the residual-VQ compressor (``Bigearth-net-rvq-*``, D3.4's VQ-VAE) at L = 1..8 levels through the Wrapper's
+  format-1 writer, one file per validation scene, and the learned-prior measurement (``bench/eval_rvq.py``).
 
 bpp = file bits / (N x 120 x 120), all 10 bands together (D3.4's measure); RMS% = 100 x RMSE / 10,000 DN over the 10
 bands on the 10 m grid; PSNR against a 10,000 DN peak (reflectance 1.0). D3.4 2.3.6's downstream question: cosine
-similarity of SSL features and agreement of the classifier's top label between original and reconstructed patches.
+similarity of SSL features and agreement of the classifier's top label between original and reconstructed patches;
+every point of every codec gets ``ssl_cosine`` on the same seeded subset of validation patches (``--ssl-patches``).
 
 Prints a table, writes ``bench/results/compression-<time>.json`` and ``compression-latest.json``, and a PNG plot
 when matplotlib is there (``--plot-python``).
@@ -34,6 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import eval_rvq  # noqa: E402
 from models import corpus  # noqa: E402
 from services.core import sentinel2  # noqa: E402
 from services.core.model_card import ModelCard  # noqa: E402
@@ -73,24 +78,25 @@ def per_band(encode, decode, patches: np.ndarray) -> tuple[int, np.ndarray]:
     return bits, restored
 
 
-def baselines(patches: np.ndarray) -> list[dict]:
+def baselines(patches: np.ndarray, cosine: eval_rvq.SslCosine | None = None) -> list[dict]:
     import imagecodecs
 
+    settings = [("JPEG 2000", f"psnr16={target}", lambda b, t=target: imagecodecs.jpeg2k_encode(b, level=t),
+                 imagecodecs.jpeg2k_decode) for target in J2K_PSNR_TARGETS]
+    settings.append(("JPEG 2000 lossless", "reversible", lambda b: imagecodecs.jpeg2k_encode(b, reversible=True),
+                     imagecodecs.jpeg2k_decode))
+    settings += [("JPEG-XL", f"distance={distance}",
+                  lambda b, d=distance: imagecodecs.jpegxl_encode(b, distance=d, effort=7), imagecodecs.jpegxl_decode)
+                 for distance in JXL_DISTANCES]
+    settings.append(("JPEG-XL lossless", "lossless", lambda b: imagecodecs.jpegxl_encode(b, lossless=True),
+                     imagecodecs.jpegxl_decode))
     points = []
-    for target in J2K_PSNR_TARGETS:
-        bits, restored = per_band(lambda b: imagecodecs.jpeg2k_encode(b, level=target), imagecodecs.jpeg2k_decode,
-                                  patches)
-        points.append(codec_point("JPEG 2000", f"psnr16={target}", bits, patches, restored))
-    bits, restored = per_band(lambda b: imagecodecs.jpeg2k_encode(b, reversible=True), imagecodecs.jpeg2k_decode,
-                              patches)
-    points.append(codec_point("JPEG 2000 lossless", "reversible", bits, patches, restored))
-    for distance in JXL_DISTANCES:
-        bits, restored = per_band(lambda b: imagecodecs.jpegxl_encode(b, distance=distance, effort=7),
-                                  imagecodecs.jpegxl_decode, patches)
-        points.append(codec_point("JPEG-XL", f"distance={distance}", bits, patches, restored))
-    bits, restored = per_band(lambda b: imagecodecs.jpegxl_encode(b, lossless=True), imagecodecs.jpegxl_decode,
-                              patches)
-    points.append(codec_point("JPEG-XL lossless", "lossless", bits, patches, restored))
+    for codec, setting, encode, decode in settings:
+        bits, restored = per_band(encode, decode, patches)
+        point = codec_point(codec, setting, bits, patches, restored)
+        if cosine is not None:
+            point["ssl_cosine"] = cosine(restored)
+        points.append(point)
     return points
 
 
@@ -187,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", type=Path, default=None,
                         help="also write the summary the model card renders (models/checkpoints/compression-evaluation.json)")
     parser.add_argument("--plot-python", default="", help="a Python with matplotlib for the PNG")
+    parser.add_argument("--rvq-record", type=Path, default=None,
+                        help="also write the RVQ summary its model card renders (models/checkpoints/rvq-evaluation.json)")
+    parser.add_argument("--ssl-patches", type=int, default=16,
+                        help="validation patches (seeded choice) whose SSL features every operating point compares")
+    parser.add_argument("--prior-patches", type=int, default=64,
+                        help="training patches whose RVQ codes fit the learned-prior measurement")
+    parser.add_argument("--no-rvq", action="store_true", help="leave the RVQ compressor out")
     args = parser.parse_args(argv)
 
     validation = corpus.load_split("validation", args.corpus, levels=("L2A",))
@@ -194,19 +207,37 @@ def main(argv: list[str] | None = None) -> int:
     patches = validation.patches[keep]
     scenes = sorted({validation.scenes[i] for i in keep})
     started = time.perf_counter()
-    base = baselines(patches)
+    subset = np.sort(np.random.default_rng(0).permutation(len(patches))[:args.ssl_patches])
+    cosine = eval_rvq.SslCosine(OnnxModel(args.repository, SSL), card_of(args.repository, SSL), patches, subset)
+    base = baselines(patches, cosine)
+    base += eval_rvq.jpeg2000_multicomponent(patches, tuple(card_of(args.repository, ENCODER).bands), codec_point,
+                                             cosine)
     mine, restored = ours(patches, args.repository, operating_points(args.scales, args.levels))
-    effects = downstream(patches, restored, args.repository)
+    for point in mine:
+        point["ssl_cosine"] = cosine(restored[point["setting"]])
+    effects = downstream(patches[subset], {k: v[subset] for k, v in restored.items()}, args.repository)
+    del restored
+    rvq, prior = [], None
+    if not args.no_rvq:
+        rvq_card = card_of(args.repository, eval_rvq.RVQ_ENCODER)
+        encoder = OnnxModel(args.repository, eval_rvq.RVQ_ENCODER)
+        rvq, codes, records = eval_rvq.rvq_points(
+            patches, [validation.scenes[i] for i in keep], lambda x: encoder(x, size=4),
+            lambda c: OnnxModel(args.repository, eval_rvq.RVQ_DECODER)(c, size=8), rvq_card, codec_point, cosine)
+        train_codes, source = eval_rvq.training_codes(lambda x: encoder(x, size=4), rvq_card, args.corpus,
+                                                      args.prior_patches, seed=0)
+        prior = eval_rvq.learned_prior(records, codes, train_codes, len(patches) * 14_400, source)
+        print(prior["summary"])
     j2k = [p for p in base if p["codec"] == "JPEG 2000"]
     jxl = [p for p in base if p["codec"] == "JPEG-XL"]
-    for point in mine:
+    for point in mine + rvq:
         point["jpeg2000_rms_percent_at_bpp"] = interpolate_rms(j2k, point["bpp"])
         point["jpegxl_rms_percent_at_bpp"] = interpolate_rms(jxl, point["bpp"])
 
     print(f"validation: {len(patches)} patches of {len(scenes)} scenes never trained on")
     print(f"{'codec':20} {'setting':16} {'bpp':>7} {'RMS%':>7} {'PSNR dB':>8} {'J2K RMS% same bpp':>18} "
           f"{'JXL RMS% same bpp':>18}")
-    for point in base + mine:
+    for point in base + mine + rvq:
         refs = [point.get(key) for key in ("jpeg2000_rms_percent_at_bpp", "jpegxl_rms_percent_at_bpp")]
         print(f"{point['codec']:20} {str(point['setting']):16} {point['bpp']:7.3f} {point['rms_percent']:7.3f} "
               f"{point['psnr_db']:8.2f} " + " ".join(f"{'-' if r is None else f'{r:.3f}':>18}" for r in refs))
@@ -231,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     result = {"created": stamp, "patches": int(len(patches)), "scenes": scenes, "excluded_scenes": args.exclude_scene,
               "seconds": time.perf_counter() - started, "baselines": base, "ours": mine, "downstream": effects,
-              "verdict": verdict,
+              "verdict": verdict, "rvq": rvq, "rvq_learned_prior": prior, "ssl_patches": len(subset),
               "units": {"bpp": "file bits / (N x 14400)", "rms_percent": "100 x RMSE / 10000 DN",
                         "psnr_db": "against 10000 DN"}}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -244,11 +275,27 @@ def main(argv: list[str] | None = None) -> int:
         summary = {"created": stamp, "patches": result["patches"], "scenes": result["scenes"],
                    "ours": [{k: p[k] for k in keep} for p in mine], "verdict": verdict, "downstream": effects}
         args.record.write_text(json.dumps(summary, indent=2) + "\n")
+    if args.rvq_record is not None and rvq:
+        write_rvq_record(args.rvq_record, result)
     if args.plot_python:
         subprocess.run([args.plot_python, str(ROOT / "bench" / "plot_compression.py"),
                         str(args.out / f"{prefix}-latest.json"),
                         str(args.out / f"rate-distortion{'-' + args.tag if args.tag else ''}.png")], check=True)
     return 0
+
+
+def write_rvq_record(path: Path, result: dict) -> None:
+    """The RVQ summary its model card renders, with every codec's curve beside it for the README."""
+    keep = ("codec", "setting", "bpp", "rms_percent", "psnr_db", "ssl_cosine")
+    rvq_keep = keep + ("levels", "files", "bpp_one_file", "jpeg2000_rms_percent_at_bpp", "jpegxl_rms_percent_at_bpp")
+    met = [p for p in result["rvq"] if p["bpp"] <= 8.0 and p["rms_percent"] <= 2.0]
+    summary = {"created": result["created"], "patches": result["patches"], "scenes": result["scenes"],
+               "ssl_patches": result["ssl_patches"],
+               "rvq": [{k: p.get(k) for k in rvq_keep} for p in result["rvq"]],
+               "others": [{k: p.get(k) for k in keep} for p in result["baselines"] + result["ours"]],
+               "target": {"rule": "<= 2 % RMS at <= 8 bpp", "met_at_levels": [p["levels"] for p in met]},
+               "learned_prior": result["rvq_learned_prior"]}
+    path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ def main(source: str, target: str) -> None:
     result = json.loads(open(source).read())
     figure, axis = plt.subplots(figsize=(7, 4.5))
     curves: dict[str, list[tuple[float, float]]] = {}
-    for point in result["baselines"] + result["ours"]:
+    for point in result["baselines"] + result["ours"] + result.get("rvq", []):
         if "lossless" not in point["codec"]:
             curves.setdefault(point["codec"], []).append((point["bpp"], point["rms_percent"]))
     for codec, points in curves.items():
         points.sort()
-        axis.plot([b for b, _ in points], [r for _, r in points], marker="o", label=codec)
+        label = "transform coder (learned)" if codec == "ours (learned)" else codec
+        axis.plot([b for b, _ in points], [r for _, r in points], marker="o", label=label)
     axis.set_xlabel("bits per pixel (10 bands, file bits / (N x 14,400))")
     axis.set_ylabel("RMS error, % of 10,000 DN")
     axis.set_xscale("log")

@@ -21,7 +21,7 @@ from services.core import sentinel2
 from services.core.bigearthnet import BIGEARTHNET_19_LABELS, BIGEARTHNET_43_LABELS
 from services.core.model_card import ModelCard
 
-from . import compression, linear_probe, sample_data, simclr, uc5_cfactor, uc6_locust
+from . import compression, linear_probe, rvq, sample_data, simclr, uc5_cfactor, uc6_locust
 
 DataType = Literal["FP32", "INT64"]
 _NUMPY_DTYPES: dict[str, type[np.generic]] = {"FP32": np.float32, "INT64": np.int64}
@@ -618,6 +618,160 @@ SPECS: tuple[ModelSpec, ...] = (
         random_inputs=_standard_normal((uc6_locust.TIME_STEPS, uc6_locust.VARIABLES, 12, 12)),
     ),
 )
+
+# ---------------------------------------------------------------------------------------------
+# The D3.4 residual-VQ (VQ-VAE) compressor pair: a second codec beside the transform coder (card codec residual-vq/1)
+
+RVQ_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "rvq.pt"
+RVQ_METADATA = RVQ_CHECKPOINT.with_suffix(".json")
+RVQ_EVALUATION = RVQ_CHECKPOINT.with_name("rvq-evaluation.json")
+
+
+def rvq_training_record() -> dict[str, object]:
+    """``models/checkpoints/rvq.json`` (written by make train-compressor CODEC=rvq)."""
+    return json.loads(RVQ_METADATA.read_text()) if RVQ_METADATA.is_file() else {}
+
+
+def _rvq_training_notes() -> str:
+    """Corpus, budget, codebook usage and the held-out evaluation table of the bundled RVQ checkpoint."""
+    record = rvq_training_record()
+    if not record:
+        return ""
+    corpus, training, usage = record["corpus"], record["training"], record["codebook_usage"]
+    hyper = record["hyperparameters"]
+    lines = [
+        "## Training (make train-compressor CODEC=rvq)",
+        "",
+        f"- corpus: `make data` ({corpus['format']}, manifest sha256 `{corpus['manifest_sha256'][:16]}...`), split "
+        f"**{corpus['split']}**: {corpus['fitted_patches']} patches fitted; training scenes "
+        f"{', '.join(corpus['development_scenes'])} held out of the fit as development scenes "
+        f"({corpus['development_patches']} patches checked); the validation scenes are never read by training;",
+        f"- {training['steps']} Adam steps (fixed learning rate {hyper['learning_rate']:g}, batch {hyper['batch']} "
+        f"crops of {hyper['crop']} px), the first {training['warmup_steps']} as a continuous autoencoder, then "
+        f"RVQ with a random number of levels (1..8) per sample, commitment {hyper['commitment']:g}, EMA codebooks "
+        f"(decay {hyper['ema_decay']:g}), {training['codes_reseeded']} dead codes re-seeded; seed {record['seed']}, "
+        f"device {record['device']} ({record['threads']} threads), budget {record['budget_minutes']:g} min, "
+        f"torch {record['torch']}; loss {training['loss_first25']:.4f} -> {training['loss_last25']:.4f};",
+        f"- checkpoint: `models/checkpoints/{record['checkpoint']}`, fp16, {record['bytes']} bytes, sha256 "
+        f"`{record['sha256']}`.",
+        "",
+        "Codebook usage (share of the 10,000 codes used; perplexity = 2^entropy of the code histogram), on "
+        f"{usage['fitted_patches_encoded']} fitted patches / the development patches, and RMS % there:",
+        "",
+        "| level | used (fitted) | perplexity (fitted) | used (development) | perplexity (development) | "
+        "development RMS % with levels 1..L |",
+        "|---|---|---|---|---|---|",
+    ]
+    for fitted, dev, rms in zip(usage["fitted"], usage["development"], record["development_rms_percent_per_levels"]):
+        lines.append(f"| {fitted['level']} | {fitted['used_fraction']:.3f} | {fitted['perplexity']:.0f} | "
+                     f"{dev['used_fraction']:.3f} | {dev['perplexity']:.0f} | {rms:.3f} |")
+    if RVQ_EVALUATION.is_file():
+        evaluation = json.loads(RVQ_EVALUATION.read_text())
+        lines += [
+            "",
+            f"## Evaluation on held-out scenes (make eval-compression, {evaluation['created']})",
+            "",
+            f"{evaluation['patches']} validation patches of scenes never trained on. bpp = bits of the real format-1 "
+            "`.codes` files (the Wrapper's `write_compressed`, headers included) / (N x 14,400); RMS % = 100 x RMSE / "
+            "10,000 DN over the 10 bands; SSL cosine = cosine of the served SSL model's features of original and "
+            "reconstruction.",
+            "",
+            "| levels | bpp | RMS % | SSL cosine | JPEG 2000 RMS % at that bpp | JPEG-XL RMS % at that bpp |",
+            "|---|---|---|---|---|---|",
+        ]
+        for point in evaluation["rvq"]:
+            refs = [point.get(k) for k in ("jpeg2000_rms_percent_at_bpp", "jpegxl_rms_percent_at_bpp")]
+            cosine = point.get("ssl_cosine")
+            lines.append(f"| {point['levels']} | {point['bpp']:.3f} | {point['rms_percent']:.3f} | "
+                         + ("-" if cosine is None else f"{cosine:.4f}") + " | "
+                         + " | ".join("-" if r is None else f"{r:.3f}" for r in refs) + " |")
+        prior = evaluation.get("learned_prior")
+        if prior:
+            lines += ["", prior["summary"]]
+    return "\n".join(lines)
+
+
+RVQ_FAMILY = Family(
+    "compression-rvq", 7, rvq.ResidualVQCodec, _seeded(rvq.ResidualVQCodec),
+    "PyTorch's default Conv2d/ConvTranspose2d initialisation, unit LayerNorms, codebooks N(0, 0.01^2). "
+    + _NO_TRAINED_MEANING + " The repository ships trained weights (models/checkpoints/rvq.pt, make "
+    "train-compressor CODEC=rvq), which make models exports instead.",
+    bundled_checkpoint=RVQ_CHECKPOINT,
+    training_notes=_rvq_training_notes,
+)
+
+RVQ_COMPRESS = "Bigearth-net-rvq-compress"
+RVQ_DECOMPRESS = "Bigearth-net-rvq-decompress"
+
+_RVQ_ARCHITECTURE = (
+    "stride-2 3 x 3 convolution 10 -> 128 (dsf 2: 120 x 120 -> 60 x 60), two blocks of three sub-blocks of two "
+    "3 x 3 convolutions (128 channels, LayerNorm over channels and ReLU before each, residual skips around every "
+    "sub-block and block), a 3 x 3 convolution 128 -> 32"
+)
+
+RVQ_SPECS: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        name=RVQ_COMPRESS,
+        family=RVQ_FAMILY,
+        serve=lambda model: rvq.RVQCompressor(model),
+        inputs=(SENTINEL2_INPUT_120,),
+        outputs=(CODES,),
+        # The nearest-code search holds a [N x 3600, 10000] FP32 distance matrix per level: 8 patches = 1.15 GB.
+        max_batch_size=8,
+        preferred_batch_sizes=(4, 8),
+        max_queue_delay_us=1000,
+        card_fields={
+            **SENTINEL2_CARD,
+            "task": "compress",
+            "codec": "residual-vq/1",
+            "patch_size": 120,
+            "output_units": "codebook index per latent position (60 x 60) and level (8): level l quantises the "
+            "residual levels 1..l-1 left",
+            "output_range": "[0, 9999]",
+            "intended_use": "lossy compression of Sentinel-2 L2A patches (the D3.4 VQ-VAE); decode with "
+            f"{RVQ_DECOMPRESS}",
+        },
+        summary=f"D3.4 2.3 VQ-VAE encoder with residual vector quantisation (models/rvq.py): {_RVQ_ARCHITECTURE}, "
+        "then 8 residual levels of 10,000 32-d code vectors (nearest code, level by level).",
+        notes="Output codes always hold all 8 levels. The Wrapper keeps the first L levels a workflow asks for and "
+        "writes `.codes` format 1 (per-file histograms, services/wrapper/outputs/compressed.py): this card has no "
+        "entropy prior.",
+        random_inputs=_standard_normal(SENTINEL2_INPUT_120.dims),
+    ),
+    ModelSpec(
+        name=RVQ_DECOMPRESS,
+        family=RVQ_FAMILY,
+        serve=lambda model: rvq.RVQDecompressor(model),
+        inputs=(CODES,),
+        outputs=(TensorSpec("output_sentinel2_10_bands_120", "FP32", (10, 120, 120)),),
+        max_batch_size=64,
+        preferred_batch_sizes=(16, 64),
+        max_queue_delay_us=1000,
+        card_fields={
+            **SENTINEL2_CARD,
+            "input_kind": "codes",
+            "resampling_20m": "",
+            "task": "decompress",
+            "codec": "residual-vq/1",
+            "patch_size": 120,
+            "input_units": f"codebook index in [0, 9999] per position and level ({RVQ_COMPRESS}'s); -1 = level "
+            "not used",
+            "output_units": "normalised reflectance; L2A digital number = value * band_std + band_mean",
+            "output_range": "unbounded (normalised space of the compressor's input)",
+            "intended_use": f"reconstruct Sentinel-2 L2A patches from {RVQ_COMPRESS} codes, with 1 to 8 levels",
+        },
+        summary="D3.4 2.3 VQ-VAE decoder: the sum of the used levels' code vectors, a 3 x 3 convolution 32 -> 128, "
+        "the encoder's core mirrored, a stride-2 4 x 4 transposed convolution 128 -> 10 (60 x 60 -> 120 x 120).",
+        notes="**Fewer than 8 levels: code -1 marks an unused level** (any negative code); codes with levels "
+        "L+1..8 set to -1 decode the first L levels (D3.4's dynamic number of codebooks: one model for every L). "
+        "A code above 9,999 reads as 9,999.\n\n"
+        "The output is in the compressor's input space (standardised per band); the card's `bands`, "
+        "`band_mean` and `band_std` turn it back into L2A digital numbers.",
+        random_inputs=_random_codes,
+    ),
+)
+
+SPECS = SPECS + RVQ_SPECS
 
 # ---------------------------------------------------------------------------------------------
 # Models served from a registry package's ONNX graph, unchanged (no torch module, no export)

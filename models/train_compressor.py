@@ -212,6 +212,15 @@ def save_checkpoint(codec: BlockTransformCodec, path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # --codec picks the compressor: transform (this module) or rvq (models.train_rvq, its own options)
+    selector = argparse.ArgumentParser(add_help=False)
+    selector.add_argument("--codec", choices=("transform", "rvq"), default="transform")
+    chosen, rest = selector.parse_known_args(argv)
+    if chosen.codec == "rvq":
+        from models import train_rvq
+
+        return train_rvq.main(rest)
+    argv = rest
     parser = argparse.ArgumentParser(prog="python -m models.train_compressor", description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", type=Path, default=None, help="built corpus (default $EOML_DATA_CACHE)")
     parser.add_argument("--out", type=Path, default=CHECKPOINT_DIR)

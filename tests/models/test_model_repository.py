@@ -80,6 +80,14 @@ def test_contract_names_and_dims_are_the_production_ones() -> None:
             [("int64_latent32_15", [60, 60, 8])],
             [("output_sentinel2_10_bands_120", [10, 120, 120])],
         ),
+        "Bigearth-net-rvq-compress": (
+            [("input_sentinel2_10_bands_120", [10, 120, 120])],
+            [("int64_latent32_15", [60, 60, 8])],
+        ),
+        "Bigearth-net-rvq-decompress": (
+            [("int64_latent32_15", [60, 60, 8])],
+            [("output_sentinel2_10_bands_120", [10, 120, 120])],
+        ),
         "uc5-cfactor": ([("input_sentinel2_10_bands_24", [10, 24, 24])], [("c_factor", [1])]),
         "uc6-locust": ([("input", [4, 2, 12, 12])], [("probability", [1])]),
     }
