@@ -133,6 +133,20 @@ SENTINEL2_CARD: dict[str, object] = {
     "input_units": "L2A digital numbers (surface reflectance x 10000), standardised per band: (DN - band_mean) / band_std",
 }
 
+def decompressor_card(**fields: object) -> dict[str, object]:
+    """Card fields every decompressor shares (codes in, the compressor's standardised bands out), plus ``fields``."""
+    return {
+        **SENTINEL2_CARD,
+        "input_kind": "codes",
+        "resampling_20m": "",
+        "task": "decompress",
+        "patch_size": 120,
+        "output_units": "normalised reflectance; L2A digital number = value * band_std + band_mean",
+        "output_range": "unbounded (normalised space of the compressor's input)",
+        **fields,
+    }
+
+
 SENTINEL2_INPUT_120 = TensorSpec("input_sentinel2_10_bands_120", "FP32", (10, 120, 120))
 REPRESENTATION = TensorSpec("representation_2048", "FP32", (simclr.REPRESENTATION_DIM,))
 CODES = TensorSpec(
@@ -528,19 +542,12 @@ SPECS: tuple[ModelSpec, ...] = (
         max_batch_size=64,
         preferred_batch_sizes=(16, 64),
         max_queue_delay_us=1000,
-        card_fields={
-            **SENTINEL2_CARD,
-            "input_kind": "codes",
-            "resampling_20m": "",
-            "task": "decompress",
-            "patch_size": 120,
-            "input_units": "code in [0, 9999] per position and level (the compressor's); -1 = level not used",
-            "output_units": "normalised reflectance; L2A digital number = value * band_std + band_mean",
-            "output_range": "unbounded (normalised space of the compressor's input)",
-            "intended_use": "reconstruct Sentinel-2 L2A patches from Bigearth-net-compression-compress-pytorch "
+        card_fields=decompressor_card(
+            input_units="code in [0, 9999] per position and level (the compressor's); -1 = level not used",
+            intended_use="reconstruct Sentinel-2 L2A patches from Bigearth-net-compression-compress-pytorch "
             "codes, with 1 to 8 levels",
-            "entropy_prior": _compression_prior(),
-        },
+            entropy_prior=_compression_prior(),
+        ),
         summary="Learned compression decoder (D3.4 2.3): coefficient = (code - 5000) x 100 DN (0 for a level "
         "not used), the transpose of the learned basis plus the mean block back to 8 x 8 x 10 DN blocks, then a "
         "trained residual post-filter (three 3 x 3 convolutions, 10 -> 32 -> 32 -> 10) that removes block edges "
@@ -747,19 +754,12 @@ RVQ_SPECS: tuple[ModelSpec, ...] = (
         max_batch_size=64,
         preferred_batch_sizes=(16, 64),
         max_queue_delay_us=1000,
-        card_fields={
-            **SENTINEL2_CARD,
-            "input_kind": "codes",
-            "resampling_20m": "",
-            "task": "decompress",
-            "codec": "residual-vq/1",
-            "patch_size": 120,
-            "input_units": f"codebook index in [0, 9999] per position and level ({RVQ_COMPRESS}'s); -1 = level "
+        card_fields=decompressor_card(
+            codec="residual-vq/1",
+            input_units=f"codebook index in [0, 9999] per position and level ({RVQ_COMPRESS}'s); -1 = level "
             "not used",
-            "output_units": "normalised reflectance; L2A digital number = value * band_std + band_mean",
-            "output_range": "unbounded (normalised space of the compressor's input)",
-            "intended_use": f"reconstruct Sentinel-2 L2A patches from {RVQ_COMPRESS} codes, with 1 to 8 levels",
-        },
+            intended_use=f"reconstruct Sentinel-2 L2A patches from {RVQ_COMPRESS} codes, with 1 to 8 levels",
+        ),
         summary="D3.4 2.3 VQ-VAE decoder: the sum of the used levels' code vectors, a 3 x 3 convolution 32 -> 128, "
         "the encoder's core mirrored, a stride-2 4 x 4 transposed convolution 128 -> 10 (60 x 60 -> 120 x 120).",
         notes="**Fewer than 8 levels: code -1 marks an unused level** (any negative code); codes with levels "

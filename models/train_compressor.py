@@ -200,9 +200,9 @@ def fit_entropy_prior(q: np.ndarray, rms: np.ndarray, source: str) -> tc.Laplace
     return tc.LaplaceContextPrior(draft.log_scales, rms, bpp, source)
 
 
-def save_checkpoint(codec: BlockTransformCodec, path: Path) -> str:
-    """fp16 state dict (the weights that reach a fresh clone); returns its sha256."""
-    state = {name: tensor.detach().to(torch.float16).contiguous() for name, tensor in codec.state_dict().items()}
+def save_checkpoint(codec: torch.nn.Module, path: Path) -> str:
+    """fp16 state dict (the weights that reach a fresh clone) of either compressor; returns its sha256."""
+    state = {name: tensor.detach().cpu().to(torch.float16).contiguous() for name, tensor in codec.state_dict().items()}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()

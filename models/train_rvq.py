@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import logging
 import math
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from models import corpus, rvq
-from models.train_compressor import BAND_STD, CHECKPOINT_DIR, development_scenes, normalise
+from models.train_compressor import BAND_STD, CHECKPOINT_DIR, development_scenes, normalise, save_checkpoint
 from services.core.logging import configure_logging
 
 log = logging.getLogger("models.train_rvq")
@@ -120,17 +119,6 @@ def rms_percent_per_level(codec: rvq.ResidualVQCodec, patches: torch.Tensor, cod
 def usage_rows(codes: torch.Tensor) -> list[dict]:
     return [{"level": u.level, "used_fraction": round(u.used_fraction, 4), "perplexity": round(u.perplexity, 1)}
             for u in rvq.codebook_usage(codes)]
-
-
-def save_checkpoint(codec: rvq.ResidualVQCodec, path: Path) -> str:
-    """fp16 state dict of the served weights; returns its sha256."""
-    state = {name: tensor.detach().cpu().to(torch.float16).contiguous() for name, tensor in codec.state_dict().items()}
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
 
 
 def load_fp16_checkpoint(path: Path) -> rvq.ResidualVQCodec:
