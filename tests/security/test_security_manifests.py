@@ -1,4 +1,4 @@
-"""The rendered chart (real helm) grants little and exposes little: RBAC verbs, one service account per Wrapper task,
+"""The rendered chart (real helm) grants little and exposes little: RBAC verbs, one service account per Wrapper service,
 default-deny egress with explicit allowances, OIDC audiences and verification settings, Triton's restricted APIs.
 Also the KafkaSource the controller creates carries the sink audiences and still passes the upstream CRD schema."""
 
@@ -51,7 +51,8 @@ def test_no_role_lists_or_watches_secrets_or_configmaps(docs) -> None:
                     assert rule["verbs"] == ["get"]
 
 
-def test_every_wrapper_task_runs_under_its_own_service_account(docs) -> None:
+def test_every_wrapper_service_runs_under_its_own_service_account(docs) -> None:
+    # Per service, not per task: compress and compress-rvq run the same task on different models.
     wrappers = [s for s in of_kind(docs, "Service") if s["apiVersion"].startswith("serving.knative.dev/")
                 and s["metadata"]["labels"]["app.kubernetes.io/component"] == "wrapper"]
     accounts = {(a["metadata"]["namespace"], a["metadata"]["name"]) for a in of_kind(docs, "ServiceAccount")}
@@ -59,10 +60,10 @@ def test_every_wrapper_task_runs_under_its_own_service_account(docs) -> None:
     for service in wrappers:
         namespace = service["metadata"]["namespace"]
         account = service["spec"]["template"]["spec"]["serviceAccountName"]
-        assert account.endswith("-" + service["metadata"]["labels"]["eoml.eo4eu.eu/task"])
+        assert account.endswith("-wrapper-" + service["metadata"]["name"])
         assert (namespace, account) in accounts
         used.add((namespace, account))
-    assert len(used) == len(wrappers)  # no two tasks share an identity
+    assert len(used) == len(wrappers)  # no two services share an identity
     # Each is bound to the namespace's get-only Role, and only there.
     for namespace, account in used:
         bindings = [b for b in of_kind(docs, "RoleBinding")
