@@ -38,13 +38,13 @@ _MODEL_TRANSFORMATION = 34264
 _GEO_KEY_DIRECTORY = 34735
 _GEO_TAGS = {_MODEL_PIXEL_SCALE, _MODEL_TIEPOINT, _MODEL_TRANSFORMATION, _GEO_KEY_DIRECTORY, 34736, 34737}
 _GT_MODEL_TYPE, _GT_RASTER_TYPE, _GT_CITATION = 1024, 1025, 1026
-_GEOGRAPHIC_TYPE, _GEOG_CITATION = 2048, 2049
+_GEOG_CITATION = 2049
 _PROJECTED_CS_TYPE, _PCS_CITATION = 3072, 3073
-_MODEL_PROJECTED, _MODEL_GEOGRAPHIC = 1, 2
+_MODEL_PROJECTED = 1
 _PIXEL_IS_AREA = 1
-# Keys that only name or restate what the EPSG code defines; any other key could modify the CRS: GDAL then.
-_PLAIN_KEYS = {_GT_MODEL_TYPE, _GT_RASTER_TYPE, _GT_CITATION, _GEOGRAPHIC_TYPE, _GEOG_CITATION, _PROJECTED_CS_TYPE,
-               _PCS_CITATION}
+# Keys that only name or restate what a projected EPSG code defines; any other key (a geographic CRS type included)
+# could modify or replace the CRS: GDAL then.
+_PLAIN_KEYS = {_GT_MODEL_TYPE, _GT_RASTER_TYPE, _GT_CITATION, _GEOG_CITATION, _PROJECTED_CS_TYPE, _PCS_CITATION}
 # Unit keys GDAL writes beside the EPSG code; they are plain only when they restate the code's own units.
 _GEOG_ANGULAR_UNITS, _PROJ_LINEAR_UNITS = 2054, 3076
 _DEGREE, _METRE = 9102, 9001
@@ -118,13 +118,9 @@ def _georeferencing(page: tifffile.TiffPage) -> tuple[str | None, Affine | None]
         return None
     if keys.get(_GT_RASTER_TYPE, _PIXEL_IS_AREA) != _PIXEL_IS_AREA:
         return None
-    model = keys.get(_GT_MODEL_TYPE)
-    code_key = {_MODEL_PROJECTED: _PROJECTED_CS_TYPE, _MODEL_GEOGRAPHIC: _GEOGRAPHIC_TYPE}.get(model)  # type: ignore[arg-type]
-    code = keys.get(code_key) if code_key is not None else None
+    code = keys.get(_PROJECTED_CS_TYPE)
     # Geographic CRSs, and projected ones of other units or datums, are left to GDAL: Sentinel-2 bands are UTM.
-    if model != _MODEL_PROJECTED or not isinstance(code, int) or not _metric_projected_code(code):
-        return None
-    if _GEOGRAPHIC_TYPE in keys:
+    if keys.get(_GT_MODEL_TYPE) != _MODEL_PROJECTED or code is None or not _metric_projected_code(code):
         return None
     scale = tuple(float(v) for v in page.tags[_MODEL_PIXEL_SCALE].value)
     tiepoint = tuple(float(v) for v in page.tags[_MODEL_TIEPOINT].value)
