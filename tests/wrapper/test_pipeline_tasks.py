@@ -116,6 +116,25 @@ def sample_input(patch: str) -> np.ndarray:
     return reference_input(sentinel2.read_bigearthnet_patch(SAMPLE_PATCHES / patch, BANDS))
 
 
+def check_reconstruction(folders: dict[str, Any], patches: list[str], reconstruction: np.ndarray) -> None:
+    """The archive's 10 m bands are the decompressor's output in digital numbers; 20 m bands on their own grid."""
+    digital_numbers = np.clip(np.rint(reconstruction.astype(np.float64) * STD + MEAN), 0, 65535)
+    assert sorted(folders) == sorted(patches)
+    for index, patch in enumerate(patches):
+        bands = folders[patch]
+        assert sorted(bands) == sorted(BANDS)
+        for channel, band in enumerate(BANDS):
+            raster = bands[band]
+            assert raster.array.dtype == np.uint16
+            if sentinel2.SENTINEL2_RESOLUTION_M[band] == 10:
+                # The Wrapper decodes patch by patch, the reference all at once: float sums may differ in the last
+                # bit between batch shapes, which moves a value lying on .5 DN by one.
+                difference = np.abs(raster.array[0].astype(np.int64) - digital_numbers[index, channel])
+                assert difference.max() <= 1 and np.count_nonzero(difference) <= 0.001 * difference.size
+            else:
+                assert raster.array.shape == (1, 60, 60)
+
+
 def tile_bands(scene: dict[str, np.ndarray], i: int, j: int) -> dict[str, np.ndarray]:
     """Tile (i, j) of the synthetic SAFE scene: 120 x 120 at 10 m, 60 x 60 at 20 m."""
     out = {}
@@ -369,25 +388,11 @@ def test_compress_then_decompress_round_trip(
     assert archive_object.key == f"{result.output_folder}/pair.tar.gz"
     archive = object_bytes(decompress.s3, s3_access.bucket_name, archive_object.key)
     folders = read_decompressed_archive(archive)
-    assert sorted(folders) == sorted(patches)
     reconstruction = reference_infer(
         http_client, DECOMPRESS_MODEL, "int64_latent32_15", "output_sentinel2_10_bands_120", expected_codes,
         datatype="INT64",
     )
-    digital_numbers = np.clip(np.rint(reconstruction.astype(np.float64) * STD + MEAN), 0, 65535)
-    for index, patch in enumerate(patches):
-        bands = folders[patch]
-        assert sorted(bands) == sorted(BANDS)
-        for channel, band in enumerate(BANDS):
-            raster = bands[band]
-            assert raster.array.dtype == np.uint16
-            if sentinel2.SENTINEL2_RESOLUTION_M[band] == 10:
-                # The Wrapper decodes patch by patch, the reference both in one request: the decoder's float
-                # matmuls may differ in the last bit between batch shapes, which moves a value lying on .5 DN.
-                difference = np.abs(raster.array[0].astype(np.int64) - digital_numbers[index, channel])
-                assert difference.max() <= 1 and np.count_nonzero(difference) <= 0.001 * difference.size
-            else:
-                assert raster.array.shape == (1, 60, 60)
+    check_reconstruction(folders, patches, reconstruction)
     # Georeferencing of the input patch survives: CRS and 10 m transform of its band files.
     with rasterio.open(SAMPLE_PATCHES / GEOREFERENCED_PATCH / f"{GEOREFERENCED_PATCH}_B04.tif") as source:
         assert folders[GEOREFERENCED_PATCH]["B04"].transform == source.transform

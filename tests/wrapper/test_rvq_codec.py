@@ -22,7 +22,6 @@ import rasterio
 import tritonclient.http as httpclient
 
 import rvq_onnx_fixture
-from services.core import sentinel2
 from services.core.model_card import CardError, check_model_directory
 from services.core.rvq_prior import ResidualVqPrior, fit_rvq_prior
 from services.wrapper.outputs import read_compressed, read_compressed_header, read_decompressed_archive
@@ -33,10 +32,9 @@ from services.wrapper.outputs.types import BandScale, PatchMetadata
 from outputs_test_data import GEOREFERENCED_PATCH, PLAIN_PATCH, SECOND_GEOREFERENCED_PATCH, synthetic_prior
 from test_pipeline_tasks import (  # noqa: F401 - close_step_runtimes is an autouse fixture
     BANDS,
-    MEAN,
-    STD,
     check_announced,
     check_manifest,
+    check_reconstruction,
     close_step_runtimes,
     make_step,
     reference_infer,
@@ -103,25 +101,6 @@ def rvq_client(rvq_server: InferenceServer) -> Iterator[httpclient.InferenceServ
 def served_codes(client: httpclient.InferenceServerClient, model: str, patches: list[str]) -> np.ndarray:
     return reference_infer(client, model, "input_sentinel2_10_bands_120", CODES_INPUT,
                            np.stack([sample_input(p) for p in patches]))
-
-
-def check_reconstruction(folders: dict[str, Any], patches: list[str], reconstruction: np.ndarray) -> None:
-    """The archive's 10 m bands are the decompressor's output in digital numbers; 20 m bands on their own grid."""
-    digital_numbers = np.clip(np.rint(reconstruction.astype(np.float64) * STD + MEAN), 0, 65535)
-    assert sorted(folders) == sorted(patches)
-    for index, patch in enumerate(patches):
-        bands = folders[patch]
-        assert sorted(bands) == sorted(BANDS)
-        for channel, band in enumerate(BANDS):
-            raster = bands[band]
-            assert raster.array.dtype == np.uint16
-            if sentinel2.SENTINEL2_RESOLUTION_M[band] == 10:
-                # The Wrapper decodes patch by patch, the reference all at once: float sums may differ in the last
-                # bit between batch shapes, which moves a value lying on .5 DN by one.
-                difference = np.abs(raster.array[0].astype(np.int64) - digital_numbers[index, channel])
-                assert difference.max() <= 1 and np.count_nonzero(difference) <= 0.001 * difference.size
-            else:
-                assert raster.array.shape == (1, 60, 60)
 
 
 @pytest.mark.parametrize("pair", PAIRS)
