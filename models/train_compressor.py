@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from models import corpus
+from models.torch_device import training_device
 from models.compression import BlockTransformCodec, decoder_conditioning, fit_block_transform
 from services.core import sentinel2
 from services.core import transform_codes as tc
@@ -239,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging("INFO", "text")
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = training_device(args.device)
     root = args.corpus or corpus.cache_root()
     manifest_bytes = (root / "corpus.json").read_bytes()
     train = corpus.load_split("train", root)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from models import corpus, rvq
+from models.torch_device import training_device
 from models.train_compressor import BAND_STD, CHECKPOINT_DIR, development_scenes, normalise, save_checkpoint
 from services.core.logging import configure_logging
 
@@ -231,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("INFO", "text")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = training_device(args.device)
     root = args.corpus or corpus.cache_root()
     manifest_bytes = (root / "corpus.json").read_bytes()
     train = corpus.load_split("train", root)

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import corpus, linear_probe, simclr
+from models.torch_device import training_device
 from services.core.bigearthnet import multi_hot_19
 from services.core.logging import configure_logging
 
@@ -224,13 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-
-
 def train(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    device = _device(args.device)
+    device = training_device(args.device)
     levels = tuple(args.levels.split(","))
     data = corpus.load_split("train", args.data_root, levels=levels)
     if args.max_patches:
